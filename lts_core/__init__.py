@@ -1,0 +1,17 @@
+"""scratchoff engine: quantization-aware training with the Lottery Ticket Scratcher (LTS).
+
+Distances are in quantization steps (Δ units); steps are 0-based optimizer steps of the QAT phase.
+"""
+from .distance import decode_distance, encode_distance
+from .layers import QConv1d, QConv2d, QLinear, measure_flops, quantize_model, quantized_layers
+from .quantizers import LearnedIntervalQuantizer, LSQQuantizer, make_weight_quantizer
+from .rules import RULES, FreezingRule, LTSRule, OscillationRule
+from .schedules import SCHEDULES, ratio_at
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "decode_distance", "encode_distance", "QConv1d", "QConv2d", "QLinear", "measure_flops", "quantize_model",
+    "quantized_layers", "LearnedIntervalQuantizer", "LSQQuantizer", "make_weight_quantizer", "RULES",
+    "FreezingRule", "LTSRule", "OscillationRule", "SCHEDULES", "ratio_at",
+]

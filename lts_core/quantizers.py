@@ -1,0 +1,200 @@
+"""Weight and activation quantizers with a straight-through estimator.
+
+Every weight quantizer maps a tensor to a *position* in quantization steps (level 0 at 0, unclamped);
+the level index is `clamp(round(position), 0, L-1)` and the distance to it, in steps (Δ units), is
+`|position - level|`. Inside the quantization interval the distance is in [0, 0.5].
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+QUANTIZER_KINDS = ("liq", "lsq", "binary", "ternary")
+
+
+def round_ste(x: torch.Tensor) -> torch.Tensor:
+    """round() whose gradient is the identity (straight-through estimator)."""
+    return x + (torch.round(x) - x).detach()
+
+
+def grad_scale(x: torch.Tensor, scale: float) -> torch.Tensor:
+    """Identity in the forward pass, gradient multiplied by `scale` (LSQ)."""
+    return x * scale + (x - x * scale).detach()
+
+
+class WeightQuantizer(nn.Module):
+    """Common interface: position(), measure(), level_value(), bounds()."""
+
+    kind = "base"
+
+    def __init__(self, n_levels: int, bits: int):
+        super().__init__()
+        self.n_levels = int(n_levels)
+        self.bits = int(bits)
+
+    def position(self, w: torch.Tensor) -> torch.Tensor:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    @torch.no_grad()
+    def measure(self, w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(level index int64 in [0, L-1], distance to that level in Δ units, float32)."""
+        pos = self.position(w.detach()).float()
+        level = torch.clamp(torch.round(pos), 0, self.n_levels - 1)
+        return level.to(torch.int64), (pos - level).abs()
+
+    def level_value(self, level: torch.Tensor) -> torch.Tensor:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def bounds(self) -> dict[str, float]:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+
+class LearnedIntervalQuantizer(WeightQuantizer):
+    """The reference's learnable-interval quantizer: levels evenly spaced on [lower, upper].
+
+    x = (w - l) / (u - l) clamped to [0, 1]; k = round(x·(L-1)); q = k/(L-1).
+    output="denorm" returns l + q·(u - l) (weight units, for layers without BatchNorm);
+    output="unit" returns 2q - 1 (the reference's choice before a BatchNorm).
+    symmetric=True ties lower = -upper (ternary {-a, 0, +a} with 3 levels).
+    """
+
+    kind = "liq"
+
+    def __init__(self, bits: int = 2, n_levels: int | None = None, output: str = "denorm",
+                 symmetric: bool = False):
+        if n_levels is None:
+            if not 1 <= bits <= 8:
+                raise ValueError(f"bits must be in 1..8, got {bits}")
+            n_levels = 2 ** bits
+        super().__init__(n_levels, bits)
+        if output not in ("denorm", "unit"):
+            raise ValueError(f"output must be 'denorm' or 'unit', got {output!r}")
+        self.output = output
+        self.symmetric = symmetric
+        self.kind = "ternary" if (symmetric and n_levels == 3) else ("binary" if n_levels == 2 else "liq")
+        self.upper = nn.Parameter(torch.tensor(1.0))
+        self.lower = nn.Parameter(torch.tensor(-1.0), requires_grad=not symmetric)
+        self.register_buffer("initialized", torch.tensor(False))
+
+    @torch.no_grad()
+    def init_from(self, w: torch.Tensor) -> None:
+        """Bounds at ∓3·std(w) (spec)."""
+        w = w.detach().float()
+        a = 3 * (w.std() if w.numel() > 1 else w.abs().max()).clamp_min(1e-8)
+        self.upper.fill_(a)
+        self.lower.fill_(-a)
+        self.initialized.fill_(True)
+
+    def _lu(self) -> tuple[torch.Tensor, torch.Tensor]:
+        lower = -self.upper if self.symmetric else self.lower
+        return lower, self.upper
+
+    def position(self, w: torch.Tensor) -> torch.Tensor:
+        if not bool(self.initialized):
+            self.init_from(w)
+        lower, upper = self._lu()
+        return (w - lower) / (upper - lower) * (self.n_levels - 1)
+
+    def forward(self, w: torch.Tensor) -> torch.Tensor:
+        lower, upper = self._lu()
+        k = round_ste(torch.clamp(self.position(w), 0, self.n_levels - 1))
+        q = k / (self.n_levels - 1)
+        if self.output == "unit":
+            return 2 * q - 1
+        return lower + q * (upper - lower)
+
+    def level_value(self, level: torch.Tensor) -> torch.Tensor:
+        """Latent weight value (weight units) sitting exactly on `level`."""
+        lower, upper = self._lu()
+        return (lower + level.to(upper.dtype) / (self.n_levels - 1) * (upper - lower)).detach()
+
+    def bounds(self) -> dict[str, float]:
+        lower, upper = self._lu()
+        return {"lower": float(lower), "upper": float(upper)}
+
+
+class LSQQuantizer(WeightQuantizer):
+    """LSQ (Esser et al. 2020): learned step s, signed integer levels Qn..Qp, gradient scale 1/sqrt(n·Qp).
+
+    position = w/s - Qn, so level 0 is the most negative value; step units are s.
+    """
+
+    kind = "lsq"
+
+    def __init__(self, bits: int = 2):
+        if not 2 <= bits <= 8:
+            raise ValueError(f"LSQ supports 2..8 bits (use 'liq' for 1 bit), got {bits}")
+        super().__init__(2 ** bits, bits)
+        self.qn = -(2 ** (bits - 1))
+        self.qp = 2 ** (bits - 1) - 1
+        self.step = nn.Parameter(torch.tensor(1.0))
+        self.register_buffer("initialized", torch.tensor(False))
+
+    @torch.no_grad()
+    def init_from(self, w: torch.Tensor) -> None:
+        """s = 2·mean|w| / sqrt(Qp) (LSQ paper)."""
+        self.step.fill_(2 * w.detach().abs().mean().clamp_min(1e-8) / math.sqrt(self.qp))
+        self.initialized.fill_(True)
+
+    def position(self, w: torch.Tensor) -> torch.Tensor:
+        if not bool(self.initialized):
+            self.init_from(w)
+        return w / self.step - self.qn
+
+    def forward(self, w: torch.Tensor) -> torch.Tensor:
+        if not bool(self.initialized):
+            self.init_from(w)
+        s = grad_scale(self.step, 1.0 / math.sqrt(w.numel() * self.qp))
+        return round_ste(torch.clamp(w / s, self.qn, self.qp)) * s
+
+    def level_value(self, level: torch.Tensor) -> torch.Tensor:
+        return ((level.to(self.step.dtype) + self.qn) * self.step).detach()
+
+    def bounds(self) -> dict[str, float]:
+        return {"step": float(self.step)}
+
+
+class ActivationQuantizer(nn.Module):
+    """Unsigned learnable-interval quantizer for activations; bounds set on the first training batch.
+
+    lower = batch min, upper = 3·std / sqrt(1 - 2/π) (spec); output in activation units.
+    """
+
+    def __init__(self, bits: int = 8):
+        super().__init__()
+        if not 1 <= bits <= 8:
+            raise ValueError(f"activation bits must be in 1..8, got {bits}")
+        self.bits = bits
+        self.n_levels = 2 ** bits
+        self.lower = nn.Parameter(torch.tensor(0.0))
+        self.upper = nn.Parameter(torch.tensor(1.0))
+        self.register_buffer("initialized", torch.tensor(False))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not bool(self.initialized):
+            if not self.training:
+                return x  # never calibrated: pass through until the first training batch
+            with torch.no_grad():
+                lo = x.detach().min()
+                hi = 3 * x.detach().float().std() / math.sqrt(1 - 2 / math.pi)
+                self.lower.fill_(lo)
+                self.upper.fill_(torch.maximum(hi, lo + 1e-3))
+                self.initialized.fill_(True)
+        span = self.upper - self.lower
+        k = round_ste(torch.clamp((x - self.lower) / span, 0, 1) * (self.n_levels - 1))
+        return self.lower + k / (self.n_levels - 1) * span
+
+
+def make_weight_quantizer(method: str = "liq", bits: int = 2, output: str = "denorm") -> WeightQuantizer:
+    """Factory: 'liq' (1..8 bits; 1 bit = binary), 'ternary' (3 symmetric levels), 'lsq' (2..8 bits)."""
+    if method == "liq":
+        return LearnedIntervalQuantizer(bits=bits, output=output)
+    if method == "binary":
+        return LearnedIntervalQuantizer(bits=1, output=output)
+    if method == "ternary":
+        return LearnedIntervalQuantizer(bits=2, n_levels=3, output=output, symmetric=True)
+    if method == "lsq":
+        return LSQQuantizer(bits=bits)
+    raise ValueError(f"unknown quantizer {method!r}; expected one of {', '.join(QUANTIZER_KINDS)}")

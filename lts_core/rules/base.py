@@ -1,0 +1,173 @@
+"""Freezing-rule machinery shared by LTS and oscillation freezing.
+
+A rule watches every quantized weight of a model. Call `rule.step()` once per optimizer step, after
+`loss.backward()` and before `optimizer.step()`: it measures each weight (the values this step's forward
+used), updates the rule's state, freezes weights, and zeroes the gradient of frozen weights. A post-step
+hook on the optimizer writes frozen weights back, so no optimizer (momentum, weight decay, Adam) moves them.
+"""
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from ..distance import decode_distance, encode_distance
+from ..layers import quantized_layers, total_flops
+
+
+class FreezingRule:
+    """Base class. Subclasses implement `_observe(i, level, r, w) -> (newly_frozen, freeze_value | None)`."""
+
+    name = "none"
+
+    def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer | None, total_steps: int,
+                 layer_filter=None):
+        if total_steps < 1:
+            raise ValueError(f"total_steps must be ≥ 1, got {total_steps}")
+        named = quantized_layers(model)
+        if layer_filter is not None:
+            named = [(n, m) for n, m in named if layer_filter(m)]
+        if not named:
+            raise ValueError("the model has no quantized layer to watch: call quantize_model() first")
+        self.model = model
+        self.total_steps = int(total_steps)
+        self.layer_names = [n for n, _ in named]
+        self.modules = [m for _, m in named]
+        self.numels = [m.weight.numel() for m in self.modules]
+        flops = [int(getattr(m, "flops", 0) or 0) for m in self.modules]
+        # FLOP weights: measured forward FLOPs; without a measurement fall back to weight counts.
+        if all(f > 0 for f in flops):
+            self.layer_flops, self.total_model_flops = flops, max(total_flops(model), sum(flops))
+        else:
+            self.layer_flops, self.total_model_flops = list(self.numels), sum(self.numels)
+        self.t = 0
+        self.frozen = [torch.zeros_like(m.weight, dtype=torch.bool) for m in self.modules]
+        self.freeze_step = [torch.full_like(m.weight, -1, dtype=torch.int64) for m in self.modules]
+        self.frozen_values = [torch.zeros_like(m.weight) for m in self.modules]
+        self.last_level: list[torch.Tensor | None] = [None] * len(self.modules)
+        self.last_dist_code: list[torch.Tensor | None] = [None] * len(self.modules)
+        dev = self.modules[0].weight.device
+        self.n_frozen = torch.zeros(len(self.modules), dtype=torch.float64, device=dev)
+        self._frozen_sum = torch.zeros((), dtype=torch.float64, device=dev)   # Σ_t overall frozen fraction
+        self._flops_sum = torch.zeros((), dtype=torch.float64, device=dev)    # Σ_t backward-FLOPs saved
+        self._numel_t = torch.tensor(self.numels, dtype=torch.float64, device=dev)
+        self._flops_t = torch.tensor(self.layer_flops, dtype=torch.float64, device=dev)
+        self._hook = None
+        if optimizer is not None:
+            self.attach(optimizer)
+
+    # ---- wiring -------------------------------------------------------------------------------------
+    def attach(self, optimizer: torch.optim.Optimizer) -> None:
+        """Restore frozen weights after every `optimizer.step()`."""
+        self._hook = optimizer.register_step_post_hook(lambda *_: self.restore())
+
+    def detach(self) -> None:
+        if self._hook is not None:
+            self._hook.remove()
+            self._hook = None
+
+    @torch.no_grad()
+    def restore(self) -> None:
+        """Write the frozen weights back to the values they had when they froze."""
+        for m, fz, val in zip(self.modules, self.frozen, self.frozen_values):
+            if self._any_frozen:
+                m.weight.copy_(torch.where(fz, val, m.weight))
+
+    @property
+    def _any_frozen(self) -> bool:
+        return bool(getattr(self, "_has_frozen", False))
+
+    # ---- the per-step update ------------------------------------------------------------------------
+    def _observe(self, i: int, level: torch.Tensor, r: torch.Tensor, w: torch.Tensor):
+        raise NotImplementedError
+
+    @torch.no_grad()
+    def step(self) -> None:
+        """Observe step `self.t`, freeze, and zero the gradient of frozen weights."""
+        for i, m in enumerate(self.modules):
+            w = m.weight
+            level, dist_ = m.weight_quantizer.measure(w)
+            code = encode_distance(dist_)
+            self.last_level[i] = level
+            self.last_dist_code[i] = code
+            newly, value = self._observe(i, level, decode_distance(code), w)
+            if newly is not None:
+                newly &= ~self.frozen[i]
+                n_new = newly.sum()
+                self.frozen[i] |= newly
+                self.freeze_step[i].masked_fill_(newly, self.t)
+                self.frozen_values[i] = torch.where(newly, w if value is None else value, self.frozen_values[i])
+                self.n_frozen[i] += n_new
+                if value is not None:  # oscillation freezing moves the weight onto its level
+                    w.copy_(torch.where(newly, value, w))
+            if self._any_frozen or newly is not None:
+                if w.grad is not None:
+                    w.grad.masked_fill_(self.frozen[i], 0.0)
+        self._has_frozen = self._any_frozen or bool(self.n_frozen.sum() > 0)
+        frac = self.n_frozen / self._numel_t
+        self._frozen_sum += self.n_frozen.sum() / self._numel_t.sum()
+        self._flops_sum += (frac * self._flops_t).sum() / (2 * self.total_model_flops)
+        self.t += 1
+
+    # ---- accounting ---------------------------------------------------------------------------------
+    def frozen_fraction(self) -> float:
+        """Frozen share of all watched weights now."""
+        return float(self.n_frozen.sum() / self._numel_t.sum())
+
+    def layer_frozen_fractions(self) -> dict[str, float]:
+        return {n: float(f) for n, f in zip(self.layer_names, (self.n_frozen / self._numel_t).tolist())}
+
+    def updates_eliminated(self) -> float:
+        """Whole-run figure: mean over the steps taken so far of the overall frozen fraction."""
+        return float(self._frozen_sum / max(self.t, 1))
+
+    def backward_flops_saved(self) -> float:
+        """Mean over steps of Σ_l frac_l·F_l / (2·Σ F): only weight-gradient FLOPs of frozen weights are saved."""
+        return float(self._flops_sum / max(self.t, 1))
+
+    def freeze_steps_flat(self) -> torch.Tensor:
+        return torch.cat([f.flatten() for f in self.freeze_step]).cpu()
+
+    def frozen_flat(self) -> torch.Tensor:
+        return torch.cat([f.flatten() for f in self.frozen]).cpu()
+
+    def settings(self) -> dict:
+        return {"rule": self.name, "total_steps": self.total_steps}
+
+    def record_state(self) -> dict[str, list[torch.Tensor]]:
+        """Per-layer uint8 arrays of the rule's own state for the recorder."""
+        return {}
+
+    # ---- persistence / DDP --------------------------------------------------------------------------
+    def _state_tensors(self) -> dict[str, list[torch.Tensor]]:
+        return {"frozen": self.frozen, "freeze_step": self.freeze_step, "frozen_values": self.frozen_values}
+
+    def state_dict(self) -> dict:
+        return {"t": self.t, "n_frozen": self.n_frozen.clone(), "frozen_sum": self._frozen_sum.clone(),
+                "flops_sum": self._flops_sum.clone(),
+                **{k: [x.clone() for x in v] for k, v in self._state_tensors().items()}}
+
+    def load_state_dict(self, sd: dict) -> None:
+        self.t = int(sd["t"])
+        self.n_frozen.copy_(sd["n_frozen"])
+        self._frozen_sum.copy_(sd["frozen_sum"])
+        self._flops_sum.copy_(sd["flops_sum"])
+        for k, tensors in self._state_tensors().items():
+            for dst, src in zip(tensors, sd[k]):
+                dst.copy_(src)
+        self._has_frozen = bool(self.n_frozen.sum() > 0)
+
+    @torch.no_grad()
+    def sync(self, src: int = 0) -> None:
+        """Under torch.distributed, broadcast the rule's state from rank `src` so every rank agrees."""
+        if not (dist.is_available() and dist.is_initialized()):
+            return
+        for tensors in self._state_tensors().values():
+            for x in tensors:
+                if x.dtype == torch.bool:
+                    y = x.to(torch.uint8)
+                    dist.broadcast(y, src)
+                    x.copy_(y.bool())
+                else:
+                    dist.broadcast(x, src)
+        dist.broadcast(self.n_frozen, src)

@@ -1,0 +1,105 @@
+"""Quantizers on known values and property tests for 1–8 bits."""
+import math
+
+import pytest
+import torch
+from hypothesis import given, settings, strategies as st
+
+from lts_core.quantizers import (LearnedIntervalQuantizer, LSQQuantizer, make_weight_quantizer, round_ste)
+
+
+def liq(bits, lower, upper, **kw):
+    q = LearnedIntervalQuantizer(bits=bits, **kw)
+    with torch.no_grad():
+        q.lower.fill_(lower)
+        q.upper.fill_(upper)
+        q.initialized.fill_(True)
+    return q
+
+
+def test_liq_known_values_2bit():
+    # interval [0, 3], 4 levels at 0,1,2,3: position == weight value, Δ = 1 weight unit
+    q = liq(2, 0.0, 3.0)
+    w = torch.tensor([-0.7, 0.2, 0.5, 1.4, 2.75, 3.0, 4.2])
+    level, dist = q.measure(w)
+    assert level.tolist() == [0, 0, 0, 1, 3, 3, 3]  # round-half-to-even at 0.5
+    assert torch.allclose(dist, torch.tensor([0.7, 0.2, 0.5, 0.4, 0.25, 0.0, 1.2]), atol=1e-6)
+    assert torch.allclose(q(w), torch.tensor([0.0, 0.0, 0.0, 1.0, 3.0, 3.0, 3.0]))
+
+
+def test_liq_unit_output_and_init():
+    q = liq(2, -1.5, 1.5, output="unit")
+    out = q(torch.tensor([-2.0, -0.6, 0.4, 9.0]))
+    assert torch.allclose(out, torch.tensor([-1.0, -1 / 3, 1 / 3, 1.0]))
+    w = torch.randn(1000)
+    q2 = LearnedIntervalQuantizer(bits=3)
+    q2.init_from(w)
+    assert math.isclose(q2.upper.item(), 3 * float(w.std()), rel_tol=1e-6)
+    assert math.isclose(q2.lower.item(), -3 * float(w.std()), rel_tol=1e-6)
+
+
+def test_binary_and_ternary():
+    b = make_weight_quantizer("binary")
+    assert b.n_levels == 2 and b.kind == "binary"
+    t = make_weight_quantizer("ternary")
+    with torch.no_grad():
+        t.upper.fill_(0.6)
+    t.initialized.fill_(True)
+    assert t.n_levels == 3 and t.kind == "ternary"
+    out = t(torch.tensor([-0.5, -0.1, 0.2, 0.45]))
+    assert torch.allclose(out, torch.tensor([-0.6, 0.0, 0.0, 0.6]))
+
+
+def test_lsq_known_values():
+    q = LSQQuantizer(bits=2)  # integer levels -2..1
+    with torch.no_grad():
+        q.step.fill_(0.5)
+    q.initialized.fill_(True)
+    w = torch.tensor([-2.0, -0.6, 0.1, 0.3, 5.0])
+    assert torch.allclose(q(w), torch.tensor([-1.0, -0.5, 0.0, 0.5, 0.5]))
+    level, dist = q.measure(w)
+    assert level.tolist() == [0, 1, 2, 3, 3]
+    assert torch.allclose(dist, torch.tensor([2.0, 0.2, 0.2, 0.4, 9.0]), atol=1e-6)
+    assert torch.allclose(q.level_value(level), q(w))
+
+
+def test_ste_gradient_passes_through_round():
+    x = torch.tensor([0.3, 1.7], requires_grad=True)
+    round_ste(x).sum().backward()
+    assert x.grad.tolist() == [1.0, 1.0]
+    q = liq(2, -1.0, 1.0)
+    w = torch.tensor([0.1, -0.4], requires_grad=True)
+    q(w).sum().backward()
+    assert torch.all(w.grad != 0)
+    assert q.upper.grad is not None and q.lower.grad is not None
+
+
+def test_invalid_bits():
+    for bad in (0, 9):
+        with pytest.raises(ValueError, match="bits"):
+            LearnedIntervalQuantizer(bits=bad)
+    with pytest.raises(ValueError, match="LSQ"):
+        LSQQuantizer(bits=1)
+    with pytest.raises(ValueError, match="unknown quantizer"):
+        make_weight_quantizer("nope")
+
+
+@settings(max_examples=60, deadline=None)
+@given(bits=st.integers(1, 8), seed=st.integers(0, 10_000), method=st.sampled_from(["liq", "lsq"]))
+def test_properties_all_bits(bits, seed, method):
+    if method == "lsq" and bits == 1:
+        return
+    g = torch.Generator().manual_seed(seed)
+    w = torch.randn(257, generator=g)
+    q = make_weight_quantizer(method, bits)
+    q.init_from(w)
+    level, dist = q.measure(w)
+    assert level.min() >= 0 and level.max() <= q.n_levels - 1
+    pos = q.position(w)
+    inside = (pos >= 0) & (pos <= q.n_levels - 1)
+    assert torch.all(dist[inside] <= 0.5 + 1e-5) and torch.all(dist >= 0)
+    # de-quantised values lie on the grid of the levels, and match the measured level
+    out = q(w).detach()
+    assert torch.allclose(out, q.level_value(level), atol=1e-5)
+    grid = q.level_value(torch.arange(q.n_levels))
+    assert torch.all(torch.isclose(out[:, None], grid[None, :], atol=1e-5).any(dim=1))
