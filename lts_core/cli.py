@@ -1,0 +1,192 @@
+"""Command line: `python -m lts_core train|sweep|runs`.
+
+Invalid input prints one clear line and exits with code 2 before anything is written.
+"""
+from __future__ import annotations
+
+import itertools
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Optional
+
+import numpy as np
+import typer
+
+from .config import ConfigError, TrainConfig, load_config_file, make_config
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
+                  help="scratchoff: quantization-aware training with the Lottery Ticket Scratcher.")
+
+RUNS_DIR = Path(os.environ.get("SCRATCHOFF_RUNS", Path(__file__).resolve().parent.parent / "data" / "runs"))
+
+
+def fail(msg: str, code: int = 2) -> None:
+    typer.echo(f"error: {msg}", err=True)
+    raise typer.Exit(code)
+
+
+def build_config(config: Optional[Path], overrides: dict) -> TrainConfig:
+    fields = load_config_file(config) if config else {}
+    fields.update({k: v for k, v in overrides.items() if v is not None})
+    return make_config(**fields)
+
+
+def default_run_dir(cfg: TrainConfig) -> Path:
+    return RUNS_DIR / f"{time.strftime('%Y%m%d-%H%M%S')}-{cfg.label()}-s{cfg.seed}"
+
+
+def check_out(out: Path) -> None:
+    if out.exists() and any(out.iterdir()):
+        fail(f"output folder {out} already exists and is not empty; choose another --out")
+
+
+@app.command()
+def train(
+    model: Optional[str] = typer.Option(None, help="mlp | cnn1d | cnn2d | resnet20"),
+    dataset: Optional[str] = typer.Option(None, help="digits | mnist1d | mnist | fashion-mnist | cifar10"),
+    data_root: Optional[str] = typer.Option(None, help="folder holding MNIST IDX files or CIFAR-10 batches"),
+    bits: Optional[int] = typer.Option(None, help="weight bits (1..8)"),
+    quantizer: Optional[str] = typer.Option(None, help="liq | lsq | binary | ternary"),
+    act_bits: Optional[int] = typer.Option(None, help="activation bits (default: full precision)"),
+    first_last_bits: Optional[int] = typer.Option(None, help="bits of first/last layers (default: FP)"),
+    rule: Optional[str] = typer.Option(None, help="none (baseline QAT) | lts | osc"),
+    schedule: Optional[str] = typer.Option(None, help="LTS threshold schedule: fixed | linear | sine"),
+    threshold: Optional[float] = typer.Option(None, help="threshold ratio ρ in Δ (fixed: 0.1, growth: 1.0)"),
+    decay: Optional[float] = typer.Option(None, help="LTS EMA decay m in [0, 1)"),
+    warmup_epochs: Optional[float] = typer.Option(None, help="epochs without freezing (default 20%)"),
+    epochs: Optional[int] = typer.Option(None, help="QAT epochs"),
+    fp_epochs: Optional[int] = typer.Option(None, help="full-precision pre-training epochs"),
+    batch_size: Optional[int] = typer.Option(None),
+    optimizer: Optional[str] = typer.Option(None, help="sgd | adam"),
+    lr: Optional[float] = typer.Option(None),
+    lr_schedule: Optional[str] = typer.Option(None, help="cosine | step | constant"),
+    seed: Optional[int] = typer.Option(None),
+    device: Optional[str] = typer.Option(None, help="auto | cpu | cuda"),
+    record_every: Optional[int] = typer.Option(None, help="steps between trajectory records (default: 1 epoch)"),
+    max_train: Optional[int] = typer.Option(None, help="use only the first N training samples"),
+    config: Optional[Path] = typer.Option(None, help="a .json or .toml file of these options"),
+    out: Optional[Path] = typer.Option(None, help="the run folder to create (default data/runs/<id>)"),
+    no_record: bool = typer.Option(False, "--no-record", help="train without recording trajectories"),
+    quiet: bool = typer.Option(False, help="no progress bar"),
+    dump_frozen: Optional[Path] = typer.Option(None, help="debug: each rank saves its final frozen mask "
+                                               "to PREFIX.rank<N>.npy"),
+) -> None:
+    """Pre-train in full precision, then run QAT with the chosen freezing rule, recording the run."""
+    args = {k: v for k, v in locals().items() if k not in ("config", "out", "no_record", "quiet", "dump_frozen")}
+    if no_record:
+        args["record"] = False
+    try:
+        cfg = build_config(config, args)
+    except ConfigError as e:
+        fail(str(e))
+    run_dir = out or default_run_dir(cfg)
+    check_out(run_dir)
+    from .trainer import NonFiniteLoss, train as run_training
+    try:
+        res = run_training(cfg, run_dir if cfg.record else None, progress=not quiet)
+    except NonFiniteLoss as e:
+        fail(f"training stopped: {e}", code=1)
+    except KeyboardInterrupt:
+        typer.echo(f"interrupted: the run in {run_dir} is readable up to its last record", err=True)
+        raise typer.Exit(130)
+    except (ValueError, FileNotFoundError, RuntimeError) as e:
+        fail(str(e), code=1)
+    if dump_frozen is not None and res.frozen_mask is not None:
+        from .trainer import dist_info
+        np.save(f"{dump_frozen}.rank{dist_info()[0]}.npy", res.frozen_mask.numpy())
+    last = res.metrics[-1] if res.metrics else {}
+    typer.echo(json.dumps({"run_dir": str(res.run_dir) if res.run_dir else None, "fp_test_acc": res.fp_test_acc,
+                           **{k: last.get(k) for k in ("test_acc", "updates_eliminated", "backward_flops_saved")}}))
+
+
+def _parse_list(text: Optional[str], cast) -> list:
+    return [cast(x) for x in text.split(",") if x.strip()] if text else []
+
+
+@app.command()
+def sweep(
+    thresholds: str = typer.Option("0.05,0.1,0.2,0.3", help="comma-separated threshold ratios ρ"),
+    schedules: str = typer.Option("fixed", help="comma-separated schedules"),
+    seeds: str = typer.Option("0", help="comma-separated seeds"),
+    baseline: bool = typer.Option(True, help="also train the baseline (rule none) per seed"),
+    config: Optional[Path] = typer.Option(None, help="base .json/.toml config (model, dataset, epochs…)"),
+    out: Path = typer.Option(..., help="folder receiving one run folder per grid point"),
+    jobs: int = typer.Option(1, min=1, help="runs trained in parallel processes"),
+) -> None:
+    """Train a grid of real LTS runs (thresholds × schedules × seeds), each a normal recorded run."""
+    try:
+        base = load_config_file(config) if config else {}
+        ths = _parse_list(thresholds, float)
+        grid = [make_config(**{**base, "rule": "lts", "threshold": r, "schedule": s, "seed": sd})
+                for s, r, sd in itertools.product(_parse_list(schedules, str), ths, _parse_list(seeds, int))]
+        if baseline:
+            grid += [make_config(**{**base, "rule": "none", "seed": sd}) for sd in _parse_list(seeds, int)]
+    except (ConfigError, ValueError) as e:
+        fail(str(e))
+    if not grid:
+        fail("the sweep grid is empty")
+    out.mkdir(parents=True, exist_ok=True)
+    jobs_todo = []
+    for cfg in grid:
+        run_dir = out / f"{cfg.label()}-s{cfg.seed}"
+        if run_dir.exists():
+            typer.echo(f"skip {run_dir.name}: already exists")
+            continue
+        jobs_todo.append((cfg, run_dir))
+    # pre-train the FP model of every seed once, before the runs start in parallel
+    from .trainer import pretrain_fp, pick_device
+    from .datasets import load_dataset
+    for sd in sorted({c.seed for c, _ in jobs_todo}):
+        c0 = next(c for c, _ in jobs_todo if c.seed == sd)
+        pretrain_fp(c0, load_dataset(c0.dataset, root=c0.data_root, seed=sd, max_train=c0.max_train,
+                                     max_test=c0.max_test), pick_device(c0.device))
+    running: list[tuple[subprocess.Popen, Path, Path]] = []
+    failures = 0
+
+    def reap(block: bool) -> None:
+        nonlocal failures
+        for p, rd, cf in list(running):
+            if block or p.poll() is not None:
+                rc = p.wait()
+                running.remove((p, rd, cf))
+                cf.unlink(missing_ok=True)
+                failures += rc != 0
+                typer.echo(f"{'done' if rc == 0 else f'FAILED ({rc})'}: {rd.name}")
+
+    for cfg, run_dir in jobs_todo:
+        while len(running) >= jobs:
+            reap(block=False)
+            time.sleep(0.2)
+        fd, cfg_path = tempfile.mkstemp(suffix=".json")
+        with os.fdopen(fd, "w") as f:
+            json.dump(cfg.model_dump(), f)
+        cmd = [sys.executable, "-m", "lts_core", "train", "--config", cfg_path, "--out", str(run_dir), "--quiet"]
+        running.append((subprocess.Popen(cmd), run_dir, Path(cfg_path)))
+        typer.echo(f"started: {run_dir.name}")
+    reap(block=True)
+    if failures:
+        raise typer.Exit(1)
+
+
+@app.command()
+def runs(folder: Path = typer.Option(RUNS_DIR, help="runs folder to list")) -> None:
+    """List the runs of a folder with status and key figures (a broken run is listed with its error)."""
+    from .store import list_runs
+    for e in list_runs(folder):
+        if not e.ok:
+            typer.echo(f"{e.run_id:50s} BROKEN  {e.error}")
+            continue
+        m = e.run.metrics
+        last = m.iloc[-1] if len(m) else None
+        figs = (f"acc {last['test_acc']:.1f}%  updates eliminated {last['updates_eliminated']:.0%}"
+                if last is not None else "no epoch yet")
+        typer.echo(f"{e.run_id:50s} {e.status:11s} {figs}")
+
+
+def main() -> None:
+    app()

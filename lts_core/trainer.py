@@ -1,0 +1,305 @@
+"""Trainer: full-precision pre-training, then QAT with rule none (baseline), lts or osc.
+
+The same seed gives the same pre-trained checkpoint and the same data order for all three rules.
+Runs under `torchrun` with DDP (gloo on CPU, NCCL on GPU); only rank 0 records.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import signal
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import nn
+
+from .config import TrainConfig
+from .datasets import DatasetSplit, load_dataset
+from .layers import quantize_model, quantized_layers
+from .models import build_model
+from .rules import FreezingRule, LTSRule, OscillationRule
+
+DATA_DIR = Path(os.environ.get("SCRATCHOFF_DATA", Path(__file__).resolve().parent.parent / "data"))
+
+
+class NonFiniteLoss(RuntimeError):
+    """Training produced a NaN or infinite loss."""
+
+
+@dataclass
+class TrainResult:
+    run_dir: Path | None
+    fp_test_acc: float
+    metrics: list[dict] = field(default_factory=list)
+    status: str = "complete"
+    frozen_mask: torch.Tensor | None = None
+
+
+# ---- devices, seeds, distributed ----------------------------------------------------------------------
+def pick_device(name: str) -> torch.device:
+    """'auto' → CUDA when available, else CPU."""
+    if name == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError("device 'cuda' requested but torch.cuda.is_available() is False")
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    return torch.device(name)
+
+
+def dist_info() -> tuple[int, int]:
+    """(rank, world size); (0, 1) outside torchrun."""
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def maybe_init_distributed(device: torch.device) -> torch.device:
+    """Initialise the process group when launched by torchrun (WORLD_SIZE > 1)."""
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not dist.is_initialized():
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+        if device.type == "cuda":
+            device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+            torch.cuda.set_device(device)
+    return device
+
+
+def seed_everything(seed: int) -> None:
+    torch.manual_seed(seed)
+    torch.use_deterministic_algorithms(True, warn_only=True)
+
+
+def epoch_order(n: int, seed: int, epoch: int, phase: str) -> torch.Tensor:
+    """The data order of one epoch: a permutation fixed by (seed, phase, epoch), identical for every rule."""
+    g = torch.Generator().manual_seed(seed * 1_000_003 + epoch * 7919 + (0 if phase == "fp" else 1))
+    return torch.randperm(n, generator=g)
+
+
+def batches(order: torch.Tensor, batch_size: int, rank: int = 0, world: int = 1):
+    """Index batches of one epoch (the last partial batch is dropped); under DDP each rank takes its
+    slice of every global batch."""
+    for b in range(steps_per_epoch(len(order), batch_size)):
+        idx = order[b * batch_size:(b + 1) * batch_size]
+        yield idx[rank::world]
+
+
+def steps_per_epoch(n_train: int, batch_size: int) -> int:
+    return max(1, n_train // batch_size)
+
+
+# ---- evaluation and loops -----------------------------------------------------------------------------
+@torch.no_grad()
+def evaluate(model: nn.Module, x: torch.Tensor, y: torch.Tensor, device: torch.device, bs: int = 1024) -> float:
+    """Test accuracy in %."""
+    was = model.training
+    model.eval()
+    correct = 0
+    for i in range(0, len(x), bs):
+        correct += (model(x[i:i + bs].to(device)).argmax(1).cpu() == y[i:i + bs]).sum().item()
+    model.train(was)
+    return 100.0 * correct / max(len(x), 1)
+
+
+def lr_factor(kind: str, step: int, total: int) -> float:
+    """LR multiplier at a step: cosine to 0, step decay ×0.1 at 50% and 75%, or constant."""
+    if kind == "cosine":
+        return 0.5 * (1 + math.cos(math.pi * step / max(total, 1)))
+    if kind == "step":
+        return 0.1 ** ((step >= total // 2) + (step >= 3 * total // 4))
+    return 1.0
+
+
+def fp_cache_path(cfg: TrainConfig) -> Path:
+    key = {k: getattr(cfg, k) for k in ("model", "dataset", "width", "max_train", "fp_epochs", "fp_lr",
+                                        "batch_size", "seed", "momentum", "weight_decay", "data_root")}
+    digest = hashlib.sha1(json.dumps(key, sort_keys=True).encode()).hexdigest()[:12]
+    return DATA_DIR / "cache" / "fp" / f"{cfg.model}-{cfg.dataset}-{digest}.pt"
+
+
+def pretrain_fp(cfg: TrainConfig, data: DatasetSplit, device: torch.device, log=print) -> nn.Module:
+    """Full-precision pre-training (cached on disk by config and seed, so every rule starts identical)."""
+    torch.manual_seed(cfg.seed)
+    model = build_model(cfg.model, data.in_shape, data.n_classes, width=cfg.width).to(device)
+    path = fp_cache_path(cfg)
+    if path.is_file():
+        model.load_state_dict(torch.load(path, map_location=device, weights_only=True))
+        return model
+    opt = torch.optim.SGD(model.parameters(), lr=cfg.fp_lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
+    n = len(data.x_train)
+    spe = steps_per_epoch(n, cfg.batch_size)
+    total, t = spe * cfg.fp_epochs, 0
+    model.train()
+    for epoch in range(cfg.fp_epochs):
+        for idx in batches(epoch_order(n, cfg.seed, epoch, "fp"), cfg.batch_size):
+            for g in opt.param_groups:
+                g["lr"] = cfg.fp_lr * lr_factor("cosine", t, total)
+            loss = F.cross_entropy(model(data.x_train[idx].to(device)), data.y_train[idx].to(device))
+            if not torch.isfinite(loss):
+                raise NonFiniteLoss(f"NaN/inf loss during full-precision pre-training at epoch {epoch}")
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            t += 1
+    if dist_info()[0] == 0:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(f".tmp-{os.getpid()}")
+        torch.save(model.state_dict(), tmp)
+        os.replace(tmp, path)
+    return model
+
+
+def make_rule(cfg: TrainConfig, model: nn.Module, opt, total_steps: int, spe: int) -> FreezingRule | None:
+    if cfg.rule == "lts":
+        return LTSRule(model, opt, total_steps, warmup_steps=int(round(cfg.warmup * spe)), schedule=cfg.schedule,
+                       ratio=cfg.ratio, decay=cfg.decay)
+    if cfg.rule == "osc":
+        return OscillationRule(model, opt, total_steps, decay=cfg.osc_decay, start_frac=cfg.osc_start_frac)
+    return None
+
+
+class _SigtermAsInterrupt:
+    """Turn SIGTERM into KeyboardInterrupt so a stopped run is closed as 'interrupted'."""
+
+    def __enter__(self):
+        self.prev = None
+        try:
+            self.prev = signal.signal(signal.SIGTERM, self._raise)
+        except ValueError:  # not the main thread
+            pass
+        return self
+
+    @staticmethod
+    def _raise(signum, frame):
+        raise KeyboardInterrupt
+
+    def __exit__(self, *exc):
+        if self.prev is not None:
+            signal.signal(signal.SIGTERM, self.prev)
+        return False
+
+
+def train(cfg: TrainConfig, run_dir: str | Path | None = None, progress: bool = True,
+          on_epoch: Callable[[dict], None] | None = None, should_stop: Callable[[], bool] | None = None,
+          log: Callable[[str], None] = print) -> TrainResult:
+    """Pre-train (or load the cached FP model), then run QAT with `cfg.rule`, recording to `run_dir`.
+
+    `run_dir=None` records nothing. `should_stop()` is polled every step: True closes the run 'interrupted'.
+    """
+    from .recorder import Recorder  # the recorder imports the store; keep engine import light
+
+    device = maybe_init_distributed(pick_device(cfg.device))
+    rank, world = dist_info()
+    seed_everything(cfg.seed)
+    data = load_dataset(cfg.dataset, root=cfg.data_root, seed=cfg.seed, max_train=cfg.max_train,
+                        max_test=cfg.max_test)
+    model = pretrain_fp(cfg, data, device, log=log)
+    fp_acc = evaluate(model, data.x_test, data.y_test, device)
+
+    quantize_model(model, bits=cfg.bits, method=cfg.quantizer, act_bits=cfg.act_bits,
+                   first_last_bits=cfg.first_last_bits, example_input=data.x_test[:2].to(device))
+    model.train()
+    qparams = [p for n, p in model.named_parameters() if "quantizer" in n]
+    wparams = [p for n, p in model.named_parameters() if "quantizer" not in n]
+    if cfg.optimizer == "sgd":
+        opt = torch.optim.SGD(wparams, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
+    else:
+        opt = torch.optim.Adam(wparams, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    bound_opt = torch.optim.Adam(qparams, lr=cfg.bound_lr) if qparams else None
+
+    n = len(data.x_train)
+    spe = steps_per_epoch(n, cfg.batch_size)
+    total = spe * cfg.epochs
+    rule = make_rule(cfg, model, opt, total, spe)
+    net = model
+    if world > 1:
+        net = nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+
+    rec = None
+    if run_dir is not None and rank == 0 and cfg.record:
+        run_dir = Path(run_dir)
+        rec = Recorder.create(run_dir.parent, model, config=cfg.model_dump(), rule=rule,
+                              every=cfg.record_every or spe, steps_per_epoch=spe, total_steps=total,
+                              run_id=run_dir.name,
+                              extra_manifest={"device": str(device), "fp_test_acc": fp_acc, "world_size": world,
+                                              "label": cfg.label(), "dataset_sizes": [n, len(data.x_test)]})
+    result = TrainResult(run_dir=Path(run_dir) if rec else None, fp_test_acc=fp_acc)
+    bar = None
+    if progress and rank == 0:
+        from tqdm.auto import tqdm
+        bar = tqdm(total=cfg.epochs, desc=cfg.label(), unit="epoch")
+    t = 0
+    try:
+        with _SigtermAsInterrupt():
+            for epoch in range(cfg.epochs):
+                t0 = time.perf_counter()
+                loss_sum = torch.zeros((), device=device)
+                n_b = 0
+                for idx in batches(epoch_order(n, cfg.seed, epoch, "qat"), cfg.batch_size, rank, world):
+                    lr = cfg.lr * lr_factor(cfg.lr_schedule, t, total)
+                    for g in opt.param_groups:
+                        g["lr"] = lr
+                    out = net(data.x_train[idx].to(device, non_blocking=True))
+                    loss = F.cross_entropy(out, data.y_train[idx].to(device, non_blocking=True))
+                    if not torch.isfinite(loss):
+                        raise NonFiniteLoss(f"loss became {loss.item()} at epoch {epoch + 1}, step {t}: "
+                                            f"try a lower learning rate (lr={cfg.lr})")
+                    opt.zero_grad(set_to_none=True)
+                    if bound_opt:
+                        bound_opt.zero_grad(set_to_none=True)
+                    loss.backward()
+                    if rule is not None:
+                        rule.step()
+                    if rec is not None:
+                        rec.step()
+                    opt.step()
+                    if bound_opt:
+                        bound_opt.step()  # bounds keep learning: a frozen weight's level may still move
+                    loss_sum += loss.detach()
+                    n_b += 1
+                    t += 1
+                    if should_stop is not None and should_stop():
+                        raise KeyboardInterrupt
+                if rule is not None and world > 1:
+                    rule.sync()
+                acc = evaluate(model, data.x_test, data.y_test, device)
+                row = {"epoch": epoch + 1, "train_loss": float(loss_sum) / max(n_b, 1), "test_acc": acc,
+                       "frozen_fraction": rule.frozen_fraction() if rule else 0.0,
+                       "updates_eliminated": rule.updates_eliminated() if rule else 0.0,
+                       "backward_flops_saved": rule.backward_flops_saved() if rule else 0.0,
+                       "seconds": time.perf_counter() - t0, "lr": lr}
+                result.metrics.append(row)
+                if rec is not None:
+                    rec.log_epoch(row)
+                if on_epoch is not None:
+                    on_epoch(row)
+                if bar is not None:
+                    bar.update(1)
+                    bar.set_postfix(acc=f"{acc:.1f}%", frozen=f"{row['frozen_fraction']:.0%}")
+    except KeyboardInterrupt:
+        result.status = "interrupted"
+        if rec is not None:
+            rec.finish("interrupted", reason=f"interrupted by user at step {t} (epoch {t / spe:.2f})")
+        raise
+    except NonFiniteLoss as e:
+        result.status = "failed"
+        if rec is not None:
+            rec.finish("failed", reason=str(e))
+        raise
+    except BaseException as e:
+        result.status = "failed"
+        if rec is not None:
+            rec.finish("failed", reason=f"{type(e).__name__}: {e}")
+        raise
+    finally:
+        if bar is not None:
+            bar.close()
+    if rec is not None:
+        rec.finish("complete")
+    if rule is not None:
+        result.frozen_mask = rule.frozen_flat()
+    return result
