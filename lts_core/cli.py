@@ -22,7 +22,10 @@ from .config import ConfigError, TrainConfig, load_config_file, make_config
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="scratchoff: quantization-aware training with the Lottery Ticket Scratcher.")
 
-RUNS_DIR = Path(os.environ.get("SCRATCHOFF_RUNS", Path(__file__).resolve().parent.parent / "data" / "runs"))
+def runs_dir() -> Path:
+    """Where runs go: $SCRATCHOFF_RUNS, else <data>/runs."""
+    from .datasets import data_dir
+    return Path(os.environ.get("SCRATCHOFF_RUNS") or data_dir() / "runs")
 
 
 def fail(msg: str, code: int = 2) -> None:
@@ -37,7 +40,7 @@ def build_config(config: Optional[Path], overrides: dict) -> TrainConfig:
 
 
 def default_run_dir(cfg: TrainConfig) -> Path:
-    return RUNS_DIR / f"{time.strftime('%Y%m%d-%H%M%S')}-{cfg.label()}-s{cfg.seed}"
+    return runs_dir() / f"{time.strftime('%Y%m%d-%H%M%S')}-{cfg.label()}-s{cfg.seed}"
 
 
 def check_out(out: Path) -> None:
@@ -174,10 +177,10 @@ def sweep(
 
 
 @app.command()
-def runs(folder: Path = typer.Option(RUNS_DIR, help="runs folder to list")) -> None:
+def runs(folder: Optional[Path] = typer.Option(None, help="runs folder to list (default data/runs)")) -> None:
     """List the runs of a folder with status and key figures (a broken run is listed with its error)."""
     from .store import list_runs
-    for e in list_runs(folder):
+    for e in list_runs(folder or runs_dir()):
         if not e.ok:
             typer.echo(f"{e.run_id:50s} BROKEN  {e.error}")
             continue

@@ -21,12 +21,11 @@ import torch.nn.functional as F
 from torch import nn
 
 from .config import TrainConfig
-from .datasets import DatasetSplit, load_dataset
+from .datasets import DatasetSplit, data_dir, load_dataset
 from .layers import quantize_model, quantized_layers
 from .models import build_model
 from .rules import FreezingRule, LTSRule, OscillationRule
 
-DATA_DIR = Path(os.environ.get("SCRATCHOFF_DATA", Path(__file__).resolve().parent.parent / "data"))
 
 
 class NonFiniteLoss(RuntimeError):
@@ -118,7 +117,7 @@ def fp_cache_path(cfg: TrainConfig) -> Path:
     key = {k: getattr(cfg, k) for k in ("model", "dataset", "width", "max_train", "fp_epochs", "fp_lr",
                                         "batch_size", "seed", "momentum", "weight_decay", "data_root")}
     digest = hashlib.sha1(json.dumps(key, sort_keys=True).encode()).hexdigest()[:12]
-    return DATA_DIR / "cache" / "fp" / f"{cfg.model}-{cfg.dataset}-{digest}.pt"
+    return data_dir() / "cache" / "fp" / f"{cfg.model}-{cfg.dataset}-{digest}.pt"
 
 
 def pretrain_fp(cfg: TrainConfig, data: DatasetSplit, device: torch.device, log=print) -> nn.Module:

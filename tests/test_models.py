@@ -1,0 +1,81 @@
+"""Models: output shapes for each dataset shape, layer order, ResNet-20 size, errors."""
+import pytest
+import torch
+import torch.nn as nn
+
+from lts_core.models import MODELS, build_model
+
+WEIGHT_LAYERS = (nn.Linear, nn.Conv1d, nn.Conv2d)
+
+
+@pytest.mark.parametrize("name,in_shape", [("mlp", (64,)), ("mlp", (1, 28, 28)), ("cnn1d", (1, 40)),
+                                           ("cnn1d", (3, 37)), ("cnn2d", (1, 28, 28)), ("cnn2d", (3, 32, 32)),
+                                           ("resnet20", (3, 32, 32)), ("resnet20", (1, 28, 28))])
+def test_forward_shape(name, in_shape):
+    torch.manual_seed(0)
+    model = build_model(name, in_shape, n_classes=7)
+    out = model(torch.randn(4, *in_shape))
+    assert out.shape == (4, 7) and torch.isfinite(out).all()
+    out.sum().backward()  # trains end to end
+    layers = [m for m in model.modules() if isinstance(m, WEIGHT_LAYERS)]
+    assert isinstance(layers[-1], nn.Linear) and layers[-1].out_features == 7  # classifier last
+    assert layers[0].weight.shape[1] in (in_shape[0], 64, 784)  # first layer first
+    assert all(type(m) in WEIGHT_LAYERS for m in layers)
+
+
+def test_modules_follow_execution_order():
+    model = build_model("resnet20", (3, 32, 32), 10)
+    ran = []
+    for m in model.modules():
+        if isinstance(m, WEIGHT_LAYERS):
+            m.register_forward_hook(lambda mod, i, o: ran.append(mod))
+    model(torch.randn(2, 3, 32, 32))
+    assert ran == [m for m in model.modules() if isinstance(m, WEIGHT_LAYERS)]
+    assert len(ran) == 19 + 2 + 1  # 19 3x3 convs, 2 shortcut projections, 1 classifier
+
+
+def test_mlp_layout_and_width():
+    model = build_model("mlp", (64,), 10, width=32)
+    assert [tuple(m.weight.shape) for m in model if isinstance(m, nn.Linear)] == [(32, 64), (32, 32), (10, 32)]
+    assert not any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules())
+
+
+def test_resnet20_parameter_count():
+    # option B, no conv bias; conv weights k*k*c_in*c_out, BN 2*c (weight+bias):
+    #   stem      3*16*9 + 32                                        =     464
+    #   stage 1   3 * (2*16*16*9 + 2*32)                             =  14,016
+    #   stage 2   (16*32*9 + 32*32*9 + 2*64 + 16*32 + 64)            =  14,528
+    #             + 2 * (2*32*32*9 + 2*64)                           =  37,120
+    #   stage 3   (32*64*9 + 64*64*9 + 2*128 + 32*64 + 128)          =  57,728
+    #             + 2 * (2*64*64*9 + 2*128)                          = 147,968
+    #   fc        64*10 + 10                                         =     650
+    #   total                                                        = 272,474
+    model = build_model("resnet20", (3, 32, 32), 10)
+    n = sum(p.numel() for p in model.parameters())
+    assert n == 272_474 and 260_000 <= n <= 280_000
+
+
+def test_cnn1d_is_small():
+    model = build_model("cnn1d", (1, 40), 10)
+    convs = [m for m in model.modules() if isinstance(m, nn.Conv1d)]
+    assert [(c.kernel_size[0], c.stride[0]) for c in convs] == [(5, 1), (3, 2), (3, 2)]
+    assert model[-1].in_features == 32 * 10  # 40 -> 20 -> 10
+    assert sum(p.numel() for p in model.parameters()) < 20_000
+
+
+def test_errors():
+    assert MODELS == ("mlp", "cnn1d", "cnn2d", "resnet20")
+    with pytest.raises(ValueError, match="unknown model 'vgg'.*mlp, cnn1d, cnn2d, resnet20"):
+        build_model("vgg", (64,), 10)
+    with pytest.raises(ValueError, match=r"cnn2d: needs input shape \(channels, height, width\), got \(64,\)"):
+        build_model("cnn2d", (64,), 10)
+    with pytest.raises(ValueError, match=r"cnn1d: needs input shape \(channels, length\)"):
+        build_model("cnn1d", (1, 28, 28), 10)
+    with pytest.raises(ValueError, match="resnet20: needs input shape"):
+        build_model("resnet20", (1, 40), 10)
+    with pytest.raises(ValueError, match="n_classes"):
+        build_model("mlp", (64,), 0)
+    with pytest.raises(ValueError, match="width"):
+        build_model("mlp", (64,), 10, width=0)
+    with pytest.raises(ValueError, match="in_shape"):
+        build_model("mlp", (0,), 10)
