@@ -129,10 +129,8 @@ def test_accounting_matches_definition():
         opt.step()
         fracs.append(rule.frozen[0].float().mean().item())
     assert rule.updates_eliminated() == pytest.approx(sum(fracs) / 30, rel=1e-9)
-    # one quantized layer (64x64, 8192 FLOPs/sample) among 16x64, 64x64, 64x4 linears
-    total = 2 * (16 * 64 + 64 * 64 + 64 * 4)
-    share = 2 * 64 * 64 / total
-    assert rule.backward_flops_saved() == pytest.approx(sum(fracs) / 30 * share / 2, rel=1e-9)
+    # one quantized layer: the FLOP-weighted fraction is its own, and half of it is saved
+    assert rule.backward_flops_saved() == pytest.approx(sum(fracs) / 30 / 2, rel=1e-9)
 
 
 def test_rule_validation():
@@ -169,3 +167,23 @@ def test_oscillation_rule_freezes_the_restless_onto_its_ema_level():
     w0 = layer.weight.flatten()[0].item()
     assert w0 in (1.0, 2.0)
     assert math.isclose(rule.freq[0].flatten()[1].item(), 0.0)
+
+
+def test_backward_flops_are_flop_weighted_per_layer():
+    torch.manual_seed(1)
+    m = nn.Sequential(nn.Linear(16, 64), nn.ReLU(), nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, 4))
+    quantize_model(m, bits=2, first_last_bits=2, example_input=torch.randn(2, 16))
+    opt = torch.optim.SGD(m.parameters(), lr=0.1)
+    rule = LTSRule(m, opt, total_steps=20, warmup_steps=2, schedule="fixed", ratio=0.3, decay=0.5)
+    flops = [2 * 16 * 64, 2 * 64 * 64, 2 * 64 * 4]  # forward FLOPs per sample of each layer
+    assert rule.layer_flops == flops
+    x, y = torch.randn(32, 16), torch.randint(0, 4, (32,))
+    expected = 0.0
+    for _ in range(20):
+        opt.zero_grad()
+        nn.functional.cross_entropy(m(x), y).backward()
+        rule.step()
+        opt.step()
+        fr = [f.float().mean().item() for f in rule.frozen]
+        expected += sum(a * b for a, b in zip(fr, flops)) / (2 * sum(flops))
+    assert rule.backward_flops_saved() == pytest.approx(expected / 20, rel=1e-9)

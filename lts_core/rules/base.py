@@ -12,7 +12,7 @@ import torch.distributed as dist
 from torch import nn
 
 from ..distance import decode_distance, encode_distance
-from ..layers import quantized_layers, total_flops
+from ..layers import quantized_layers
 
 
 class FreezingRule:
@@ -36,10 +36,10 @@ class FreezingRule:
         self.numels = [m.weight.numel() for m in self.modules]
         flops = [int(getattr(m, "flops", 0) or 0) for m in self.modules]
         # FLOP weights: measured forward FLOPs; without a measurement fall back to weight counts.
-        if all(f > 0 for f in flops):
-            self.layer_flops, self.total_model_flops = flops, max(total_flops(model), sum(flops))
-        else:
-            self.layer_flops, self.total_model_flops = list(self.numels), sum(self.numels)
+        # The denominator is the backward pass of the watched layers (2·Σ F): a fraction f of weight
+        # updates eliminated, FLOP-weighted, saves f/2 of it (spec).
+        self.layer_flops = flops if all(f > 0 for f in flops) else list(self.numels)
+        self.total_model_flops = sum(self.layer_flops)
         self.t = 0
         self.frozen = [torch.zeros_like(m.weight, dtype=torch.bool) for m in self.modules]
         self.freeze_step = [torch.full_like(m.weight, -1, dtype=torch.int64) for m in self.modules]
@@ -53,6 +53,7 @@ class FreezingRule:
         self._numel_t = torch.tensor(self.numels, dtype=torch.float64, device=dev)
         self._flops_t = torch.tensor(self.layer_flops, dtype=torch.float64, device=dev)
         self._hook = None
+        self.resyncs = 0
         if optimizer is not None:
             self.attach(optimizer)
 
@@ -122,7 +123,8 @@ class FreezingRule:
         return float(self._frozen_sum / max(self.t, 1))
 
     def backward_flops_saved(self) -> float:
-        """Mean over steps of Σ_l frac_l·F_l / (2·Σ F): only weight-gradient FLOPs of frozen weights are saved."""
+        """Mean over steps of Σ_l frac_l·F_l / (2·Σ_l F_l), F = forward FLOPs of each watched layer: only the
+        weight-gradient half of a frozen weight's backward cost is saved."""
         return float(self._flops_sum / max(self.t, 1))
 
     def freeze_steps_flat(self) -> torch.Tensor:
@@ -158,10 +160,21 @@ class FreezingRule:
         self._has_frozen = bool(self.n_frozen.sum() > 0)
 
     @torch.no_grad()
-    def sync(self, src: int = 0) -> None:
-        """Under torch.distributed, broadcast the rule's state from rank `src` so every rank agrees."""
+    def sync(self, src: int = 0) -> bool:
+        """Under torch.distributed, check that every rank holds the same frozen masks and, if not, broadcast
+        the rule's state from rank `src`. Returns True when a re-synchronisation was needed (counted in
+        `self.resyncs`; identical weights on every rank make it 0)."""
         if not (dist.is_available() and dist.is_initialized()):
-            return
+            return False
+        fp = torch.stack([torch.stack([f.sum().double(), (f.flatten().double() *
+                                                           torch.arange(f.numel(), device=f.device)).sum()])
+                          for f in self.frozen]).flatten()
+        lo, hi = fp.clone(), fp.clone()
+        dist.all_reduce(lo, op=dist.ReduceOp.MIN)
+        dist.all_reduce(hi, op=dist.ReduceOp.MAX)
+        if torch.equal(lo, hi):
+            return False
+        self.resyncs += 1
         for tensors in self._state_tensors().values():
             for x in tensors:
                 if x.dtype == torch.bool:
@@ -171,3 +184,4 @@ class FreezingRule:
                 else:
                     dist.broadcast(x, src)
         dist.broadcast(self.n_frozen, src)
+        return True

@@ -1,0 +1,16 @@
+"""Analysis of recorded runs: settle statistics and freezing-rule replays (pure functions on arrays)."""
+from .settle import (RunArrays, SettleSummary, arrays_from_run, curve_from_settle_records, direction_reversals,
+                     final_levels, flips, fraction_settled_curve, layer_fraction_settled_curves, level_occupancy,
+                     never_moved, oscillation_frequency, settle_histogram, settle_records, settle_summary)
+from .replay import (OscReplay, ReplayIndex, ReplayResult, agreement, ema_trace, freeze_accounting,
+                     osc_ema_update, osc_threshold_at, oscillation_summary, replay_freeze_steps,
+                     replay_oscillation, resolve_device, ticket_correct, ticket_precision)
+
+__all__ = [
+    "RunArrays", "SettleSummary", "arrays_from_run", "curve_from_settle_records", "direction_reversals",
+    "final_levels", "flips", "fraction_settled_curve", "layer_fraction_settled_curves", "level_occupancy",
+    "never_moved", "oscillation_frequency", "settle_histogram", "settle_records", "settle_summary",
+    "OscReplay", "ReplayIndex", "ReplayResult", "agreement", "ema_trace", "freeze_accounting", "osc_ema_update",
+    "osc_threshold_at", "oscillation_summary", "replay_freeze_steps", "replay_oscillation", "resolve_device",
+    "ticket_correct", "ticket_precision",
+]

@@ -1,0 +1,638 @@
+"""Replay: what would LTS (or oscillation freezing) have done on a recorded run?
+
+Record-resolution semantics (records r = 0 … R-1 at global optimizer steps `steps[r]`, strictly increasing):
+- raw distance at a record: the recorded code decoded with `distance.decode_distance` (Δ units);
+- EMA: `d = r_0` at record 0; for r ≥ 1, `d = distance.ema_update_compounded(d, r_r, changed, m, k)` with
+  `k = steps[r] - steps[r-1]` and `changed = levels[r] != levels[r-1]`: the decay is compounded over the `k`
+  steps between the records (the recorded distance held constant over them) and a level change seen between
+  the two records resets the EMA to 1 Δ at the record;
+- freezing is checked at record steps only: an unfrozen weight freezes at record r when `steps[r] ≥ W` and
+  `d ≤ ρ` with `ρ = schedules.ratio_at(steps[r], schedule, ratio, W, T)`. The comparison is torch's
+  `float32 tensor <= python float`, i.e. ρ rounded to float32, exactly as `LTSRule` does it. Frozen weights
+  never unfreeze; the freeze step reported is the record's step.
+With a record at every step this is exactly the live rule (same float32 torch ops): a run recorded at every
+step replays its own freeze steps bit for bit.
+
+Whole-run accounting at record resolution: a weight frozen at record step f counts as frozen for every optimizer
+step f … E-1, where E = max(total_steps, steps[-1] + 1); equivalently each record's frozen fraction is weighted
+by the number of steps it stands for (`steps[r+1] - steps[r]`, the last one `E - steps[-1]`), steps before the
+first record count as nothing frozen, and the mean is taken over all E steps.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import NamedTuple, Sequence
+
+import numpy as np
+import torch
+
+from ..distance import decode_distance, ema_update_compounded
+from ..schedules import SCHEDULES, osc_threshold_at, ratio_at, schedule_gain
+from .settle import RunArrays, arrays_from_run, check_layer_sizes, is_run
+
+__all__ = [
+    "replay_freeze_steps", "ema_trace", "ReplayIndex", "ReplayResult", "freeze_accounting", "ticket_correct",
+    "ticket_precision", "replay_oscillation", "OscReplay", "oscillation_summary", "osc_threshold_at",
+    "osc_ema_update", "agreement", "resolve_device", "grid_bins",
+]
+
+
+# ---- input handling ---------------------------------------------------------------------------------------
+
+def resolve_device(device: str | torch.device = "auto") -> torch.device:
+    """"auto" → cuda when available, else cpu; "cuda" without a GPU → a clear error."""
+    if isinstance(device, torch.device):
+        dev = device
+    elif device in (None, "auto"):
+        dev = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    else:
+        dev = torch.device(device)
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError("device='cuda' requested but torch.cuda.is_available() is False")
+    return dev
+
+
+def _check_steps(steps, R: int) -> np.ndarray:
+    s = np.asarray(steps, dtype=np.int64).ravel()
+    if s.size != R:
+        raise ValueError(f"steps has {s.size} entries but the trajectories have {R} records")
+    if R > 1 and not np.all(np.diff(s) > 0):
+        raise ValueError("record steps must be strictly increasing")
+    if R and s[0] < 0:
+        raise ValueError("record steps must be ≥ 0")
+    return s
+
+
+def _check_traj(levels, dist_codes=None) -> tuple[int, int]:
+    if getattr(levels, "ndim", None) != 2:
+        raise ValueError(f"levels must be a 2-D [records, weights] array, got shape {getattr(levels, 'shape', None)}")
+    R, N = (int(x) for x in levels.shape)
+    if R < 1:
+        raise ValueError("the trajectories have no record")
+    if dist_codes is not None and tuple(dist_codes.shape) != (R, N):
+        raise ValueError(f"dist_codes shape {tuple(dist_codes.shape)} differs from levels shape {(R, N)}")
+    return R, N
+
+
+def _check_lts_args(schedule: str, decay: float, warmup_steps, total_steps) -> None:
+    if schedule not in SCHEDULES:
+        raise ValueError(f"unknown schedule {schedule!r}; expected one of {', '.join(SCHEDULES)}")
+    if not 0.0 <= float(decay) < 1.0:
+        raise ValueError(f"EMA decay must be in [0, 1), got {decay}")
+    if warmup_steps is None or total_steps is None:
+        raise ValueError("warmup_steps and total_steps are required")
+    if int(total_steps) < 1 or int(warmup_steps) < 0:
+        raise ValueError(f"need total_steps ≥ 1 and warmup_steps ≥ 0, got {total_steps}, {warmup_steps}")
+
+
+def _run_warmup(run) -> int | None:
+    manifest = getattr(run, "manifest", {}) or {}
+    rule = manifest.get("rule") or {}
+    if isinstance(rule, dict) and rule.get("warmup_steps") is not None:
+        return int(rule["warmup_steps"])
+    return None
+
+
+def _row(arr, r: int, dev: torch.device) -> torch.Tensor:
+    """One record as a torch tensor on `dev` (copied: memory-mapped rows are read-only)."""
+    return torch.from_numpy(np.array(arr[r], copy=True)).to(dev)
+
+
+def _ema_stream(steps: np.ndarray, levels, dist_codes, decay: float, dev: torch.device):
+    """Yield (r, step, level row (numpy), level row (torch on dev), EMA distance after record r) — the one
+    EMA loop used by every LTS replay."""
+    prev = None
+    d = None
+    for r in range(len(steps)):
+        lv_np = np.array(levels[r], copy=True)
+        lv = torch.from_numpy(lv_np).to(dev)
+        dist = decode_distance(_row(dist_codes, r, dev))
+        if r == 0:
+            d = dist.clone()
+        else:
+            d = ema_update_compounded(d, dist, lv != prev, decay, int(steps[r] - steps[r - 1]))
+        prev = lv
+        yield r, int(steps[r]), lv_np, lv, d
+
+
+def grid_bins(d: np.ndarray, g: float, bins_per_unit: int, max_bin: int, thr32: np.ndarray | None = None):
+    """Smallest grid bin j (0 … max_bin) with d ≤ fl32((j/B)·g), max_bin+1 where none: int64 array like d.
+
+    `d` float32; the threshold of bin j is computed as `ratio_at` does ((j/B)·g in double) and rounded to
+    float32 like the rule's `tensor <= float` comparison. Computed as ceil(d·B/g) (float64) corrected by ±1
+    against the exact float32 thresholds — equal to `np.searchsorted(thr32, d)` but several times faster.
+    """
+    B, J = int(bins_per_unit), int(max_bin)
+    if thr32 is None:
+        thr32 = ((np.arange(J + 1, dtype=np.float64) / B) * g).astype(np.float32)
+    if g <= 0:   # all thresholds 0: only d == 0 freezes
+        return np.where(d <= 0, 0, J + 1).astype(np.int64)
+    ext = np.empty(J + 3, dtype=np.float32)      # ext[k+1] = thr32[k]; ext[0] = -inf; ext[J+2] = +inf
+    ext[0], ext[1:J + 2], ext[J + 2] = -np.inf, thr32, np.inf
+    q = d.astype(np.float64)
+    q *= B / g
+    np.ceil(q, out=q)
+    np.clip(q, 0, J + 1, out=q)
+    c = q.astype(np.int64)
+    c -= ext[c] >= d          # thr32[c-1] ≥ d → one bin lower
+    c += ext[c + 1] < d       # thr32[c] < d → one bin higher
+    return c
+
+
+# ---- direct replay ----------------------------------------------------------------------------------------
+
+def replay_freeze_steps(steps, levels=None, dist_codes=None, schedule: str = "linear", ratio: float = 1.0,
+                        warmup_steps: int | None = None, total_steps: int | None = None, decay: float = 0.99,
+                        device: str | torch.device = "cpu") -> np.ndarray:
+    """Exact direct simulation of the LTS rule on the records: int64 [N] freeze step per weight (-1 = never).
+
+    `steps` may also be a stored run (then levels, dist codes and total_steps come from it). See the module
+    docstring for the record-resolution semantics. Results are identical on cpu and cuda.
+    """
+    if is_run(steps):
+        run = steps
+        arr = arrays_from_run(run)
+        steps, levels, dist_codes = arr.steps, arr.levels, arr.dist_codes
+        total_steps = arr.total_steps if total_steps is None else total_steps
+        warmup_steps = _run_warmup(run) if warmup_steps is None else warmup_steps
+    _check_lts_args(schedule, decay, warmup_steps, total_steps)
+    if float(ratio) < 0:
+        raise ValueError(f"threshold ratio must be ≥ 0, got {ratio}")
+    R, N = _check_traj(levels, dist_codes)
+    steps = _check_steps(steps, R)
+    dev = resolve_device(device)
+    W, T = int(warmup_steps), int(total_steps)
+    frozen = torch.zeros(N, dtype=torch.bool, device=dev)
+    freeze = torch.full((N,), -1, dtype=torch.int64, device=dev)
+    with torch.no_grad():
+        for _, t, _, _, d in _ema_stream(steps, levels, dist_codes, float(decay), dev):
+            rho = ratio_at(t, schedule, float(ratio), W, T)
+            if rho < 0:
+                continue
+            newly = (d <= rho) & ~frozen
+            frozen |= newly
+            freeze.masked_fill_(newly, t)
+    return freeze.cpu().numpy()
+
+
+def ema_trace(steps, levels, dist_codes, decay: float, weights: Sequence[int] | None = None,
+              device: str | torch.device = "cpu") -> np.ndarray:
+    """The replayed EMA distance (Δ) of selected weights at every record: float32 [R, len(weights)].
+
+    Meant for a handful of weights (plots, tests); `weights=None` returns all of them (small inputs only).
+    """
+    R, N = _check_traj(levels, dist_codes)
+    steps = _check_steps(steps, R)
+    dev = resolve_device(device)
+    idx = None if weights is None else torch.as_tensor(np.asarray(weights, dtype=np.int64), device=dev)
+    out = []
+    with torch.no_grad():
+        for _, _, _, _, d in _ema_stream(steps, levels, dist_codes, float(decay), dev):
+            out.append((d if idx is None else d[idx]).cpu().numpy().copy())
+    return np.stack(out).astype(np.float32)
+
+
+# ---- accounting -------------------------------------------------------------------------------------------
+
+@dataclass
+class ReplayResult:
+    """Freezing on a run, at record resolution (see the module docstring for the accounting)."""
+    ratio: float                      # the threshold ratio actually used (snapped to the grid); nan if n/a
+    steps: np.ndarray                 # int64 [R]
+    epochs: np.ndarray                # float64 [R] (nan when steps_per_epoch is unknown)
+    frozen_fraction: np.ndarray       # float64 [R], overall
+    layer_frozen_fraction: np.ndarray  # float64 [n_layers, R]
+    updates_eliminated: float         # mean over all optimizer steps of the frozen fraction
+    backward_flops_saved: float       # mean over steps of Σ_l frac_l·F_l / (2·Σ_l F_l)
+    ticket_precision: float           # share of frozen weights whose level at freezing == final level (nan if none)
+    n_frozen: int                     # weights frozen by the last record
+    n_frozen_correct: int
+    layer_ticket_precision: np.ndarray  # float64 [n_layers]
+
+
+def _end_step(steps: np.ndarray, total_steps: int) -> int:
+    return max(int(total_steps), int(steps[-1]) + 1)
+
+
+def _record_weights(steps: np.ndarray, total_steps: int) -> np.ndarray:
+    """Number of optimizer steps each record stands for (the last one up to the end of the run)."""
+    return np.diff(steps, append=_end_step(steps, total_steps)).astype(np.float64)
+
+
+def _effective_flops(layer_flops, sizes: list[int]) -> np.ndarray:
+    """Per-layer FLOP weights; like the rules, fall back to weight counts when FLOPs were not measured."""
+    if layer_flops is None:
+        return np.asarray(sizes, dtype=np.float64)
+    f = np.asarray(layer_flops, dtype=np.float64)
+    if f.size != len(sizes):
+        raise ValueError(f"{f.size} layer FLOP counts for {len(sizes)} layers")
+    return f if np.all(f > 0) else np.asarray(sizes, dtype=np.float64)
+
+
+def _epochs(steps: np.ndarray, steps_per_epoch) -> np.ndarray:
+    if steps_per_epoch:
+        return steps.astype(np.float64) / float(steps_per_epoch)
+    return np.full(steps.shape, np.nan)
+
+
+def _safe_div(a, b):
+    a = np.asarray(a, dtype=np.float64)
+    b = np.asarray(b, dtype=np.float64)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return np.where(b > 0, a / np.where(b > 0, b, 1.0), np.nan)
+
+
+def ticket_correct(freeze_steps, steps, levels) -> np.ndarray:
+    """bool [N]: frozen and, at the last record at or before its freeze step, already at its final level.
+
+    For replays the freeze step is a record step, so this is "level at the freeze record == final level".
+    """
+    R, N = _check_traj(levels)
+    steps = _check_steps(steps, R)
+    fs = np.asarray(freeze_steps, dtype=np.int64)
+    rec = np.where(fs >= 0, np.searchsorted(steps, fs, side="right") - 1, -1)
+    final = np.asarray(levels[-1])
+    out = np.zeros(N, dtype=bool)
+    for r in np.unique(rec[rec >= 0]):
+        sel = rec == r
+        out[sel] = np.asarray(levels[int(r)])[sel] == final[sel]
+    return out
+
+
+def ticket_precision(freeze_steps, steps, levels) -> float:
+    """Share of frozen weights whose level when freezing equals their final level (nan if none frozen)."""
+    fs = np.asarray(freeze_steps, dtype=np.int64)
+    n = int((fs >= 0).sum())
+    return float(ticket_correct(fs, steps, levels).sum() / n) if n else float("nan")
+
+
+def freeze_accounting(freeze_steps, steps, layer_sizes=None, layer_flops=None, total_steps: int | None = None,
+                      steps_per_epoch: int | None = None, correct=None, ratio: float = float("nan")) -> ReplayResult:
+    """Accounting of any per-weight freeze steps (a replay's or a live run's) against the record steps.
+
+    Frozen fraction at record r: share with 0 ≤ freeze step ≤ steps[r]. Updates eliminated: Σ_w (E − f_w) /
+    (N·E) (exact at step resolution, E = max(total_steps, steps[-1]+1)), which equals the record-weighted mean
+    when the freeze steps are record steps. `correct` (bool [N], e.g. from `ticket_correct`) gives precision.
+    """
+    fs = np.asarray(freeze_steps, dtype=np.int64).ravel()
+    N = fs.size
+    steps = np.asarray(steps, dtype=np.int64).ravel()
+    R = steps.size
+    sizes = check_layer_sizes(layer_sizes, N)
+    F = _effective_flops(layer_flops, sizes)
+    E = _end_step(steps, steps[-1] + 1 if total_steps is None else total_steps)
+    nl = len(sizes)
+    counts = np.zeros((nl, R), dtype=np.int64)
+    frozen_steps_sum = np.zeros(nl, dtype=np.float64)
+    n_corr = np.zeros(nl, dtype=np.int64)
+    n_froz = np.zeros(nl, dtype=np.int64)
+    corr = None if correct is None else np.asarray(correct, dtype=bool).ravel()
+    off = 0
+    for i, n in enumerate(sizes):
+        f = fs[off:off + n]
+        fz = f >= 0
+        rf = np.searchsorted(steps, f[fz], side="left")
+        counts[i] = np.cumsum(np.bincount(rf, minlength=R + 1)[:R])
+        frozen_steps_sum[i] = np.clip(E - f[fz], 0, None).sum()
+        n_froz[i] = int(fz.sum())
+        if corr is not None:
+            n_corr[i] = int((corr[off:off + n] & fz).sum())
+        off += n
+    sz = np.asarray(sizes, dtype=np.float64)
+    layer_frac = _safe_div(counts, sz[:, None])
+    layer_upd = np.nan_to_num(_safe_div(frozen_steps_sum, sz * E))
+    n_frozen = int(n_froz.sum())
+    n_correct = int(n_corr.sum())
+    return ReplayResult(
+        ratio=float(ratio), steps=steps, epochs=_epochs(steps, steps_per_epoch),
+        frozen_fraction=counts.sum(0) / max(N, 1), layer_frozen_fraction=layer_frac,
+        updates_eliminated=float(frozen_steps_sum.sum() / (max(N, 1) * E)),
+        backward_flops_saved=float((layer_upd * F).sum() / (2 * F.sum())) if F.sum() > 0 else 0.0,
+        ticket_precision=(n_correct / n_frozen if (n_frozen and corr is not None) else float("nan")),
+        n_frozen=n_frozen, n_frozen_correct=n_correct if corr is not None else 0,
+        layer_ticket_precision=(_safe_div(n_corr, n_froz) if corr is not None else np.full(nl, np.nan)),
+    )
+
+
+# ---- fast path: precompute once, answer any ratio ---------------------------------------------------------
+
+class ReplayIndex:
+    """Precomputed LTS replay for one (schedule, warm-up, decay): frozen fractions for any threshold ratio.
+
+    Idea: with g_t = `schedule_gain(t, …)`, the rule freezes at step t iff d_t ≤ fl32(ratio·g_t). For every
+    record the index computes, per weight, the smallest ratio-grid bin j with d_t ≤ fl32((j/B)·g_t) (B =
+    `bins_per_unit`; the same double product and float32 rounding as `ratio_at` + the rule's comparison, so
+    the result is exact, not an approximation of d/g), and its running minimum M_r over records. For the grid
+    ratio J/B a weight is frozen at record r iff M_r ≤ J. The index keeps, per layer and record, the histogram of
+    M_r accumulated over bins: `cum[J, layer, r]` = weights frozen at record r for ratio J/B.
+
+    Ticket precision: a weight's running minimum drops at breakpoint records with values v_1 > v_2 > …; for
+    J ∈ [v_j, v_{j-1}) it freezes at breakpoint j, so correct(J) = c_{j(J)} = Σ_j [v_j ≤ J]·(c_j − c_{j+1})
+    (c_j = level at breakpoint j equals the final level, c_{n+1} = 0). Streaming: at a new breakpoint with
+    correctness c, add c at bin v_new and subtract c at the previous value's bin.
+
+    Memory: O(N) state vectors while building (never [R, N] floats) plus the int32 table
+    `(max_ratio·B + 2) × n_layers × R`. Ratio resolution 1/B (default 1/1024 Δ) over [0, max_ratio]; queries
+    are snapped to the nearest grid ratio (round half up) and are exact for that grid ratio: identical to
+    `replay_freeze_steps(ratio=J/B)`.
+    """
+
+    def __init__(self):  # use ReplayIndex.build
+        self.cum: np.ndarray | None = None
+
+    @classmethod
+    def build(cls, steps, levels=None, dist_codes=None, layer_sizes=None, layer_flops=None,
+              schedule: str = "linear", warmup_steps: int | None = None, total_steps: int | None = None,
+              decay: float = 0.99, device: str | torch.device = "auto", bins_per_unit: int = 1024,
+              max_ratio: float = 2.0, *, steps_per_epoch: int | None = None,
+              layer_names: Sequence[str] | None = None) -> "ReplayIndex":
+        """Build from arrays, or from a stored run passed as the first argument (`ReplayIndex.build(run,
+        schedule="linear", warmup_steps=…, decay=…)`)."""
+        if is_run(steps) or isinstance(steps, RunArrays):
+            if levels is not None or dist_codes is not None:
+                raise ValueError("when building from a run, pass schedule=, warmup_steps=, decay= … as keywords")
+            arr = steps if isinstance(steps, RunArrays) else arrays_from_run(steps)
+            if warmup_steps is None and not isinstance(steps, RunArrays):
+                warmup_steps = _run_warmup(steps)
+            steps, levels, dist_codes = arr.steps, arr.levels, arr.dist_codes
+            layer_sizes = arr.layer_sizes if layer_sizes is None else layer_sizes
+            layer_flops = arr.layer_flops if layer_flops is None else layer_flops
+            layer_names = arr.layer_names if layer_names is None else layer_names
+            total_steps = arr.total_steps if total_steps is None else total_steps
+            steps_per_epoch = arr.steps_per_epoch if steps_per_epoch is None else steps_per_epoch
+        _check_lts_args(schedule, decay, warmup_steps, total_steps)
+        R, N = _check_traj(levels, dist_codes)
+        steps = _check_steps(steps, R)
+        sizes = check_layer_sizes(layer_sizes, N)
+        B = int(bins_per_unit)
+        if B < 1 or not max_ratio > 0:
+            raise ValueError("bins_per_unit must be ≥ 1 and max_ratio > 0")
+        J = int(math.floor(float(max_ratio) * B + 0.5))
+        NB = J + 2            # bins 0 … J, plus J+1 = "not frozen for any ratio ≤ max_ratio"
+        OV = J + 1
+        nl = len(sizes)
+        dev = resolve_device(device)
+        W, T = int(warmup_steps), int(total_steps)
+
+        self = cls()
+        self.schedule, self.warmup_steps, self.total_steps, self.decay = schedule, W, T, float(decay)
+        self.bins_per_unit, self.max_bin, self.max_ratio = B, J, J / B
+        self.steps = steps
+        self.epochs = _epochs(steps, steps_per_epoch)
+        self.steps_per_epoch = steps_per_epoch
+        self.layer_sizes = np.asarray(sizes, dtype=np.int64)
+        self.layer_names = list(layer_names) if layer_names is not None else [f"layer{i}" for i in range(nl)]
+        self.layer_flops = _effective_flops(layer_flops, sizes)
+        self.n_weights = N
+        self.record_weights = _record_weights(steps, T)
+        self.end_step = _end_step(steps, T)
+        self.device = str(dev)
+
+        # The EMA runs on `dev` (torch float32, the rule's ops); the bookkeeping on the host in numpy, so the
+        # index is identical whatever the device.
+        layer_base = np.repeat(np.arange(nl, dtype=np.int64) * NB, sizes)
+        M = np.full(N, OV, dtype=np.int64)                       # running-minimum bin per weight
+        hist = np.zeros(nl * NB, dtype=np.int64)                 # histogram of M over (layer, bin)
+        hist[np.arange(nl) * NB + OV] = sizes
+        tick = np.zeros(nl * NB, dtype=np.int64)                 # telescoped ticket-correct weights
+        final = np.array(levels[R - 1], copy=True)
+        counts = np.empty((R, nl * NB), dtype=np.int32)
+        with torch.no_grad():
+            for r, t, lv_np, _, d in _ema_stream(steps, levels, dist_codes, float(decay), dev):
+                if t >= W:
+                    g = schedule_gain(t, schedule, W, T)
+                    jt = grid_bins(d.cpu().numpy(), g, B, J)
+                    idx = np.flatnonzero(jt < M)
+                    if idx.size:
+                        lb = layer_base[idx]
+                        new = lb + jt[idx]
+                        old = lb + M[idx]
+                        hist += np.bincount(new, minlength=nl * NB)
+                        hist -= np.bincount(old, minlength=nl * NB)
+                        ok = lv_np[idx] == final[idx]
+                        tick += np.bincount(new[ok], minlength=nl * NB)
+                        tick -= np.bincount(old[ok], minlength=nl * NB)
+                        M[idx] = jt[idx]
+                counts[r] = hist
+        cum = np.cumsum(counts.reshape(R, nl, NB), axis=2, dtype=np.int32)
+        self.cum = np.ascontiguousarray(cum.transpose(2, 1, 0))            # int32 [NB, n_layers, R]
+        self.tick_cum = np.cumsum(tick.reshape(nl, NB), axis=1)            # int64 [n_layers, NB]
+        self._total_cum = None
+        return self
+
+    # ---- grid ---------------------------------------------------------------------------------------------
+    @property
+    def ratio_grid(self) -> np.ndarray:
+        """All queryable ratios: j / bins_per_unit for j = 0 … max_bin."""
+        return np.arange(self.max_bin + 1, dtype=np.float64) / self.bins_per_unit
+
+    def ratio_bin(self, ratio: float) -> int:
+        """Grid bin of a ratio (nearest grid point, round half up); ValueError outside [0, max_ratio]."""
+        x = float(ratio) * self.bins_per_unit
+        if not (x > -0.5 and x < self.max_bin + 0.5):
+            raise ValueError(f"ratio {ratio} outside the index's range [0, {self.max_ratio}]")
+        return min(max(int(math.floor(x + 0.5)), 0), self.max_bin)
+
+    def snap(self, ratio: float) -> float:
+        """The grid ratio a query for `ratio` answers."""
+        return self.ratio_bin(ratio) / self.bins_per_unit
+
+    # ---- queries ------------------------------------------------------------------------------------------
+    def query(self, ratio: float) -> ReplayResult:
+        """Replay outcome for threshold ratio `ratio` (snapped to the grid; exact for the snapped ratio)."""
+        j = self.ratio_bin(ratio)
+        counts = self.cum[j]                                     # [n_layers, R]
+        sz = self.layer_sizes.astype(np.float64)
+        n_r = counts.sum(axis=0, dtype=np.int64)
+        frac = n_r / max(self.n_weights, 1)
+        layer_frac = _safe_div(counts, sz[:, None])
+        w = self.record_weights
+        E = float(self.end_step)
+        F = self.layer_flops
+        flops_r = (np.nan_to_num(layer_frac) * F[:, None]).sum(axis=0) / (2 * F.sum()) if F.sum() > 0 \
+            else np.zeros_like(frac)
+        n_frozen_l = counts[:, -1].astype(np.int64)
+        correct_l = self.tick_cum[:, j]
+        n_frozen = int(n_frozen_l.sum())
+        n_correct = int(correct_l.sum())
+        return ReplayResult(
+            ratio=j / self.bins_per_unit, steps=self.steps, epochs=self.epochs,
+            frozen_fraction=frac, layer_frozen_fraction=layer_frac,
+            updates_eliminated=float(frac @ w / E), backward_flops_saved=float(flops_r @ w / E),
+            ticket_precision=(n_correct / n_frozen) if n_frozen else float("nan"),
+            n_frozen=n_frozen, n_frozen_correct=n_correct,
+            layer_ticket_precision=_safe_div(correct_l, n_frozen_l),
+        )
+
+    def _totals(self) -> np.ndarray:
+        if self._total_cum is None:
+            self._total_cum = self.cum.sum(axis=1, dtype=np.int64)      # [NB, R]
+        return self._total_cum
+
+    def heatmap(self, ratios) -> np.ndarray:
+        """Overall frozen fraction, float64 [len(ratios), R] (threshold × record), ratios snapped to the grid."""
+        js = np.array([self.ratio_bin(x) for x in np.atleast_1d(np.asarray(ratios, dtype=np.float64))],
+                      dtype=np.int64)
+        return self._totals()[js] / max(self.n_weights, 1)
+
+    def layer_heatmap(self, ratios, layer: int) -> np.ndarray:
+        """Frozen fraction of one layer, float64 [len(ratios), R]."""
+        js = [self.ratio_bin(x) for x in np.atleast_1d(np.asarray(ratios, dtype=np.float64))]
+        return _safe_div(self.cum[js, layer, :], float(self.layer_sizes[layer]))
+
+    def sweep(self) -> dict[str, np.ndarray]:
+        """Whole-run figures for every grid ratio (arrays of length max_bin+1): ratio, updates_eliminated,
+        backward_flops_saved, ticket_precision, final_frozen_fraction."""
+        J = self.max_bin + 1
+        tot = self._totals()[:J]
+        w = self.record_weights
+        E = float(self.end_step)
+        F = self.layer_flops
+        sz = self.layer_sizes.astype(np.float64)
+        per_w = np.where(sz > 0, F / np.where(sz > 0, sz, 1.0), 0.0) / (2 * F.sum())   # [n_layers]
+        flops = np.einsum("jlr,l,r->j", self.cum[:J].astype(np.float64), per_w, w) / E
+        n_frozen = tot[:, -1]
+        correct = self.tick_cum[:, :J].sum(axis=0)
+        return {"ratio": self.ratio_grid, "updates_eliminated": tot @ w / (max(self.n_weights, 1) * E),
+                "backward_flops_saved": flops, "ticket_precision": _safe_div(correct, n_frozen),
+                "final_frozen_fraction": n_frozen / max(self.n_weights, 1)}
+
+    @property
+    def nbytes(self) -> int:
+        return int(self.cum.nbytes + self.tick_cum.nbytes)
+
+
+# ---- oscillation freezing (Nagel et al. 2022) -------------------------------------------------------------
+
+def osc_ema_update(f: torch.Tensor, x: torch.Tensor, m: float) -> torch.Tensor:
+    """The oscillation rule's EMA (float32): x·m + f·(1−m) — the same ops as `OscillationRule`."""
+    return x * m + f * (1 - m)
+
+
+class OscReplay(NamedTuple):
+    freeze_steps: np.ndarray   # int64 [N], -1 = never
+    frozen_level: np.ndarray   # int64 [N], round(level EMA) at freezing, -1 = never frozen
+    freq: np.ndarray           # float32 [N], oscillation-frequency EMA after the last record
+
+
+def replay_oscillation(steps, levels=None, total_steps: int | None = None, decay: float = 0.01,
+                       start_frac: float = 0.25, thr_start: float = 0.1, thr_end: float = 0.01,
+                       device: str | torch.device = "cpu", watch=None) -> OscReplay:
+    """Replay oscillation freezing (Nagel et al. 2022) on recorded levels, one update per record.
+
+    Per record r ≥ 1: o = 1 when the level changed and the change's direction is opposite to the weight's
+    previous change; f ← o·m + f·(1−m); level EMA ← k·m + ema·(1−m) (initialised to the first level); then,
+    at every record (record 0 included), with thr = `osc_threshold_at(steps[r], total_steps, …)` (0 = no
+    freezing before start_frac·total_steps, then cosine-annealed thr_start → thr_end), an unfrozen weight with
+    f > thr (thr > 0) freezes at steps[r] onto round(level EMA) (half to even, torch.round). The frequency is a
+    per-record frequency: the EMA is not compounded over the steps between records (oscillations between
+    records are invisible), so with a record every step it equals `OscillationRule`, and with coarse records it
+    measures reversals per record. `watch` (bool [N]) restricts freezing to watched weights (e.g. ≤ 4 bits).
+    """
+    if is_run(steps):
+        arr = arrays_from_run(steps, with_dists=False)
+        steps, levels = arr.steps, arr.levels
+        total_steps = arr.total_steps if total_steps is None else total_steps
+    if total_steps is None or int(total_steps) < 1:
+        raise ValueError("total_steps (≥ 1) is required")
+    if not 0.0 < float(decay) < 1.0:
+        raise ValueError(f"oscillation EMA factor must be in (0, 1), got {decay}")
+    R, N = _check_traj(levels)
+    steps = _check_steps(steps, R)
+    dev = resolve_device(device)
+    m = float(decay)
+    T = int(total_steps)
+    watched = None if watch is None else torch.as_tensor(np.asarray(watch, dtype=bool), device=dev)
+    frozen = torch.zeros(N, dtype=torch.bool, device=dev)
+    fs = torch.full((N,), -1, dtype=torch.int64, device=dev)
+    flevel = torch.full((N,), -1, dtype=torch.int64, device=dev)
+    freq = torch.zeros(N, dtype=torch.float32, device=dev)
+    last_dir = np.zeros(N, dtype=np.int8)        # direction of the last level change (integer logic on host)
+    with torch.no_grad():
+        prev = level_ema = None
+        for r in range(R):
+            lv = np.asarray(levels[r]).astype(np.int16)
+            if r == 0:
+                level_ema = torch.from_numpy(lv).to(dev).float()
+            else:
+                direction = np.sign(lv - prev).astype(np.int8)
+                changed = direction != 0
+                osc = changed & (last_dir == -direction)     # a change opposite to the previous change
+                last_dir = np.where(changed, direction, last_dir)
+                freq = osc_ema_update(freq, torch.from_numpy(osc).to(dev).float(), m)
+                level_ema = osc_ema_update(level_ema, torch.from_numpy(lv).to(dev).float(), m)
+            prev = lv
+            t = int(steps[r])
+            thr = osc_threshold_at(t, T, start_frac, thr_start, thr_end)
+            if thr <= 0:
+                continue
+            newly = (freq > thr) & ~frozen
+            if watched is not None:
+                newly &= watched
+            if bool(newly.any()):
+                frozen |= newly
+                fs.masked_fill_(newly, t)
+                flevel = torch.where(newly, torch.round(level_ema).to(torch.int64), flevel)
+    return OscReplay(fs.cpu().numpy(), flevel.cpu().numpy(), freq.cpu().numpy())
+
+
+def oscillation_summary(steps, levels=None, layer_sizes=None, layer_flops=None, total_steps: int | None = None,
+                        decay: float = 0.01, start_frac: float = 0.25, thr_start: float = 0.1,
+                        thr_end: float = 0.01, steps_per_epoch: int | None = None,
+                        device: str | torch.device = "cpu", max_bits: int | None = 4,
+                        layer_bits: Sequence[int] | None = None) -> tuple[ReplayResult, OscReplay]:
+    """Oscillation-freezing replay plus its accounting (frozen fraction per record, updates eliminated,
+    backward FLOPs saved). `ticket_precision` here = share of frozen weights whose frozen level (rounded level
+    EMA) equals the final recorded level. With `max_bits` and per-layer `layer_bits`, only layers of ≤ max_bits
+    bits are watched (default 4, as `OscillationRule`; layers of unknown width (0) are watched); unwatched
+    weights count as never frozen. Returns (accounting, per-weight replay)."""
+    if is_run(steps):
+        arr = arrays_from_run(steps, with_dists=False)
+        steps, levels = arr.steps, arr.levels
+        layer_sizes = arr.layer_sizes if layer_sizes is None else layer_sizes
+        layer_flops = arr.layer_flops if layer_flops is None else layer_flops
+        total_steps = arr.total_steps if total_steps is None else total_steps
+        steps_per_epoch = arr.steps_per_epoch if steps_per_epoch is None else steps_per_epoch
+        layer_bits = (arr.layer_bits or None) if layer_bits is None else layer_bits
+    R, N = _check_traj(levels)
+    sizes = check_layer_sizes(layer_sizes, N)
+    watch = None
+    if max_bits is not None and layer_bits is not None:
+        if len(layer_bits) != len(sizes):
+            raise ValueError(f"{len(layer_bits)} layer bit widths for {len(sizes)} layers")
+        watch = np.repeat([int(b) <= max_bits for b in layer_bits], sizes)
+    rep = replay_oscillation(steps, levels, total_steps, decay, start_frac, thr_start, thr_end, device, watch)
+    correct = (rep.frozen_level >= 0) & (rep.frozen_level == np.asarray(levels[-1]).astype(np.int64))
+    res = freeze_accounting(rep.freeze_steps, steps, sizes, layer_flops, total_steps, steps_per_epoch, correct)
+    return res, rep
+
+
+# ---- comparing two sets of freeze steps ------------------------------------------------------------------
+
+def agreement(pred_freeze_steps, actual_freeze_steps) -> dict[str, float]:
+    """Compare predicted freeze steps (e.g. a replay) with actual ones (-1 = never frozen).
+
+    Returns n_pred, n_actual, n_both; jaccard = |P∩A| / |P∪A| (1.0 when both sets are empty); precision =
+    |P∩A| / |P|, recall = |P∩A| / |A| (nan on empty denominators); mean_abs_step_diff = mean |Δ freeze step|
+    over weights frozen in both (steps; nan if none); exact_match = share of all weights with the identical
+    freeze step (both never frozen counts as a match); exact_match_frozen = share of P∩A frozen at the same step.
+    """
+    p = np.asarray(pred_freeze_steps, dtype=np.int64).ravel()
+    a = np.asarray(actual_freeze_steps, dtype=np.int64).ravel()
+    if p.shape != a.shape:
+        raise ValueError(f"freeze-step arrays differ in length: {p.size} vs {a.size}")
+    P, A = p >= 0, a >= 0
+    both = P & A
+    nb, npred, nact, nun = int(both.sum()), int(P.sum()), int(A.sum()), int((P | A).sum())
+    nan = float("nan")
+    diff = np.abs(p[both] - a[both])
+    return {
+        "n_weights": int(p.size), "n_pred": npred, "n_actual": nact, "n_both": nb,
+        "jaccard": nb / nun if nun else 1.0,
+        "precision": nb / npred if npred else nan,
+        "recall": nb / nact if nact else nan,
+        "mean_abs_step_diff": float(diff.mean()) if nb else nan,
+        "exact_match": float(((p == a) | (~P & ~A)).mean()) if p.size else nan,
+        "exact_match_frozen": float((diff == 0).mean()) if nb else nan,
+    }
