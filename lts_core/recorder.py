@@ -1,0 +1,434 @@
+"""Recorder: streams per-weight trajectories of a QAT run into the run store, from any training loop.
+
+    rec = Recorder.create(runs_dir, model, config={...}, rule=rule, every=steps_per_epoch,
+                          steps_per_epoch=S, total_steps=T)
+    loss.backward(); rule.step(); rec.step(); optimizer.step()
+    rec.log_epoch({...}); rec.finish()
+
+A record (at steps where ``t % every == 0`` or ``t == total_steps - 1``) holds, for every quantized weight,
+its level index and distance code (uint8 each), the rule's state arrays (uint8) and the per-layer quantizer
+bounds. Records go into preallocated buffers of at most ``chunk_bytes`` in all and are flushed to the store as one
+chunk when full, so memory stays bounded whatever the run length. With ``background=True`` (default) there
+are two half-size buffers: a full one is written by one background thread (file writes and fsync release
+the GIL) while the other fills, so disk I/O overlaps training; chunks are still written in order, one at a
+time, and the manifest lists a chunk only once all its files exist. An error of a background write is
+raised by the next `step()` that flushes, by `flush()` or by `finish()`. The only host transfer per record
+is one copy of one flat uint8 tensor (plus the quantizers' scalar bounds).
+"""
+from __future__ import annotations
+
+import math
+import os
+import re
+import secrets
+import time
+import warnings
+from concurrent.futures import Future, ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from .distance import encode_distance
+from .store import METRIC_COLUMNS, RunWriter
+
+_SLUG_RE = re.compile(r"[^A-Za-z0-9]+")
+
+
+def _slug(text: str, max_len: int = 40) -> str:
+    return _SLUG_RE.sub("-", str(text)).strip("-").lower()[:max_len].strip("-")
+
+
+def default_run_id(config: dict | None = None) -> str:
+    """``YYYYmmdd-HHMMSS-<slug>-<hex>``: the slug is config['name'] (or 'run_name'), else model-dataset-rule
+    from the config when present; the random hex keeps ids unique."""
+    config = config or {}
+    name = config.get("name") or config.get("run_name")
+    if name:
+        slug = _slug(name)
+    else:
+        parts = [config.get(k) for k in ("model", "dataset", "rule")]
+        slug = _slug("-".join(str(p) for p in parts if p not in (None, "")))
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    hexpart = secrets.token_hex(3)
+    return f"{stamp}-{slug}-{hexpart}" if slug else f"{stamp}-{hexpart}"
+
+
+def _bounds_pair(b: dict) -> tuple[float, float]:
+    """liq: (lower, upper); lsq: (step, nan); anything else: its first two values (nan-padded)."""
+    b = dict(b or {})
+    if "lower" in b or "upper" in b:
+        return float(b.get("lower", math.nan)), float(b.get("upper", math.nan))
+    if "step" in b:
+        return float(b["step"]), math.nan
+    vals = [float(v) for v in b.values()][:2]
+    vals += [math.nan] * (2 - len(vals))
+    return vals[0], vals[1]
+
+
+def _flat_u8(x) -> torch.Tensor:
+    t = x if isinstance(x, torch.Tensor) else torch.as_tensor(np.asarray(x))
+    return t.detach().reshape(-1).to(torch.uint8)
+
+
+def _rule_layer_names(rule, n_layers: int) -> list[str] | None:
+    """Names of the layers the rule watches, if it says (rule.layer_names, or rule.layers as names)."""
+    for attr in ("layer_names", "layers"):
+        names = getattr(rule, attr, None)
+        if isinstance(names, (list, tuple)) and all(isinstance(n, str) for n in names):
+            return list(names)
+    return None
+
+
+class Recorder:
+    """Writes one run. Create with `Recorder.create(...)`; call `step()` once per optimizer step."""
+
+    def __init__(self, writer: RunWriter, layers: list[tuple[str, Any]], rule, every: int,
+                 steps_per_epoch: int, total_steps: int | None, chunk_bytes: int,
+                 state_names: list[str], rule_map: list[int | None] | None, background: bool = True):
+        self.writer = writer
+        self._layers = layers
+        self.rule = rule
+        self.every = every
+        self.steps_per_epoch = steps_per_epoch
+        self.total_steps = total_steps
+        self.chunk_bytes = chunk_bytes
+        self.state_names = state_names
+        self._rule_map = rule_map  # per recorded layer: index into the rule's lists, or None (measure)
+        self.numels = [int(m.weight.numel()) for _, m in layers]
+        self.n_weights = sum(self.numels)
+        self.n_layers = len(layers)
+        n_u8 = 2 + len(state_names)
+        self.bytes_per_record = 8 + n_u8 * self.n_weights + 8 * self.n_layers
+        self.background = bool(background)
+        n_sets = 2 if self.background else 1
+        chunk_records = max(1, chunk_bytes // (n_sets * self.bytes_per_record))
+        if total_steps is not None:
+            chunk_records = min(chunk_records, max(1, self.expected_records(total_steps)))
+        self.chunk_records = int(chunk_records)
+        self._bufs = [self._alloc()]  # the second set (background mode) is allocated at the first flush
+        self._cur = 0
+        self._n_buf = 0
+        self._pending: tuple[Future, int] | None = None
+        self._executor: ThreadPoolExecutor | None = None
+        self.t = 0
+        self.n_written = 0
+        self.finished = False
+        self._metric_rows: list[dict] = []
+        self._warned_t = False
+        self._zeros: dict[int, torch.Tensor] = {}
+
+    def _alloc(self) -> dict[str, np.ndarray]:
+        c = self.chunk_records
+        # np.empty: pages are only touched as records arrive.
+        buf = {"step": np.empty(c, np.int64), "level": np.empty((c, self.n_weights), np.uint8),
+               "dist": np.empty((c, self.n_weights), np.uint8)}
+        for name in self.state_names:
+            buf[name] = np.empty((c, self.n_weights), np.uint8)
+        buf["bounds"] = np.empty((c, self.n_layers, 2), np.float32)
+        return buf
+
+    @property
+    def _buf(self) -> dict[str, np.ndarray]:
+        return self._bufs[self._cur]
+
+    # ---- construction ---------------------------------------------------------------------------------
+    @classmethod
+    def create(cls, runs_dir: str | os.PathLike, model, config: dict, rule=None, *, every: int,
+               steps_per_epoch: int, total_steps: int | None = None, run_id: str | None = None,
+               chunk_bytes: int = 32 << 20, extra_manifest: dict | None = None,
+               layers: list[tuple[str, Any]] | None = None, background: bool = True) -> "Recorder":
+        """Create the run folder and its manifest. `layers` overrides `quantized_layers(model)`;
+        `background=False` writes chunks synchronously from `step()`."""
+        if not isinstance(every, int) or every < 1:
+            raise ValueError(f"record every must be an integer ≥ 1, got {every!r}")
+        if not isinstance(steps_per_epoch, int) or steps_per_epoch < 1:
+            raise ValueError(f"steps_per_epoch must be an integer ≥ 1, got {steps_per_epoch!r}")
+        if total_steps is not None and (not isinstance(total_steps, int) or total_steps < 1):
+            raise ValueError(f"total_steps must be an integer ≥ 1 or None, got {total_steps!r}")
+        if chunk_bytes < 1:
+            raise ValueError(f"chunk_bytes must be ≥ 1, got {chunk_bytes}")
+        if layers is None:
+            from .layers import quantized_layers
+            layers = quantized_layers(model)
+        layers = list(layers)
+        if not layers:
+            raise ValueError("no quantized layer to record: call quantize_model() first")
+        config = dict(config or {})
+
+        layer_meta, offset = [], 0
+        for name, m in layers:
+            q = m.weight_quantizer
+            numel = int(m.weight.numel())
+            layer_meta.append({
+                "name": name, "shape": [int(s) for s in m.weight.shape], "numel": numel, "offset": offset,
+                "n_levels": int(getattr(q, "n_levels", getattr(m, "n_levels", 0))),
+                "bits": int(getattr(q, "bits", getattr(m, "bits", 0))),
+                "flops": int(getattr(m, "flops", 0) or 0),
+                "kind": str(getattr(q, "kind", getattr(m, "kind", ""))),
+            })
+            offset += numel
+        too_many = [lm["name"] for lm in layer_meta if lm["n_levels"] > 256]
+        if too_many:
+            raise ValueError(f"layers {too_many} have more than 256 levels; levels are stored as uint8")
+
+        state_names: list[str] = []
+        rule_map = None
+        rule_info: dict[str, Any] = {"name": "none"}
+        if rule is not None:
+            state_names = list(rule.record_state().keys())
+            names = [n for n, _ in layers]
+            rnames = _rule_layer_names(rule, len(layers))
+            if rnames is None:
+                if len(rule.last_level) != len(layers):
+                    raise ValueError(f"the rule watches {len(rule.last_level)} layers but {len(layers)} are "
+                                     "recorded, and it does not name them (rule.layer_names)")
+                rnames = names
+            unknown = [n for n in rnames if n not in names]
+            if unknown:
+                raise ValueError(f"the rule watches layers {unknown} that are not among the recorded "
+                                 f"quantized layers {names}")
+            rule_map = [rnames.index(n) if n in rnames else None for n in names]
+            settings = rule.settings() if hasattr(rule, "settings") else {}
+            rule_info = {"name": str(getattr(rule, "name", type(rule).__name__)), "settings": settings,
+                         "layers": rnames}
+
+        device = str(layers[0][1].weight.device)
+        fields = {
+            "config": config, "device": device, "torch_version": torch.__version__,
+            "seed": config.get("seed"), "layers": layer_meta, "steps_per_epoch": steps_per_epoch,
+            "total_steps": total_steps, "record_every": every, "rule": rule_info,
+            "state_arrays": state_names, "chunk_bytes": int(chunk_bytes),
+        }
+        fields.update(extra_manifest or {})
+        writer = RunWriter.create(runs_dir, run_id or default_run_id(config), fields)
+        return cls(writer, layers, rule, every, steps_per_epoch, total_steps, chunk_bytes, state_names, rule_map,
+                   background)
+
+    # ---- properties -----------------------------------------------------------------------------------
+    @property
+    def path(self) -> Path:
+        return self.writer.path
+
+    @property
+    def run_id(self) -> str:
+        return self.writer.manifest["run_id"]
+
+    @property
+    def n_records(self) -> int:
+        """Records taken so far (written, being written, buffered)."""
+        return self.n_written + (self._pending[1] if self._pending else 0) + self._n_buf
+
+    @property
+    def buffer_nbytes(self) -> int:
+        """Bytes held by the record buffers (≤ max(chunk_bytes, bytes_per_record · number of sets))."""
+        return sum(a.nbytes for buf in self._bufs for a in buf.values())
+
+    def expected_records(self, total_steps: int | None = None) -> int:
+        """Number of records a run of `total_steps` steps takes."""
+        t = self.total_steps if total_steps is None else total_steps
+        if t is None:
+            raise ValueError("total_steps unknown")
+        n = (t - 1) // self.every + 1
+        return n + (0 if (t - 1) % self.every == 0 else 1)
+
+    def should_record(self, t: int) -> bool:
+        return t % self.every == 0 or (self.total_steps is not None and t == self.total_steps - 1)
+
+    # ---- recording ------------------------------------------------------------------------------------
+    def step(self) -> bool:
+        """Call once per optimizer step (after rule.step(), before optimizer.step()). Returns whether the
+        step was recorded."""
+        if self.finished:
+            raise RuntimeError(f"run {self.run_id} is finished; create a new Recorder to record more")
+        t = self.t
+        recorded = self.should_record(t)
+        if recorded:
+            self._record(t)
+        self.t = t + 1
+        return recorded
+
+    def _zeros_like_layer(self, i: int, device) -> torch.Tensor:
+        z = self._zeros.get(i)
+        if z is None or z.device != device:
+            z = torch.zeros(self.numels[i], dtype=torch.uint8, device=device)
+            self._zeros[i] = z
+        return z
+
+    @torch.no_grad()
+    def _record(self, t: int) -> None:
+        rule = self.rule
+        if rule is not None and not self._warned_t:
+            rt = getattr(rule, "t", None)
+            if isinstance(rt, int) and rt != t + 1:
+                warnings.warn(f"recorder step {t} but rule.t = {rt}: call rule.step() once, right before "
+                              "rec.step(), every optimizer step", RuntimeWarning, stacklevel=3)
+                self._warned_t = True
+        levels, codes = [], []
+        states: dict[str, list] = {name: [] for name in self.state_names}
+        rstate = rule.record_state() if rule is not None else {}
+        if list(rstate.keys()) != self.state_names:
+            raise RuntimeError(f"rule.record_state() keys changed: {list(rstate)} != {self.state_names}")
+        flat_state = {}
+        for name, val in rstate.items():
+            if isinstance(val, (list, tuple)):
+                flat_state[name] = [_flat_u8(v) for v in val]
+            else:  # one flat tensor over the rule's watched weights: split per rule layer
+                flat = _flat_u8(val)
+                sizes = [s for _, s in sorted((j, self.numels[i]) for i, j in enumerate(self._rule_map)
+                                              if j is not None)]  # in the rule's layer order
+                if flat.numel() != sum(sizes):
+                    raise RuntimeError(f"rule state {name!r} has {flat.numel()} values, expected {sum(sizes)}")
+                flat_state[name] = list(torch.split(flat, sizes))
+        for i, (lname, m) in enumerate(self._layers):
+            j = self._rule_map[i] if self._rule_map is not None else None
+            if j is not None:
+                lev, code = rule.last_level[j], rule.last_dist_code[j]
+                if lev is None or code is None:
+                    raise RuntimeError("the rule has no measurement for this step: call rule.step() "
+                                       "before rec.step()")
+            else:
+                lev, dist = m.weight_quantizer.measure(m.weight)
+                code = encode_distance(dist)
+            lev_u8, code_u8 = _flat_u8(lev), _flat_u8(code)
+            if lev_u8.numel() != self.numels[i] or code_u8.numel() != self.numels[i]:
+                raise RuntimeError(f"layer {lname!r}: measured {lev_u8.numel()} values, expected {self.numels[i]}")
+            levels.append(lev_u8)
+            codes.append(code_u8)
+            for name in self.state_names:
+                if j is None:
+                    states[name].append(self._zeros_like_layer(i, lev_u8.device))
+                else:
+                    s = flat_state[name][j]
+                    if s.numel() != self.numels[i]:
+                        raise RuntimeError(f"rule state {name!r} of layer {lname!r} has {s.numel()} values, "
+                                           f"expected {self.numels[i]}")
+                    states[name].append(s.to(lev_u8.device))
+        parts = levels + codes + [x for name in self.state_names for x in states[name]]
+        host = torch.cat(parts).cpu().numpy()  # the one device→host copy of this record
+        row, n = self._n_buf, self.n_weights
+        buf = self._buf
+        buf["step"][row] = t
+        buf["level"][row] = host[:n]
+        buf["dist"][row] = host[n:2 * n]
+        for k, name in enumerate(self.state_names):
+            buf[name][row] = host[(2 + k) * n:(3 + k) * n]
+        for i, (_, m) in enumerate(self._layers):
+            buf["bounds"][row, i] = _bounds_pair(m.weight_quantizer.bounds())
+        self._n_buf = row + 1
+        if self._n_buf == self.chunk_records:
+            self._start_flush()
+
+    def _wait_pending(self) -> None:
+        if self._pending is None:
+            return
+        fut, n = self._pending
+        self._pending = None
+        fut.result()  # re-raises the background write's error here
+        self.n_written += n
+
+    def _start_flush(self, wait: bool = False) -> None:
+        """Hand the current buffer to the writer: in the background (switching to the other buffer set)
+        or, with `wait` or background=False, synchronously."""
+        self._wait_pending()  # at most one chunk in flight; it used the other buffer set
+        n = self._n_buf
+        if n == 0:
+            return
+        arrays = {name: arr[:n] for name, arr in self._buf.items()}
+        if wait or not self.background:
+            self.writer.append_chunk(arrays)
+            self.n_written += n
+        else:
+            if self._executor is None:
+                self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="lts-recorder")
+            self._pending = (self._executor.submit(self.writer.append_chunk, arrays), n)
+            if len(self._bufs) == 1:
+                self._bufs.append(self._alloc())
+            self._cur = 1 - self._cur
+        self._n_buf = 0
+
+    def flush(self) -> None:
+        """Write the buffered records (if any) as one chunk and wait until every chunk is on disk."""
+        self._start_flush(wait=True)
+
+    # ---- metrics / closing ----------------------------------------------------------------------------
+    def log_epoch(self, metrics: dict) -> None:
+        """Append one epoch's metrics and rewrite metrics.parquet atomically."""
+        import pandas as pd
+        row = {}
+        for k, v in dict(metrics).items():
+            if isinstance(v, torch.Tensor):
+                v = v.item()
+            elif isinstance(v, np.generic):
+                v = v.item()
+            row[str(k)] = v
+        self._metric_rows.append(row)
+        extra = [k for r in self._metric_rows for k in r if k not in METRIC_COLUMNS]
+        columns = list(METRIC_COLUMNS) + list(dict.fromkeys(extra))
+        df = pd.DataFrame(self._metric_rows, columns=columns)
+        for c in METRIC_COLUMNS:
+            df[c] = pd.to_numeric(df[c], errors="coerce").astype("float64")
+        self.writer.write_metrics(df)
+
+    def finish(self, status: str = "complete", reason: str | None = None) -> None:
+        """Flush, write summaries (freeze_step when a rule exists) and set the final status. Idempotent."""
+        if self.finished:
+            return
+        if status not in ("complete", "interrupted", "failed"):
+            raise ValueError(f"final status must be complete, interrupted or failed, got {status!r}")
+        self.finished = True
+        errors = []
+        for action in (self.flush, self._write_summaries):
+            try:
+                action()
+            except Exception as e:  # still close the run; report the first error afterwards
+                errors.append(e)
+        if errors and status == "complete":
+            status, reason = "failed", f"while finishing: {type(errors[0]).__name__}: {errors[0]}"
+        if self._executor is not None:
+            self._executor.shutdown(wait=True)
+            self._executor = None
+        self.writer.update_manifest(n_records=self.n_written, steps_taken=self.t, status=status, reason=reason)
+        if errors:
+            raise errors[0]
+
+    def _write_summaries(self) -> None:
+        rule = self.rule
+        if rule is None or getattr(rule, "freeze_step", None) is None:
+            return
+        parts = []
+        for i in range(self.n_layers):
+            j = self._rule_map[i] if self._rule_map is not None else None
+            if j is None:
+                parts.append(np.full(self.numels[i], -1, dtype=np.int64))
+            else:
+                parts.append(torch.as_tensor(rule.freeze_step[j]).detach().reshape(-1).cpu()
+                             .to(torch.int64).numpy())
+        self.writer.write_summary("freeze_step", np.concatenate(parts))
+
+    def __enter__(self) -> "Recorder":
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> bool:
+        if exc_type is None:
+            self.finish("complete")
+        elif issubclass(exc_type, KeyboardInterrupt):
+            self._finish_quietly("interrupted", "interrupted by user (Ctrl-C)")
+        else:
+            msg = str(exc)
+            self._finish_quietly("failed", f"{exc_type.__name__}: {msg}" if msg else exc_type.__name__)
+        return False
+
+    def _finish_quietly(self, status: str, reason: str) -> None:
+        try:
+            self.finish(status, reason)
+        except Exception as e:  # never mask the original exception
+            warnings.warn(f"could not close run {self.run_id} cleanly: {e}", RuntimeWarning)
+
+    def __repr__(self) -> str:
+        return (f"Recorder({self.run_id!r}, t={self.t}, records={self.n_records}, "
+                f"chunk_records={self.chunk_records})")
+
+
+__all__ = ["Recorder", "default_run_id"]
