@@ -89,8 +89,9 @@ def _check_lts_args(schedule: str, decay: float, warmup_steps, total_steps) -> N
 def _run_warmup(run) -> int | None:
     manifest = getattr(run, "manifest", {}) or {}
     rule = manifest.get("rule") or {}
-    if isinstance(rule, dict) and rule.get("warmup_steps") is not None:
-        return int(rule["warmup_steps"])
+    settings = (rule.get("settings") or rule) if isinstance(rule, dict) else {}
+    if settings.get("warmup_steps") is not None:
+        return int(settings["warmup_steps"])
     return None
 
 
