@@ -6,12 +6,15 @@ from .distance import decode_distance, encode_distance
 from .layers import QConv1d, QConv2d, QLinear, measure_flops, quantize_model, quantized_layers
 from .quantizers import LearnedIntervalQuantizer, LSQQuantizer, make_weight_quantizer
 from .rules import RULES, FreezingRule, LTSRule, OscillationRule
+from .recorder import Recorder
 from .schedules import SCHEDULES, ratio_at
+from .store import RunError, list_runs, open_run
 
 __version__ = "0.1.0"
 
 __all__ = [
     "decode_distance", "encode_distance", "QConv1d", "QConv2d", "QLinear", "measure_flops", "quantize_model",
     "quantized_layers", "LearnedIntervalQuantizer", "LSQQuantizer", "make_weight_quantizer", "RULES",
-    "FreezingRule", "LTSRule", "OscillationRule", "SCHEDULES", "ratio_at",
+    "FreezingRule", "LTSRule", "OscillationRule", "SCHEDULES", "ratio_at", "Recorder", "RunError", "list_runs",
+    "open_run",
 ]

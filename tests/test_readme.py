@@ -1,0 +1,28 @@
+"""The README's library example runs as written, and its commands are the ones CI uses."""
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+README = (ROOT / "README.md").read_text()
+
+
+def test_library_example_runs_and_is_at_most_15_lines(tmp_path):
+    section = README.split("## Use it in your own training loop", 1)[1]
+    code = re.search(r"```python\n(.*?)```", section, re.S).group(1)
+    lines = [line for line in code.splitlines() if line.strip()]
+    assert len(lines) <= 15
+    r = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    assert re.search(r"updates eliminated \d+%, backward FLOPs saved \d+%", r.stdout)
+    from lts_core import list_runs
+    (entry,) = list_runs(tmp_path / "data" / "runs")
+    assert entry.ok and entry.status == "complete" and entry.run.n_records == 11  # steps 0, 20, …, 180, 199
+
+
+def test_ci_runs_the_readme_commands():
+    ci = (ROOT / ".ci" / "run").read_text()
+    assert "pip install -q torch==2.13.0" in ci and 'pip install -q -e ".[dev]"' in ci and "pytest" in ci
+    assert 'pip install torch==2.13.0 && pip install -e ".[dev]" && python -m pytest' in README
+    assert "streamlit run app/scratchoff_app.py" in README
