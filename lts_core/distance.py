@@ -28,8 +28,9 @@ def ema_update(d: torch.Tensor, r: torch.Tensor, changed: torch.Tensor, decay: f
 
     The same operations in the same order are used by the rule and by the replay, so both agree bit for bit.
     """
-    out = r * (1.0 - decay) + d * decay
-    return torch.where(changed, torch.full_like(out, RESET_DISTANCE), out)
+    out = r * (1.0 - decay)
+    out += d * decay
+    return out.masked_fill_(changed, RESET_DISTANCE)
 
 
 def ema_update_compounded(d: torch.Tensor, r: torch.Tensor, changed: torch.Tensor, decay: float,

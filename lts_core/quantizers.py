@@ -41,8 +41,8 @@ class WeightQuantizer(nn.Module):
     def measure(self, w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(level index int64 in [0, L-1], distance to that level in Δ units, float32)."""
         pos = self.position(w.detach()).float()
-        level = torch.clamp(torch.round(pos), 0, self.n_levels - 1)
-        return level.to(torch.int64), (pos - level).abs()
+        level = torch.round(pos).clamp_(0, self.n_levels - 1)
+        return level.to(torch.int64), pos.sub_(level).abs_()
 
     def level_value(self, level: torch.Tensor) -> torch.Tensor:  # pragma: no cover - abstract
         raise NotImplementedError

@@ -117,7 +117,6 @@ class Recorder:
         self.finished = False
         self._metric_rows: list[dict] = []
         self._warned_t = False
-        self._zeros: dict[int, torch.Tensor] = {}
 
     def _alloc(self) -> dict[str, np.ndarray]:
         c = self.chunk_records
@@ -249,13 +248,6 @@ class Recorder:
         self.t = t + 1
         return recorded
 
-    def _zeros_like_layer(self, i: int, device) -> torch.Tensor:
-        z = self._zeros.get(i)
-        if z is None or z.device != device:
-            z = torch.zeros(self.numels[i], dtype=torch.uint8, device=device)
-            self._zeros[i] = z
-        return z
-
     @torch.no_grad()
     def _record(self, t: int) -> None:
         rule = self.rule
@@ -265,15 +257,13 @@ class Recorder:
                 warnings.warn(f"recorder step {t} but rule.t = {rt}: call rule.step() once, right before "
                               "rec.step(), every optimizer step", RuntimeWarning, stacklevel=3)
                 self._warned_t = True
-        levels, codes = [], []
-        states: dict[str, list] = {name: [] for name in self.state_names}
         rstate = rule.record_state() if rule is not None else {}
         if list(rstate.keys()) != self.state_names:
             raise RuntimeError(f"rule.record_state() keys changed: {list(rstate)} != {self.state_names}")
         flat_state = {}
         for name, val in rstate.items():
             if isinstance(val, (list, tuple)):
-                flat_state[name] = [_flat_u8(v) for v in val]
+                flat_state[name] = [v if isinstance(v, torch.Tensor) else _flat_u8(v) for v in val]
             else:  # one flat tensor over the rule's watched weights: split per rule layer
                 flat = _flat_u8(val)
                 sizes = [s for _, s in sorted((j, self.numels[i]) for i, j in enumerate(self._rule_map)
@@ -281,7 +271,15 @@ class Recorder:
                 if flat.numel() != sum(sizes):
                     raise RuntimeError(f"rule state {name!r} has {flat.numel()} values, expected {sum(sizes)}")
                 flat_state[name] = list(torch.split(flat, sizes))
+        # Write straight into this record's row of the buffer: one (device→host, →uint8) copy per array.
+        row, buf = self._n_buf, self._buf
+        names = ("level", "dist", *self.state_names)
+        dst = {name: torch.from_numpy(buf[name][row]) for name in names}
+        off = 0
         for i, (lname, m) in enumerate(self._layers):
+            n_i = self.numels[i]
+            sl = slice(off, off + n_i)
+            off += n_i
             j = self._rule_map[i] if self._rule_map is not None else None
             if j is not None:
                 lev, code = rule.last_level[j], rule.last_dist_code[j]
@@ -291,29 +289,20 @@ class Recorder:
             else:
                 lev, dist = m.weight_quantizer.measure(m.weight)
                 code = encode_distance(dist)
-            lev_u8, code_u8 = _flat_u8(lev), _flat_u8(code)
-            if lev_u8.numel() != self.numels[i] or code_u8.numel() != self.numels[i]:
-                raise RuntimeError(f"layer {lname!r}: measured {lev_u8.numel()} values, expected {self.numels[i]}")
-            levels.append(lev_u8)
-            codes.append(code_u8)
+            if lev.numel() != n_i or code.numel() != n_i:
+                raise RuntimeError(f"layer {lname!r}: measured {lev.numel()} values, expected {n_i}")
+            dst["level"][sl].copy_(lev.reshape(-1))
+            dst["dist"][sl].copy_(code.reshape(-1))
             for name in self.state_names:
                 if j is None:
-                    states[name].append(self._zeros_like_layer(i, lev_u8.device))
-                else:
-                    s = flat_state[name][j]
-                    if s.numel() != self.numels[i]:
-                        raise RuntimeError(f"rule state {name!r} of layer {lname!r} has {s.numel()} values, "
-                                           f"expected {self.numels[i]}")
-                    states[name].append(s.to(lev_u8.device))
-        parts = levels + codes + [x for name in self.state_names for x in states[name]]
-        host = torch.cat(parts).cpu().numpy()  # the one device→host copy of this record
-        row, n = self._n_buf, self.n_weights
-        buf = self._buf
+                    dst[name][sl].zero_()
+                    continue
+                st = flat_state[name][j]
+                if st.numel() != n_i:
+                    raise RuntimeError(f"rule state {name!r} of layer {lname!r} has {st.numel()} values, "
+                                       f"expected {n_i}")
+                dst[name][sl].copy_(st.reshape(-1))
         buf["step"][row] = t
-        buf["level"][row] = host[:n]
-        buf["dist"][row] = host[n:2 * n]
-        for k, name in enumerate(self.state_names):
-            buf[name][row] = host[(2 + k) * n:(3 + k) * n]
         for i, (_, m) in enumerate(self._layers):
             buf["bounds"][row, i] = _bounds_pair(m.weight_quantizer.bounds())
         self._n_buf = row + 1

@@ -46,12 +46,10 @@ class FreezingRule:
         self.frozen_values = [torch.zeros_like(m.weight) for m in self.modules]
         self.last_level: list[torch.Tensor | None] = [None] * len(self.modules)
         self.last_dist_code: list[torch.Tensor | None] = [None] * len(self.modules)
-        dev = self.modules[0].weight.device
-        self.n_frozen = torch.zeros(len(self.modules), dtype=torch.float64, device=dev)
-        self._frozen_sum = torch.zeros((), dtype=torch.float64, device=dev)   # Σ_t overall frozen fraction
-        self._flops_sum = torch.zeros((), dtype=torch.float64, device=dev)    # Σ_t backward-FLOPs saved
-        self._numel_t = torch.tensor(self.numels, dtype=torch.float64, device=dev)
-        self._flops_t = torch.tensor(self.layer_flops, dtype=torch.float64, device=dev)
+        self._n_frozen = [0] * len(self.modules)   # frozen weights per layer (Python ints: no device sync)
+        self._n_total = sum(self.numels)
+        self._frozen_sum = 0.0   # Σ over steps of the overall frozen fraction
+        self._flops_sum = 0.0    # Σ over steps of the backward-FLOPs fraction saved
         self._hook = None
         self.resyncs = 0
         if optimizer is not None:
@@ -70,13 +68,13 @@ class FreezingRule:
     @torch.no_grad()
     def restore(self) -> None:
         """Write the frozen weights back to the values they had when they froze."""
-        for m, fz, val in zip(self.modules, self.frozen, self.frozen_values):
-            if self._any_frozen:
+        for m, fz, val, n in zip(self.modules, self.frozen, self.frozen_values, self._n_frozen):
+            if n:
                 m.weight.copy_(torch.where(fz, val, m.weight))
 
     @property
     def _any_frozen(self) -> bool:
-        return bool(getattr(self, "_has_frozen", False))
+        return any(self._n_frozen)
 
     # ---- the per-step update ------------------------------------------------------------------------
     def _observe(self, i: int, level: torch.Tensor, r: torch.Tensor, w: torch.Tensor):
@@ -94,38 +92,39 @@ class FreezingRule:
             newly, value = self._observe(i, level, decode_distance(code), w)
             if newly is not None:
                 newly &= ~self.frozen[i]
-                n_new = newly.sum()
-                self.frozen[i] |= newly
-                self.freeze_step[i].masked_fill_(newly, self.t)
-                self.frozen_values[i] = torch.where(newly, w if value is None else value, self.frozen_values[i])
-                self.n_frozen[i] += n_new
-                if value is not None:  # oscillation freezing moves the weight onto its level
-                    w.copy_(torch.where(newly, value, w))
-            if self._any_frozen or newly is not None:
-                if w.grad is not None:
-                    w.grad.masked_fill_(self.frozen[i], 0.0)
-        self._has_frozen = self._any_frozen or bool(self.n_frozen.sum() > 0)
-        frac = self.n_frozen / self._numel_t
-        self._frozen_sum += self.n_frozen.sum() / self._numel_t.sum()
-        self._flops_sum += (frac * self._flops_t).sum() / (2 * self.total_model_flops)
+                n_new = int(newly.sum())
+                if n_new:
+                    self.frozen[i] |= newly
+                    self.freeze_step[i].masked_fill_(newly, self.t)
+                    new_val = w if value is None else value
+                    self.frozen_values[i] = torch.where(newly, new_val, self.frozen_values[i])
+                    self._n_frozen[i] += n_new
+                    if value is not None:  # oscillation freezing moves the weight onto its level
+                        w.copy_(torch.where(newly, value, w))
+            if self._n_frozen[i] and w.grad is not None:
+                w.grad.masked_fill_(self.frozen[i], 0.0)
+        total = sum(self._n_frozen)
+        self._frozen_sum += total / self._n_total
+        self._flops_sum += sum(n / k * f for n, k, f in zip(self._n_frozen, self.numels, self.layer_flops)) \
+            / (2 * self.total_model_flops)
         self.t += 1
 
     # ---- accounting ---------------------------------------------------------------------------------
     def frozen_fraction(self) -> float:
         """Frozen share of all watched weights now."""
-        return float(self.n_frozen.sum() / self._numel_t.sum())
+        return sum(self._n_frozen) / self._n_total
 
     def layer_frozen_fractions(self) -> dict[str, float]:
-        return {n: float(f) for n, f in zip(self.layer_names, (self.n_frozen / self._numel_t).tolist())}
+        return {n: k / t for n, k, t in zip(self.layer_names, self._n_frozen, self.numels)}
 
     def updates_eliminated(self) -> float:
         """Whole-run figure: mean over the steps taken so far of the overall frozen fraction."""
-        return float(self._frozen_sum / max(self.t, 1))
+        return self._frozen_sum / max(self.t, 1)
 
     def backward_flops_saved(self) -> float:
         """Mean over steps of Σ_l frac_l·F_l / (2·Σ_l F_l), F = forward FLOPs of each watched layer: only the
         weight-gradient half of a frozen weight's backward cost is saved."""
-        return float(self._flops_sum / max(self.t, 1))
+        return self._flops_sum / max(self.t, 1)
 
     def freeze_steps_flat(self) -> torch.Tensor:
         return torch.cat([f.flatten() for f in self.freeze_step]).cpu()
@@ -145,19 +144,17 @@ class FreezingRule:
         return {"frozen": self.frozen, "freeze_step": self.freeze_step, "frozen_values": self.frozen_values}
 
     def state_dict(self) -> dict:
-        return {"t": self.t, "n_frozen": self.n_frozen.clone(), "frozen_sum": self._frozen_sum.clone(),
-                "flops_sum": self._flops_sum.clone(),
+        return {"t": self.t, "n_frozen": list(self._n_frozen), "frozen_sum": self._frozen_sum,
+                "flops_sum": self._flops_sum,
                 **{k: [x.clone() for x in v] for k, v in self._state_tensors().items()}}
 
     def load_state_dict(self, sd: dict) -> None:
         self.t = int(sd["t"])
-        self.n_frozen.copy_(sd["n_frozen"])
-        self._frozen_sum.copy_(sd["frozen_sum"])
-        self._flops_sum.copy_(sd["flops_sum"])
+        self._n_frozen = [int(n) for n in sd["n_frozen"]]
+        self._frozen_sum, self._flops_sum = float(sd["frozen_sum"]), float(sd["flops_sum"])
         for k, tensors in self._state_tensors().items():
             for dst, src in zip(tensors, sd[k]):
                 dst.copy_(src)
-        self._has_frozen = bool(self.n_frozen.sum() > 0)
 
     @torch.no_grad()
     def sync(self, src: int = 0) -> bool:
@@ -183,5 +180,5 @@ class FreezingRule:
                     x.copy_(y.bool())
                 else:
                     dist.broadcast(x, src)
-        dist.broadcast(self.n_frozen, src)
+        self._n_frozen = [int(f.sum()) for f in self.frozen]
         return True
