@@ -106,3 +106,23 @@ def test_ddp_two_cpu_ranks_identical_frozen_masks(tmp_path):
     assert r.returncode == 0, r.stderr[-2000:]
     m0, m1 = np.load(f"{prefix}.rank0.npy"), np.load(f"{prefix}.rank1.npy")
     assert 0.0 < m0.mean() and np.array_equal(m0, m1)
+
+
+def test_cli_sweep_trains_a_grid_of_real_runs(tmp_path):
+    base = tmp_path / "base.json"
+    base.write_text(json.dumps({"epochs": 3, "fp_epochs": 1, "warmup_epochs": 1, "device": "cpu", "width": 32}))
+    out = tmp_path / "sweep"
+    r = cli("sweep", "--config", str(base), "--thresholds", "0.1,0.3", "--schedules", "fixed", "--out", str(out),
+            "--jobs", "2", env={"SCRATCHOFF_DATA": str(tmp_path / "data")})
+    assert r.returncode == 0, r.stderr[-2000:]
+    from lts_core.store import list_runs
+    entries = {e.run_id: e for e in list_runs(out)}
+    assert set(entries) == {"mlp-digits-2b-lts-fixed-r0.1-s0", "mlp-digits-2b-lts-fixed-r0.3-s0",
+                            "mlp-digits-2b-baseline-s0"}
+    assert all(e.ok and e.status == "complete" for e in entries.values())
+    fp = {e.run.manifest["fp_test_acc"] for e in entries.values()}
+    assert len(fp) == 1  # one shared full-precision checkpoint
+    ue = {k: e.run.metrics["updates_eliminated"].iloc[-1] for k, e in entries.items()}
+    assert ue["mlp-digits-2b-lts-fixed-r0.3-s0"] >= ue["mlp-digits-2b-lts-fixed-r0.1-s0"] > 0
+    r = cli("sweep", "--thresholds", "-1", "--out", str(tmp_path / "bad"))
+    assert r.returncode == 2 and "threshold" in r.stderr
