@@ -7,6 +7,7 @@ from __future__ import annotations
 import itertools
 import json
 import os
+import signal
 import subprocess
 import sys
 import tempfile
@@ -18,15 +19,10 @@ import numpy as np
 import typer
 
 from .config import ConfigError, TrainConfig, load_config_file, make_config
+from .store import runs_dir
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="scratchoff: quantization-aware training with the Lottery Ticket Scratcher.")
-
-def runs_dir() -> Path:
-    """Where runs go: $SCRATCHOFF_RUNS, else <data>/runs."""
-    from .datasets import data_dir
-    return Path(os.environ.get("SCRATCHOFF_RUNS") or data_dir() / "runs")
-
 
 def fail(msg: str, code: int = 2) -> None:
     typer.echo(f"error: {msg}", err=True)
@@ -125,10 +121,10 @@ def sweep(
     try:
         base = load_config_file(config) if config else {}
         ths = _parse_list(thresholds, float)
-        grid = [make_config(**{**base, "rule": "lts", "threshold": r, "schedule": s, "seed": sd})
-                for s, r, sd in itertools.product(_parse_list(schedules, str), ths, _parse_list(seeds, int))]
-        if baseline:
-            grid += [make_config(**{**base, "rule": "none", "seed": sd}) for sd in _parse_list(seeds, int)]
+        grid = [make_config(**{**base, "rule": "none", "seed": sd}) for sd in _parse_list(seeds, int)] \
+            if baseline else []  # baselines first: the replay's predictions can show while LTS runs train
+        grid += [make_config(**{**base, "rule": "lts", "threshold": r, "schedule": s, "seed": sd})
+                 for s, r, sd in itertools.product(_parse_list(schedules, str), ths, _parse_list(seeds, int))]
     except (ConfigError, ValueError) as e:
         fail(str(e))
     if not grid:
@@ -161,17 +157,31 @@ def sweep(
                 failures += rc != 0
                 typer.echo(f"{'done' if rc == 0 else f'FAILED ({rc})'}: {rd.name}")
 
-    for cfg, run_dir in jobs_todo:
-        while len(running) >= jobs:
-            reap(block=False)
-            time.sleep(0.2)
-        fd, cfg_path = tempfile.mkstemp(suffix=".json")
-        with os.fdopen(fd, "w") as f:
-            json.dump(cfg.model_dump(), f)
-        cmd = [sys.executable, "-m", "lts_core", "train", "--config", cfg_path, "--out", str(run_dir), "--quiet"]
-        running.append((subprocess.Popen(cmd), run_dir, Path(cfg_path)))
-        typer.echo(f"started: {run_dir.name}")
-    reap(block=True)
+    try:
+        for cfg, run_dir in jobs_todo:
+            while len(running) >= jobs:
+                reap(block=False)
+                time.sleep(0.2)
+            fd, cfg_path = tempfile.mkstemp(suffix=".json")
+            with os.fdopen(fd, "w") as f:
+                json.dump(cfg.model_dump(), f)
+            cmd = [sys.executable, "-m", "lts_core", "train", "--config", cfg_path, "--out", str(run_dir),
+                   "--quiet"]
+            running.append((subprocess.Popen(cmd), run_dir, Path(cfg_path)))
+            typer.echo(f"started: {run_dir.name}")
+        reap(block=True)
+    except KeyboardInterrupt:  # stop the running children cleanly: each closes its run as 'interrupted'
+        for p, _, _ in running:
+            if p.poll() is None:
+                p.send_signal(signal.SIGINT)
+        for p, rd, cf in running:
+            try:
+                p.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                p.kill()
+            cf.unlink(missing_ok=True)
+        typer.echo("sweep interrupted: finished runs are complete, running ones are marked interrupted", err=True)
+        raise typer.Exit(130)
     if failures:
         raise typer.Exit(1)
 

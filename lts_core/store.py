@@ -729,41 +729,73 @@ class RunEntry:
     status: str           # the run's status, or "broken" when it cannot be opened
     created: float | None = None
     manifest: dict | None = None   # the raw manifest when it could be parsed (even if the run is broken)
+    group: str | None = None       # the sub-folder holding it (e.g. a sweep), None at the top level
 
 
-def list_runs(folder: str | os.PathLike) -> list[RunEntry]:
-    """Every run folder under `folder`, newest first. A broken run is listed with ok=False and its error."""
-    folder = Path(folder)
-    if not folder.is_dir():
+RUN_MARKERS = (MANIFEST, "traj", "metrics.parquet", "summary")
+
+
+def _subdirs(p: Path) -> list[Path]:
+    try:
+        return sorted(q for q in p.iterdir() if q.is_dir() and not q.name.startswith("."))
+    except OSError:
         return []
-    entries: list[RunEntry] = []
-    for p in folder.iterdir():
-        if not p.is_dir() or p.name.startswith("."):
-            continue
+
+
+def _entry(p: Path, group: str | None) -> RunEntry:
+    try:
+        run = Run(p)
+        return RunEntry(p, run.run_id, True, None, run, run.status, run.created, run.manifest, group)
+    except Exception as e:  # one broken run never hides the others
+        manifest = None
         try:
-            run = Run(p)
-            entries.append(RunEntry(p, run.run_id, True, None, run, run.status, run.created, run.manifest))
-        except Exception as e:  # one broken run never hides the others
-            manifest = None
+            manifest = json.loads((p / MANIFEST).read_text())
+            if not isinstance(manifest, dict):
+                manifest = None
+        except Exception:
+            pass
+        created = _parse_time(manifest.get("created")) if manifest else None
+        if created is None:
             try:
-                manifest = json.loads((p / MANIFEST).read_text())
-                if not isinstance(manifest, dict):
-                    manifest = None
-            except Exception:
-                pass
-            created = _parse_time(manifest.get("created")) if manifest else None
-            if created is None:
-                try:
-                    created = p.stat().st_mtime
-                except OSError:
-                    created = None
-            run_id = str(manifest.get("run_id") or p.name) if manifest else p.name
-            msg = str(e) if isinstance(e, RunError) else f"{p}: {type(e).__name__}: {e}"
-            entries.append(RunEntry(p, run_id, False, msg, None, "broken", created, manifest))
+                created = p.stat().st_mtime
+            except OSError:
+                created = None
+        run_id = str(manifest.get("run_id") or p.name) if manifest else p.name
+        msg = str(e) if isinstance(e, RunError) else f"{p}: {type(e).__name__}: {e}"
+        return RunEntry(p, run_id, False, msg, None, "broken", created, manifest, group)
+
+
+def list_runs(folder: str | os.PathLike, depth: int = 2) -> list[RunEntry]:
+    """Every run under `folder`, newest first; a broken run is listed with ok=False and its error.
+
+    A folder holding a manifest or run files is a run (broken if its manifest is missing); a folder holding
+    only sub-folders is a group (e.g. a sweep) searched `depth - 1` levels further; empty folders are skipped.
+    """
+    folder = Path(folder)
+    entries: list[RunEntry] = []
+
+    def scan(d: Path, level: int, group: str | None) -> None:
+        for p in _subdirs(d):
+            if any((p / m).exists() for m in RUN_MARKERS):
+                entries.append(_entry(p, group))
+            elif level > 1:
+                scan(p, level - 1, p.name if group is None else f"{group}/{p.name}")
+
+    if folder.is_dir():
+        scan(folder, depth, None)
     entries.sort(key=lambda e: (e.created if e.created is not None else -math.inf, e.run_id), reverse=True)
     return entries
 
 
+def runs_dir() -> Path:
+    """The default runs folder: $SCRATCHOFF_RUNS, else <data>/runs ($SCRATCHOFF_DATA or the repo's data/)."""
+    env = os.environ.get("SCRATCHOFF_RUNS")
+    if env:
+        return Path(env)
+    data = os.environ.get("SCRATCHOFF_DATA")
+    return (Path(data) if data else Path(__file__).resolve().parent.parent / "data") / "runs"
+
+
 __all__ = ["SCHEMA_VERSION", "STATUSES", "METRIC_COLUMNS", "RunError", "MissingManifestError",
            "CorruptManifestError", "SchemaVersionError", "CorruptChunkError", "RunExistsError", "RunWriter",
-           "Run", "RunEntry", "open_run", "list_runs", "decode_codes", "chunk_file"]
+           "Run", "RunEntry", "open_run", "list_runs", "runs_dir", "decode_codes", "chunk_file"]

@@ -28,6 +28,9 @@ from .rules import FreezingRule, LTSRule, OscillationRule
 
 
 
+FLUSH_SECONDS = 2.0  # write buffered records at the end of an epoch when this long has passed since the last
+
+
 class NonFiniteLoss(RuntimeError):
     """Training produced a NaN or infinite loss."""
 
@@ -225,6 +228,7 @@ def train(cfg: TrainConfig, run_dir: str | Path | None = None, progress: bool = 
                               every=cfg.record_every or spe, steps_per_epoch=spe, total_steps=total,
                               run_id=run_dir.name,
                               extra_manifest={"device": str(device), "fp_test_acc": fp_acc, "world_size": world,
+                                              "warmup_steps": int(round(cfg.warmup * spe)),
                                               "label": cfg.label(), "dataset_sizes": [n, len(data.x_test)]})
     result = TrainResult(run_dir=Path(run_dir) if rec else None, fp_test_acc=fp_acc)
     bar = None
@@ -232,6 +236,7 @@ def train(cfg: TrainConfig, run_dir: str | Path | None = None, progress: bool = 
         from tqdm.auto import tqdm
         bar = tqdm(total=cfg.epochs, desc=cfg.label(), unit="epoch")
     t = 0
+    last_flush = time.monotonic()
     try:
         with _SigtermAsInterrupt():
             for epoch in range(cfg.epochs):
@@ -274,6 +279,9 @@ def train(cfg: TrainConfig, run_dir: str | Path | None = None, progress: bool = 
                 result.metrics.append(row)
                 if rec is not None:
                     rec.log_epoch(row)
+                    if time.monotonic() - last_flush > FLUSH_SECONDS:  # live views see records as they come
+                        rec.flush()
+                        last_flush = time.monotonic()
                 if on_epoch is not None:
                     on_epoch(row)
                 if bar is not None:

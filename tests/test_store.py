@@ -250,3 +250,20 @@ def test_no_pickle(tmp_path):
     w, _ = make_run(tmp_path)
     with pytest.raises(ValueError):
         w.write_summary("obj", np.array([{"a": 1}], dtype=object))
+
+
+def test_list_runs_finds_sweep_groups_and_skips_empty_folders(tmp_path):
+    make_run(tmp_path, run_id="top")
+    sweep = tmp_path / "sweep-1"
+    sweep.mkdir()
+    make_run(sweep, run_id="inner-a")
+    make_run(sweep, run_id="inner-b")
+    (sweep / "inner-b" / "manifest.json").unlink()  # broken inside a group: listed as broken
+    (tmp_path / "sweep-2").mkdir()  # a sweep that has not started: skipped, not "broken"
+    (tmp_path / ".logs").mkdir()  # hidden folders are not runs
+    entries = {e.path.name: e for e in list_runs(tmp_path)}
+    assert set(entries) == {"top", "inner-a", "inner-b"}
+    assert entries["top"].group is None and entries["inner-a"].group == "sweep-1"
+    assert entries["inner-a"].ok and not entries["inner-b"].ok and entries["inner-b"].status == "broken"
+    assert "manifest" in entries["inner-b"].error
+    assert {e.path.name for e in list_runs(tmp_path, depth=1)} == {"top"}

@@ -92,6 +92,8 @@ def _run_warmup(run) -> int | None:
     settings = (rule.get("settings") or rule) if isinstance(rule, dict) else {}
     if settings.get("warmup_steps") is not None:
         return int(settings["warmup_steps"])
+    if manifest.get("warmup_steps") is not None:  # the trainer's planned warm-up, for any rule
+        return int(manifest["warmup_steps"])
     return None
 
 

@@ -1,0 +1,230 @@
+"""Background training jobs of the app: `python -m lts_core train|sweep` subprocesses.
+
+A job is started with subprocess.Popen (stdout/stderr to a log file in `<runs>/.logs/`, a hidden folder that
+run listings skip) and kept in a process-wide registry so every browser session sees it. The app only polls
+the run store; it never trains in its own process.
+"""
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import streamlit as st
+
+from lts_core.store import RunError, open_run
+
+LOG_DIR = ".logs"
+_RUN_ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._+=-]*$")
+
+
+@dataclass
+class Job:
+    id: str
+    kind: str                       # "train" | "sweep"
+    proc: subprocess.Popen
+    out: Path                       # run folder (train) or sweep folder (sweep)
+    log: Path
+    cmd: list[str]
+    config: dict                    # TrainConfig fields (base settings for a sweep)
+    started: float = field(default_factory=time.time)
+    thresholds: list[float] = field(default_factory=list)
+    schedules: list[str] = field(default_factory=list)
+    stop_requested: bool = False
+    stop_time: float | None = None
+    announced: bool = False         # the page has reacted to its end (cache cleared, rerun)
+
+    @property
+    def running(self) -> bool:
+        return self.proc.poll() is None
+
+    @property
+    def returncode(self) -> int | None:
+        return self.proc.poll()
+
+    @property
+    def n_runs(self) -> int:
+        """Runs this job trains (a sweep: thresholds × schedules + one baseline)."""
+        return len(self.thresholds) * len(self.schedules) + 1 if self.kind == "sweep" else 1
+
+
+@st.cache_resource
+def registry() -> dict[str, Job]:
+    """Jobs started by this app process (shared by all sessions)."""
+    return {}
+
+
+def cuda_device() -> str | None:
+    """The CUDA device name when torch sees one, else None."""
+    try:
+        import torch
+        if torch.cuda.is_available():
+            return torch.cuda.get_device_name(0)
+    except Exception:
+        pass
+    return None
+
+
+def check_run_name(name: str) -> str | None:
+    """An error message for an invalid run folder name, else None."""
+    if not _RUN_ID_RE.match(name) or name in (".", ".."):
+        return (f"invalid run name {name!r}: use letters, digits and . _ - + = "
+                "(starting with a letter or digit)")
+    return None
+
+
+def unique_path(folder: Path, name: str) -> Path:
+    p, i = folder / name, 2
+    while p.exists():
+        p, i = folder / f"{name}-{i}", i + 1
+    return p
+
+
+def train_command(cfg, out: Path) -> list[str]:
+    """`python -m lts_core train …` for a TrainConfig (only the options that differ from the defaults)."""
+    from lts_core.config import TrainConfig
+    default = TrainConfig()
+    opts = ["model", "dataset", "bits", "quantizer", "rule", "schedule", "threshold", "decay", "warmup_epochs",
+            "epochs", "fp_epochs", "batch_size", "lr", "seed", "device", "record_every", "max_train", "data_root"]
+    cmd = [sys.executable, "-m", "lts_core", "train"]
+    for name in opts:
+        value = getattr(cfg, name)
+        if value is None or (value == getattr(default, name) and name not in ("model", "dataset", "bits", "rule",
+                                                                              "epochs", "fp_epochs")):
+            continue
+        cmd += [f"--{name.replace('_', '-')}", f"{value:g}" if isinstance(value, float) else str(value)]
+    return cmd + ["--out", str(out), "--quiet"]
+
+
+def _popen(cmd: list[str], log: Path, new_session: bool) -> subprocess.Popen:
+    log.parent.mkdir(parents=True, exist_ok=True)
+    env = dict(os.environ, PYTHONUNBUFFERED="1")
+    with open(log, "w") as f:
+        f.write("$ " + " ".join(cmd) + "\n")
+        f.flush()
+        return subprocess.Popen(cmd, stdout=f, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env,
+                                cwd=str(Path(__file__).resolve().parent.parent), start_new_session=new_session)
+
+
+def start_train(cfg, runs_dir: Path, name: str | None = None) -> Job:
+    """Launch one training run in the background; its run folder is `<runs_dir>/<name>`."""
+    runs_dir = Path(runs_dir)
+    runs_dir.mkdir(parents=True, exist_ok=True)
+    base = name or f"{time.strftime('%Y%m%d-%H%M%S')}-{cfg.label()}-s{cfg.seed}"
+    out = unique_path(runs_dir, base)
+    log = runs_dir / LOG_DIR / f"{out.name}.log"
+    cmd = train_command(cfg, out)
+    job = Job(id=out.name, kind="train", proc=_popen(cmd, log, new_session=False), out=out, log=log, cmd=cmd,
+              config=cfg.model_dump())
+    registry()[job.id] = job
+    return job
+
+
+def start_sweep(base_fields: dict, thresholds: list[float], schedules: list[str], runs_dir: Path) -> Job:
+    """Launch `python -m lts_core sweep` (thresholds × schedules + a baseline, one run after another)."""
+    runs_dir = Path(runs_dir)
+    runs_dir.mkdir(parents=True, exist_ok=True)
+    out = unique_path(runs_dir, f"sweep-{time.strftime('%Y%m%d-%H%M%S')}")
+    logs = runs_dir / LOG_DIR
+    logs.mkdir(parents=True, exist_ok=True)
+    cfg_path = logs / f"{out.name}.config.json"
+    fields = {k: v for k, v in base_fields.items() if k not in ("rule", "threshold", "schedule", "seed")}
+    cfg_path.write_text(json.dumps(fields, indent=1))
+    seed = int(base_fields.get("seed", 0))
+    cmd = [sys.executable, "-m", "lts_core", "sweep", "--thresholds", ",".join(f"{t:g}" for t in thresholds),
+           "--schedules", ",".join(schedules), "--seeds", str(seed), "--out", str(out), "--config", str(cfg_path)]
+    log = logs / f"{out.name}.log"
+    job = Job(id=out.name, kind="sweep", proc=_popen(cmd, log, new_session=True), out=out, log=log, cmd=cmd,
+              config=dict(base_fields), thresholds=list(thresholds), schedules=list(schedules))
+    registry()[job.id] = job
+    return job
+
+
+def stop(job: Job) -> None:
+    """SIGINT: the trainer closes its run as 'interrupted' (readable up to its last record)."""
+    if not job.running:
+        return
+    job.stop_requested = True
+    job.stop_time = time.time()
+    _signal(job, signal.SIGINT)
+
+
+def escalate_stop(job: Job, after_s: float = 8.0) -> None:
+    """A process that ignores SIGINT (e.g. started from a shell that ignores it) gets SIGTERM, which the
+    trainer also turns into a clean 'interrupted' run."""
+    if job.stop_requested and job.running and job.stop_time and time.time() - job.stop_time > after_s:
+        job.stop_time = time.time()
+        _signal(job, signal.SIGTERM)
+
+
+def _signal(job: Job, sig: int) -> None:
+    if job.kind == "sweep":  # the sweep's runs are its children: signal the whole process group
+        try:
+            os.killpg(job.proc.pid, sig)
+            return
+        except (ProcessLookupError, PermissionError):
+            pass
+    try:
+        job.proc.send_signal(sig)
+    except ProcessLookupError:
+        pass
+
+
+def log_tail(job: Job, n: int = 40) -> list[str]:
+    try:
+        return job.log.read_text(errors="replace").splitlines()[-n:]
+    except OSError:
+        return []
+
+
+_EXC_LINE = re.compile(r"^([A-Za-z_][\w.]*(Error|Exception|Interrupt|Exit))\b:?\s*(.*)$")
+
+
+def reason_from_log(lines: list[str]) -> str | None:
+    """The one-line reason of a failed process: its `error: …` line, else the exception line, else the last
+    line (tracebacks themselves are never returned)."""
+    for line in reversed(lines):
+        if line.startswith("error:"):
+            return line[len("error:"):].strip()
+    for line in reversed(lines):
+        m = _EXC_LINE.match(line.strip())
+        if m:
+            return f"{m.group(1)}: {m.group(3)}".rstrip(": ")
+    for line in reversed(lines):
+        s = line.strip()
+        if s and not s.startswith(("File ", "Traceback", "^", "$ ")):
+            return s[:500]
+    return None
+
+
+def run_info(path: Path) -> dict:
+    """What the run store says about a run folder: exists, status, reason, metrics (DataFrame or None)."""
+    if not (Path(path) / "manifest.json").is_file():
+        return {"exists": False, "status": None, "reason": None, "metrics": None}
+    try:
+        run = open_run(path)
+        return {"exists": True, "status": run.status, "reason": run.reason, "metrics": run.metrics,
+                "total_steps": run.manifest.get("total_steps")}
+    except RunError as e:  # written at this instant or broken: report, keep polling
+        return {"exists": True, "status": "unreadable", "reason": str(e), "metrics": None}
+
+
+def state(job: Job) -> tuple[str, str | None]:
+    """(state, reason): state is pretraining | training | complete | interrupted | failed."""
+    rc = job.returncode
+    info = run_info(job.out) if job.kind == "train" else {"exists": True, "status": None, "reason": None}
+    if rc is None:
+        return ("training" if info["exists"] else "pretraining"), None
+    if rc == 0:
+        return "complete", None
+    if job.stop_requested or rc in (130, -signal.SIGINT):
+        where = "" if info["exists"] else " before QAT started (nothing was recorded)"
+        return "interrupted", (info.get("reason") or f"stopped by you{where}")
+    reason = info.get("reason") if info.get("status") == "failed" else None
+    return "failed", reason or reason_from_log(log_tail(job)) or f"the process exited with code {rc}"

@@ -1,0 +1,42 @@
+"""scratchoff — interactive lab for quantization-aware training and the Lottery Ticket Scratcher.
+
+Run with:  streamlit run app/scratchoff_app.py
+"""
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import streamlit as st
+
+APP_DIR = Path(__file__).resolve().parent
+if str(APP_DIR) not in sys.path:
+    sys.path.insert(0, str(APP_DIR))
+
+import common as C  # noqa: E402
+
+C.leave_mpa_v1()
+
+st.set_page_config(page_title="scratchoff", page_icon=":material/confirmation_number:", layout="wide")
+
+PAGES_DIR = APP_DIR / "pages"
+pages = {
+    "runs": st.Page(PAGES_DIR / "runs.py", title="Runs", icon=":material/folder_open:", url_path="runs", default=True),
+    "settling": st.Page(PAGES_DIR / "settling.py", title="Settling", icon=":material/grid_view:", url_path="settling"),
+    "sweep": st.Page(PAGES_DIR / "sweep.py", title="Threshold sweep", icon=":material/tune:", url_path="sweep"),
+    "trajectories": st.Page(PAGES_DIR / "trajectories.py", title="Trajectories", icon=":material/show_chart:",
+                            url_path="trajectories"),
+    "train": st.Page(PAGES_DIR / "train.py", title="Train", icon=":material/play_circle:", url_path="train"),
+    "compare": st.Page(PAGES_DIR / "compare.py", title="Compare", icon=":material/compare_arrows:", url_path="compare"),
+    "learn": st.Page(PAGES_DIR / "learn.py", title="Learn", icon=":material/school:", url_path="learn"),
+}
+C.register_pages(pages)
+nav = st.navigation({"Explore": [pages[k] for k in ("runs", "settling", "sweep", "trajectories", "compare")],
+                     "Do": [pages["train"], pages["learn"]]})
+
+with st.sidebar:
+    st.caption(f"Runs folder: `{C.runs_folder()}`")
+    if st.button("Refresh run list", help="Re-read the runs folder (new runs also appear by themselves)"):
+        C.refresh_runs()
+
+nav.run()
