@@ -26,7 +26,7 @@ def table(rows: list[dict]) -> pd.DataFrame:
     return pd.DataFrame([{
         "run": r["run_id"], "status": STATUS_ICON.get(r["status"], r["status"]),
         "model": r.get("model"), "dataset": r.get("dataset"), "bits": r.get("bits"),
-        "rule": r.get("rule"), "schedule": C.SCHEDULE_NAMES.get(r.get("schedule"), r.get("schedule")),
+        "rule": r.get("rule"), "schedule": C.SCHEDULE_NAMES.get(r.get("schedule"), r.get("schedule")) if r.get("schedule") else "—",
         "threshold ρ (Δ)": r.get("threshold"), "epochs": f"{r.get('epochs_done', 0)}/{r.get('epochs') or '?'}",
         "test acc (%)": r.get("test_acc"), "FP acc (%)": r.get("fp_acc"),
         "updates eliminated (%)": p(r.get("updates_eliminated")),
