@@ -43,14 +43,14 @@ def body() -> None:
     st.dataframe(pd.DataFrame([{
         "run": r["run_id"], "setup": C.describe(r), "status": r["status"],
         "test acc (%)": r["test_acc"], "FP acc (%)": r["fp_acc"],
-        "updates eliminated (%)": None if r["updates_eliminated"] is None else 100 * r["updates_eliminated"],
-        "backward FLOPs saved (%)": None if r["backward_flops_saved"] is None else 100 * r["backward_flops_saved"],
+        "updates elim. (%)": None if r["updates_eliminated"] is None else 100 * r["updates_eliminated"],
+        "bwd FLOPs saved (%)": None if r["backward_flops_saved"] is None else 100 * r["backward_flops_saved"],
         "epochs": r.get("epochs_done"),
     } for r in sel]), hide_index=True, width="stretch", column_config={
         "test acc (%)": st.column_config.NumberColumn(format="%.2f"),
         "FP acc (%)": st.column_config.NumberColumn(format="%.2f"),
-        "updates eliminated (%)": st.column_config.NumberColumn(format="%.1f"),
-        "backward FLOPs saved (%)": st.column_config.NumberColumn(format="%.1f")})
+        "updates elim. (%)": st.column_config.NumberColumn(format="%.1f", help="weight updates eliminated"),
+        "bwd FLOPs saved (%)": st.column_config.NumberColumn(format="%.1f", help="backward-pass FLOPs saved")})
 
     acc = C.figure("Test accuracy", "epoch", "test accuracy (%)")
     frz = C.figure("Frozen fraction", "epoch", "frozen weights (%)")

@@ -125,7 +125,7 @@ def step_ema() -> None:
                     hovertemplate="%{y:.2f} Δ")
     if warm:
         fig.add_vrect(x0=0, x1=warm, fillcolor="grey", opacity=0.1, line_width=0, annotation_text="warm-up",
-                      annotation_position="top left")
+                      annotation_position="bottom left")
     if fs >= 0:
         fig.add_vline(x=fs, line_color="black", line_dash="dash", annotation_text=f"frozen at step {fs}")
     fig.update_yaxes(range=[0, 1.05])

@@ -94,6 +94,8 @@ def body() -> None:
                     hovertemplate="epoch %{x:.2f}<br>%{y:.2f}% of weights (%{customdata[0]:,.0f})"
                                   "<br>%{customdata[1]}<extra></extra>")
         C.show(fig, key="settle_hist")
+        st.caption("Green: converged later. Red (last record): still changing level at the end of the run. "
+                   "Blue (epoch 0, when included): never moved.")
 
     # ---- scratch-off grid ----
     st.subheader("Scratch-off grid")

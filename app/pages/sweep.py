@@ -125,7 +125,7 @@ def _sweep(row: dict) -> None:
 
     fig = C.figure("Frozen fraction vs epoch", "epoch", "frozen weights (%)")
     fig.add_scatter(x=epochs, y=100 * res.frozen_fraction, mode="lines+markers", line=dict(width=3),
-                    name=f"replay: {C.SCHEDULE_NAMES[schedule]} ρ={res.ratio:g}", hovertemplate="%{y:.1f}%")
+                    name=f"replay: {C.SCHEDULE_NAMES[schedule]} ρ={res.ratio:.3g}", hovertemplate="%{y:.1f}%")
     if lts is not None:
         lrun = C.load_run(lts)
         lm = lrun.metrics
@@ -206,7 +206,7 @@ def _oscillation(row: dict, res, epochs) -> None:
     left, right = st.columns([3, 2])
     with left:
         fig = C.figure("Frozen fraction: LTS replay vs oscillation freezing", "epoch", "frozen weights (%)")
-        fig.add_scatter(x=epochs, y=100 * res.frozen_fraction, name=f"LTS replay ρ={res.ratio:g}",
+        fig.add_scatter(x=epochs, y=100 * res.frozen_fraction, name=f"LTS replay ρ={res.ratio:.3g}",
                         hovertemplate="%{y:.1f}%")
         fig.add_scatter(x=epochs, y=100 * ores.frozen_fraction, name="oscillation freezing",
                         line=dict(color=C.color(1)), hovertemplate="%{y:.2f}%")
