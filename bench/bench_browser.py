@@ -1,6 +1,6 @@
 """Benchmark of the scratchoff app in a real headless Chromium (Debian's /usr/bin/chromium via Playwright).
 
-(a) cold start: time from launching `streamlit run app/scratchoff_app.py` to the first plotly chart visible on
+(a) cold start: time from launching `streamlit run app/scratchoff_app.py` to the first chart visible on
     the default page (Runs), a fresh server each repetition; broken down into launch → /_stcore/health ok and
     page load → chart.
 (b) threshold round trip on the Threshold sweep page, on the largest run of the runs folder (by n_weights in
@@ -199,7 +199,7 @@ def run(args, tmp: Path) -> None:
     print()
     print("| measurement | median | min | max | n | target |")
     print("|---|---|---|---|---|---|")
-    print(median_row("(a) `streamlit run` → first plotly chart visible (Runs page)", [s["total"] for s in starts],
+    print(median_row("(a) `streamlit run` → first chart visible (Runs page)", [s["total"] for s in starts],
                      "s", "< 5 s"))
     print(median_row("  · launch → /_stcore/health ok", [s["health"] for s in starts], "s", ""))
     print(median_row("  · page load → first chart", [s["page"] for s in starts], "s", ""))

@@ -38,7 +38,7 @@ PAGES = [
 
 APP_READY = "[data-testid='stApp'][data-test-connection-state='CONNECTED']"
 SCRIPT_IDLE = "[data-testid='stApp'][data-test-script-state='notRunning']"
-PLOT = ".js-plotly-plot"
+PLOT = ".js-plotly-plot, [data-testid=stVegaLiteChart] canvas, [data-testid=stVegaLiteChart] svg"  # any chart
 
 
 def browser_unavailable_reason() -> str | None:

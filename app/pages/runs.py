@@ -34,6 +34,20 @@ def table(rows: list[dict]) -> pd.DataFrame:
     } for r in rows])
 
 
+def overview(good: list[dict]) -> None:
+    """The trade-off at a glance: final test accuracy against updates eliminated, one point per run."""
+    pts = [r for r in good if r.get("test_acc") is not None]
+    if not pts:
+        return
+    df = pd.DataFrame({"run": [r["run_id"] for r in pts], "rule": [r.get("rule") or "?" for r in pts],
+                       "dataset": [r.get("dataset") or "?" for r in pts],
+                       "updates eliminated (%)": [100 * (r.get("updates_eliminated") or 0) for r in pts],
+                       "final test accuracy (%)": [r["test_acc"] for r in pts]})
+    st.markdown("**Accuracy vs updates eliminated** (one point per run)")
+    st.scatter_chart(df, x="updates eliminated (%)", y="final test accuracy (%)", color="dataset", size=120,
+                     height=280)
+
+
 def body() -> None:
     st.title("Runs")
     folder = C.runs_folder()
@@ -51,6 +65,7 @@ def body() -> None:
     c2.metric("Complete", sum(r["status"] == "complete" for r in good))
     c3.metric("Broken", len(broken))
 
+    overview(good)
     num = st.column_config.NumberColumn
     st.dataframe(table(rows), hide_index=True, width="stretch", column_config={
         "test acc (%)": num(format="%.2f"), "FP acc (%)": num(format="%.2f"),
