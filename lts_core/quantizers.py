@@ -11,6 +11,8 @@ import math
 import torch
 from torch import nn
 
+from .distance import DIST_MAX_CODE, DIST_SCALE
+
 QUANTIZER_KINDS = ("liq", "lsq", "binary", "ternary")
 
 
@@ -43,6 +45,17 @@ class WeightQuantizer(nn.Module):
         pos = self.position(w.detach()).float()
         level = torch.round(pos).clamp_(0, self.n_levels - 1)
         return level.to(torch.int64), pos.sub_(level).abs_()
+
+    @torch.no_grad()
+    def measure_code(self, w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Hot path of the rules: (level index, distance code) both as float32, with no dtype conversion.
+
+        The code is `clamp(round(dist·128), 0, 255)`, the value `distance.encode_distance` stores as uint8.
+        """
+        pos = self.position(w.detach()).float()
+        level = torch.round(pos).clamp_(0, self.n_levels - 1)
+        code = pos.sub_(level).abs_().mul_(DIST_SCALE).round_().clamp_(max=DIST_MAX_CODE)
+        return level, code
 
     def level_value(self, level: torch.Tensor) -> torch.Tensor:  # pragma: no cover - abstract
         raise NotImplementedError

@@ -103,3 +103,17 @@ def test_properties_all_bits(bits, seed, method):
     assert torch.allclose(out, q.level_value(level), atol=1e-5)
     grid = q.level_value(torch.arange(q.n_levels))
     assert torch.all(torch.isclose(out[:, None], grid[None, :], atol=1e-5).any(dim=1))
+
+
+@settings(max_examples=40, deadline=None)
+@given(bits=st.integers(2, 8), seed=st.integers(0, 10_000), method=st.sampled_from(["liq", "lsq", "ternary"]))
+def test_measure_code_equals_encoded_measure(bits, seed, method):
+    """The rules' hot path gives exactly the level and uint8 distance code the recorder would store."""
+    from lts_core.distance import encode_distance
+    w = torch.randn(513, generator=torch.Generator().manual_seed(seed)) * 2
+    q = make_weight_quantizer(method, bits)
+    q.init_from(w[:100])  # part of w lies outside the interval: distances above 0.5 and saturated codes
+    level, dist = q.measure(w)
+    level_f, code_f = q.measure_code(w)
+    assert torch.equal(level_f.to(torch.int64), level)
+    assert torch.equal(code_f.to(torch.uint8), encode_distance(dist))

@@ -11,7 +11,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from ..distance import decode_distance, encode_distance
+from ..distance import DIST_SCALE
 from ..layers import quantized_layers
 
 
@@ -42,8 +42,10 @@ class FreezingRule:
         self.total_model_flops = sum(self.layer_flops)
         self.t = 0
         self.frozen = [torch.zeros_like(m.weight, dtype=torch.bool) for m in self.modules]
+        self._unfrozen = [torch.ones_like(m.weight, dtype=torch.bool) for m in self.modules]
         self.freeze_step = [torch.full_like(m.weight, -1, dtype=torch.int64) for m in self.modules]
         self.frozen_values = [torch.zeros_like(m.weight) for m in self.modules]
+        # what the last step measured (float32 level index and distance code, see measure_code)
         self.last_level: list[torch.Tensor | None] = [None] * len(self.modules)
         self.last_dist_code: list[torch.Tensor | None] = [None] * len(self.modules)
         self._n_frozen = [0] * len(self.modules)   # frozen weights per layer (Python ints: no device sync)
@@ -85,16 +87,16 @@ class FreezingRule:
         """Observe step `self.t`, freeze, and zero the gradient of frozen weights."""
         for i, m in enumerate(self.modules):
             w = m.weight
-            level, dist_ = m.weight_quantizer.measure(w)
-            code = encode_distance(dist_)
+            level, code = m.weight_quantizer.measure_code(w)  # float32 level index and distance code
             self.last_level[i] = level
             self.last_dist_code[i] = code
-            newly, value = self._observe(i, level, decode_distance(code), w)
+            newly, value = self._observe(i, level, code / DIST_SCALE, w)  # r on the 1/128 Δ grid
             if newly is not None:
-                newly &= ~self.frozen[i]
+                newly &= self._unfrozen[i]
                 n_new = int(newly.sum())
                 if n_new:
                     self.frozen[i] |= newly
+                    self._unfrozen[i] &= ~newly
                     self.freeze_step[i].masked_fill_(newly, self.t)
                     new_val = w if value is None else value
                     self.frozen_values[i] = torch.where(newly, new_val, self.frozen_values[i])
@@ -155,6 +157,7 @@ class FreezingRule:
         for k, tensors in self._state_tensors().items():
             for dst, src in zip(tensors, sd[k]):
                 dst.copy_(src)
+        self._unfrozen = [~f for f in self.frozen]
 
     @torch.no_grad()
     def sync(self, src: int = 0) -> bool:
@@ -181,4 +184,5 @@ class FreezingRule:
                 else:
                     dist.broadcast(x, src)
         self._n_frozen = [int(f.sum()) for f in self.frozen]
+        self._unfrozen = [~f for f in self.frozen]
         return True

@@ -35,7 +35,7 @@ class LTSRule(FreezingRule):
         self.ratio = float(ratio)
         self.decay = float(decay)
         self.ema = [torch.zeros_like(m.weight, dtype=torch.float32) for m in self.modules]
-        self.prev_level = [torch.zeros_like(m.weight, dtype=torch.int64) for m in self.modules]
+        self.prev_level = [torch.zeros_like(m.weight, dtype=torch.float32) for m in self.modules]
 
     def threshold(self, t: int | None = None) -> float:
         """ρ_t in Δ units (-1 during warm-up)."""

@@ -28,8 +28,8 @@ class OscillationRule(FreezingRule):
         self.max_bits = max_bits
         self.freq = [torch.zeros_like(m.weight, dtype=torch.float32) for m in self.modules]
         self.level_ema = [torch.zeros_like(m.weight, dtype=torch.float32) for m in self.modules]
-        self.prev_level = [torch.zeros_like(m.weight, dtype=torch.int64) for m in self.modules]
-        self.last_dir = [torch.zeros_like(m.weight, dtype=torch.int8) for m in self.modules]
+        self.prev_level = [torch.zeros_like(m.weight, dtype=torch.float32) for m in self.modules]
+        self.last_dir = [torch.zeros_like(m.weight, dtype=torch.float32) for m in self.modules]  # -1, 0, +1
 
     def threshold(self, t: int | None = None) -> float:
         return osc_threshold_at(self.t if t is None else t, self.total_steps, self.start_frac,
@@ -38,10 +38,10 @@ class OscillationRule(FreezingRule):
     def _observe(self, i, level, r, w):
         m = self.decay
         if self.t == 0:
-            self.level_ema[i] = level.float()
+            self.level_ema[i] = level.clone()
         else:
             delta = level - self.prev_level[i]
-            direction = torch.sign(delta).to(torch.int8)
+            direction = torch.sign(delta)
             changed = delta != 0
             osc = changed & (self.last_dir[i] != 0) & (direction != self.last_dir[i])
             self.last_dir[i] = torch.where(changed, direction, self.last_dir[i])
