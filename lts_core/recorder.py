@@ -286,7 +286,9 @@ class Recorder:
                 if lev is None or code is None:
                     raise RuntimeError("the rule has no measurement for this step: call rule.step() "
                                        "before rec.step()")
-            else:
+            elif hasattr(m.weight_quantizer, "measure_code"):
+                lev, code = m.weight_quantizer.measure_code(m.weight)  # float32, copied into uint8 below
+            else:  # a custom quantizer offering only measure()
                 lev, dist = m.weight_quantizer.measure(m.weight)
                 code = encode_distance(dist)
             if lev.numel() != n_i or code.numel() != n_i:
@@ -383,6 +385,7 @@ class Recorder:
             raise errors[0]
 
     def _write_summaries(self) -> None:
+        self._write_level_summaries()
         rule = self.rule
         if rule is None or getattr(rule, "freeze_step", None) is None:
             return
@@ -395,6 +398,29 @@ class Recorder:
                 parts.append(torch.as_tensor(rule.freeze_step[j]).detach().reshape(-1).cpu()
                              .to(torch.int64).numpy())
         self.writer.write_summary("freeze_step", np.concatenate(parts))
+
+    def _write_level_summaries(self) -> None:
+        """Per-weight summaries from the written records, streamed chunk by chunk (memory O(weights)):
+        final_level (uint8), settle_record (int32: first record from which the level stays final) and
+        flips (int32: level changes between consecutive records)."""
+        from .store import open_run
+        last = settle = flips = None
+        r = 0
+        for ch in open_run(self.path).iter_chunks(arrays=("level",)):
+            for row in np.asarray(ch["level"]):
+                if last is None:
+                    last = row.copy()
+                    settle = np.zeros(row.size, np.int32)
+                    flips = np.zeros(row.size, np.int32)
+                else:
+                    changed = row != last
+                    flips += changed
+                    settle[changed] = r
+                    last = row.copy()
+                r += 1
+        if last is not None:
+            for name, arr in (("final_level", last), ("settle_record", settle), ("flips", flips)):
+                self.writer.write_summary(name, arr)
 
     def __enter__(self) -> "Recorder":
         return self

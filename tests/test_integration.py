@@ -89,3 +89,15 @@ def test_sigint_mid_epoch_leaves_readable_interrupted_run(data_env, tmp_path):
     assert len(run.metrics) >= 1
     entry = [e for e in list_runs(out.parent) if e.run_id == "stopped"][0]
     assert entry.ok and entry.status == "interrupted"
+
+
+def test_per_weight_summaries_match_the_analysis(data_env, tmp_path):
+    from lts_core.analysis.settle import final_levels, flips, settle_records
+    train(make_config(**{**BASE, "record_every": 3}, rule="none"), run_dir=tmp_path / "r", progress=False)
+    run = open_run(tmp_path / "r")
+    levels = run.levels()
+    assert set(run.summaries) >= {"final_level", "settle_record", "flips"}
+    np.testing.assert_array_equal(run.summary("final_level"), final_levels(levels))
+    np.testing.assert_array_equal(run.summary("settle_record"), settle_records(levels))
+    np.testing.assert_array_equal(run.summary("flips"), flips(levels))
+    assert run.summary("flips").sum() > 0
