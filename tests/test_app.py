@@ -200,3 +200,42 @@ def test_stop_button_leaves_an_interrupted_run(runs_dir):
     assert any("interrupted" in w.value for w in at.warning)
     from lts_core.store import open_run
     assert open_run(job.out).status == "interrupted"
+
+
+def test_learn_threshold_changes_when_the_toy_weight_freezes():
+    at = page("learn").run()
+    no_problem(at)
+
+    def freeze_message():
+        texts = [m.value for m in (*at.success, *at.warning, *at.info) if "step" in m.value or "never" in m.value]
+        assert texts, "the EMA step shows a verdict"
+        return texts[-1]
+
+    at.slider(key="learn_ratio_fixed").set_value(0.0).run()
+    never = freeze_message()
+    at.slider(key="learn_ratio_fixed").set_value(0.5).run()
+    early = freeze_message()
+    no_problem(at)
+    assert "never freezes" in never and re.search(r"Frozen at step \d+", early)
+
+
+def test_compare_selection_changes_the_table(runs_dir):
+    at = page("compare").run()
+    no_problem(at)
+    assert len(at.multiselect(key="cmp_runs").value) == 2
+    assert at.dataframe[0].value.shape[0] == 2
+    at.multiselect(key="cmp_runs").set_value([at.multiselect(key="cmp_runs").value[0]]).run()
+    assert any("at least two" in i.value for i in at.info)
+
+
+def test_runs_page_picker_changes_the_figures(runs_dir):
+    at = page("runs").run()
+    no_problem(at, allow_errors=True)  # the broken run is reported with st.error
+    picker = at.selectbox(key="runs_run")
+    by_rule = {}
+    for opt in picker.options:
+        picker.set_value(opt).run()
+        by_rule[opt] = metric(at, "Updates eliminated")
+        picker = at.selectbox(key="runs_run")
+    values = set(by_rule.values())
+    assert len(values) == 2 and "0.0%" in values  # the baseline eliminates nothing, the LTS run does
