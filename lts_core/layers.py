@@ -141,8 +141,3 @@ def measure_flops(model: nn.Module, example_input: torch.Tensor) -> dict[str, in
         for h in hooks:
             h.remove()
     return found
-
-
-def total_flops(model: nn.Module) -> int:
-    """Σ forward FLOPs per sample over all Linear/Conv layers (0 if never measured)."""
-    return sum(int(getattr(m, "flops", 0) or 0) for _, m in weight_layers(model))

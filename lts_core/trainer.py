@@ -123,7 +123,7 @@ def fp_cache_path(cfg: TrainConfig) -> Path:
     return data_dir() / "cache" / "fp" / f"{cfg.model}-{cfg.dataset}-{digest}.pt"
 
 
-def pretrain_fp(cfg: TrainConfig, data: DatasetSplit, device: torch.device, log=print) -> nn.Module:
+def pretrain_fp(cfg: TrainConfig, data: DatasetSplit, device: torch.device) -> nn.Module:
     """Full-precision pre-training (cached on disk by config and seed, so every rule starts identical)."""
     torch.manual_seed(cfg.seed)
     model = build_model(cfg.model, data.in_shape, data.n_classes, width=cfg.width).to(device)
@@ -186,8 +186,8 @@ class _SigtermAsInterrupt:
 
 
 def train(cfg: TrainConfig, run_dir: str | Path | None = None, progress: bool = True,
-          on_epoch: Callable[[dict], None] | None = None, should_stop: Callable[[], bool] | None = None,
-          log: Callable[[str], None] = print) -> TrainResult:
+          on_epoch: Callable[[dict], None] | None = None,
+          should_stop: Callable[[], bool] | None = None) -> TrainResult:
     """Pre-train (or load the cached FP model), then run QAT with `cfg.rule`, recording to `run_dir`.
 
     `run_dir=None` records nothing. `should_stop()` is polled every step: True closes the run 'interrupted'.
@@ -199,7 +199,7 @@ def train(cfg: TrainConfig, run_dir: str | Path | None = None, progress: bool = 
     seed_everything(cfg.seed)
     data = load_dataset(cfg.dataset, root=cfg.data_root, seed=cfg.seed, max_train=cfg.max_train,
                         max_test=cfg.max_test)
-    model = pretrain_fp(cfg, data, device, log=log)
+    model = pretrain_fp(cfg, data, device)
     fp_acc = evaluate(model, data.x_test, data.y_test, device)
 
     quantize_model(model, bits=cfg.bits, method=cfg.quantizer, act_bits=cfg.act_bits,

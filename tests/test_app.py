@@ -34,9 +34,8 @@ def runs_dir(tmp_path_factory):
     from lts_core.trainer import train
 
     setup = dict(model="mlp", dataset="digits", bits=2, epochs=8, fp_epochs=3, device="cpu", seed=0)
-    quiet = lambda *a, **k: None  # noqa: E731
-    train(make_config(**setup, rule="none"), runs / "base", progress=False, log=quiet)
-    train(make_config(**setup, rule="lts", schedule="linear"), runs / "lts", progress=False, log=quiet)
+    train(make_config(**setup, rule="none"), runs / "base", progress=False)
+    train(make_config(**setup, rule="lts", schedule="linear"), runs / "lts", progress=False)
     shutil.copytree(runs / "base", runs / "broken")
     (runs / "broken" / "manifest.json").unlink()
     yield runs

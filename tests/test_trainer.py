@@ -126,3 +126,19 @@ def test_cli_sweep_trains_a_grid_of_real_runs(tmp_path):
     assert ue["mlp-digits-2b-lts-fixed-r0.3-s0"] >= ue["mlp-digits-2b-lts-fixed-r0.1-s0"] > 0
     r = cli("sweep", "--thresholds", "-1", "--out", str(tmp_path / "bad"))
     assert r.returncode == 2 and "threshold" in r.stderr
+
+
+def test_in_process_hooks_on_epoch_and_should_stop(tmp_path):
+    rows, calls = [], []
+
+    def stop_after_30_steps():
+        calls.append(1)
+        return len(calls) >= 30
+
+    cfg = make_config(epochs=10, fp_epochs=1, device="cpu", warmup_epochs=1)
+    with pytest.raises(KeyboardInterrupt):
+        train(cfg, run_dir=tmp_path / "runs" / "hooked", progress=False, on_epoch=rows.append,
+              should_stop=stop_after_30_steps)
+    assert len(rows) == 2 and rows[0]["epoch"] == 1  # 11 steps per epoch: stopped inside epoch 3
+    manifest = json.loads((tmp_path / "runs" / "hooked" / "manifest.json").read_text())
+    assert manifest["status"] == "interrupted" and "step 30" in manifest["reason"]
