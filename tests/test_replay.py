@@ -299,17 +299,7 @@ def test_cpu_and_cuda_identical():
 
 # ---- against the live rules: a run recorded at every step replays its own freeze steps ---------------------
 
-def _probe(n):
-    from torch import nn
-
-    from lts_core.layers import QLinear
-    from lts_core.quantizers import LearnedIntervalQuantizer
-    q = LearnedIntervalQuantizer(bits=2)
-    layer = QLinear.from_float(nn.Linear(1, n, bias=False), q)
-    with torch.no_grad():
-        q.lower.fill_(0.0)
-        q.upper.fill_(3.0)
-    return nn.Sequential(layer), layer
+from probe import probe as _probe  # noqa: E402
 
 
 def _drive(rule, layer, seq):

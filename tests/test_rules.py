@@ -5,20 +5,9 @@ import pytest
 import torch
 from torch import nn
 
-from lts_core.layers import QLinear, quantize_model
-from lts_core.quantizers import LearnedIntervalQuantizer
+from lts_core.layers import quantize_model
 from lts_core.rules import LTSRule, OscillationRule
-
-
-def probe(n):
-    """One QLinear(1, n) whose 2-bit grid is 0,1,2,3 in weight units: position == weight, Δ == 1."""
-    q = LearnedIntervalQuantizer(bits=2)
-    layer = QLinear.from_float(nn.Linear(1, n, bias=False), q)
-    with torch.no_grad():
-        q.lower.fill_(0.0)
-        q.upper.fill_(3.0)
-    model = nn.Sequential(layer)
-    return model, layer
+from probe import probe
 
 
 def drive(rule, layer, seq):

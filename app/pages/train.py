@@ -114,6 +114,23 @@ def train_monitor(job_id: str) -> None:
         st.rerun()
 
 
+def job_status(job: J.Job, state: str, reason, frac: float, label: str, what: str, done_text: str,
+               failed: str) -> None:
+    """Progress bar, Stop button while running, and the outcome of a background run or sweep."""
+    c1, c2 = st.columns([4, 1])
+    c1.progress(min(frac, 1.0), text=label)
+    if job.running:
+        c2.button("Stop", key=f"stop_{job.id}", on_click=J.stop, args=(job,),
+                  help="send SIGINT: running runs are closed as 'interrupted' and stay readable")
+    if state == "complete":
+        st.success(f"{what} is complete; {done_text}.")
+    elif state == "interrupted":
+        st.warning(f"{what} was interrupted: {reason}.")
+    elif state == "failed":
+        st.error(f"{failed}: {reason}")
+        st.caption(f"Full log: `{job.log}`")
+
+
 def show_train_job(job: J.Job) -> None:
     J.escalate_stop(job)
     state, reason = J.state(job)
@@ -121,19 +138,8 @@ def show_train_job(job: J.Job) -> None:
     m = info.get("metrics")
     total = int(job.config.get("epochs") or 1)
     done = 0 if m is None else len(m)
-    c1, c2 = st.columns([4, 1])
-    label = f"**{job.id}** — {STATE_TEXT[state]} · epoch {done}/{total}"
-    c1.progress(min(done / total, 1.0), text=label)
-    if job.running:
-        c2.button("Stop", key=f"stop_{job.id}", on_click=J.stop, args=(job,),
-                  help="send SIGINT: the run is closed as 'interrupted' and stays readable")
-    if state == "complete":
-        st.success(f"Run **{job.id}** is complete; it now appears on every page.")
-    elif state == "interrupted":
-        st.warning(f"Run **{job.id}** was interrupted: {reason}.")
-    elif state == "failed":
-        st.error(f"Training failed: {reason}")
-        st.caption(f"Full log: `{job.log}`")
+    job_status(job, state, reason, done / total, f"**{job.id}** — {STATE_TEXT[state]} · epoch {done}/{total}",
+               what=f"Run **{job.id}**", done_text="it now appears on every page", failed="Training failed")
     if m is not None and len(m):
         left, right = st.columns(2)
         with left:
@@ -222,17 +228,11 @@ def show_sweep(group: str, job: J.Job | None) -> None:
         J.escalate_stop(job)
         state, reason = J.state(job)
         total = job.n_runs
-        c1, c2 = st.columns([4, 1])
         text = "running" if state in ("pretraining", "training") else STATE_TEXT[state]
-        c1.progress(min(len(done) / total, 1.0), text=f"**{group}** — {text} · {len(done)}/{total} runs complete")
-        if job.running:
-            c2.button("Stop sweep", key=f"stop_{job.id}", on_click=J.stop, args=(job,))
-        if state == "failed":
-            st.error(f"The sweep failed: {reason}")
-        elif state == "interrupted":
-            st.warning(f"The sweep was interrupted: {reason}.")
-        elif state == "complete":
-            st.success(f"Sweep **{group}** is complete; its runs appear on every page.")
+        job_status(job, state, reason, len(done) / total,
+                   f"**{group}** — {text} · {len(done)}/{total} runs complete",
+                   what=f"Sweep **{group}**", done_text="its runs appear on every page",
+                   failed="The sweep failed")
         base_cfg, thresholds, schedules = job.config, job.thresholds, job.schedules
     else:
         lts_rows = [r for r in rows if C.is_lts(r)]
