@@ -35,6 +35,9 @@ class WeightQuantizer(nn.Module):
         super().__init__()
         self.n_levels = int(n_levels)
         self.bits = int(bits)
+        # Rules and recorders set this: forward() then keeps its position and level for measure_code.
+        self.remember_forward = False
+        self._seen: tuple | None = None  # (stamp, position, level) of the last forward pass
 
     def position(self, w: torch.Tensor) -> torch.Tensor:  # pragma: no cover - abstract
         raise NotImplementedError
@@ -48,14 +51,42 @@ class WeightQuantizer(nn.Module):
 
     @torch.no_grad()
     def measure_code(self, w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Hot path of the rules: (level index, distance code) both as float32, with no dtype conversion.
+        """Hot path of the rules and the recorder: (level index, distance code) both as float32.
 
         The code is `clamp(round(dist·128), 0, 255)`, the value `distance.encode_distance` stores as uint8.
+        When the last forward pass saw this very `w` and these bounds (same storage, no in-place change since:
+        torch's version counters), its position and level are reused instead of recomputed; the result is
+        bit for bit the same.
         """
-        pos = self.position(w.detach()).float()
-        level = torch.round(pos).clamp_(0, self.n_levels - 1)
-        code = pos.sub_(level).abs_().mul_(DIST_SCALE).round_().clamp_(max=DIST_MAX_CODE)
+        seen = self._seen
+        if seen is not None and seen[0] == self._stamp(w):
+            pos, level = seen[1].float(), seen[2].float()
+            code = torch.sub(pos, level)
+        else:
+            pos = self.position(w.detach()).float()
+            level = torch.round(pos).clamp_(0, self.n_levels - 1)
+            code = pos.sub_(level)
+        code.abs_().mul_(DIST_SCALE).round_().clamp_(max=DIST_MAX_CODE)
         return level, code
+
+    def __getstate__(self):  # pickling a model does not carry the remembered tensors
+        state = dict(self.__dict__)
+        state["_seen"] = None
+        return state
+
+    def _stamp(self, w: torch.Tensor) -> tuple | None:
+        """Identity of `w` and of this quantizer's parameters: storage and in-place version of each."""
+        try:
+            return ((w.data_ptr(), w._version),) + tuple((p.data_ptr(), p._version) for p in self.parameters())
+        except RuntimeError:  # inference tensors carry no version counter
+            return None
+
+    def _remember(self, w: torch.Tensor, pos: torch.Tensor, level: torch.Tensor) -> None:
+        """Called by forward(): keep its (unclamped position, level index) of `w` for measure_code."""
+        if not self.remember_forward:
+            return
+        stamp = self._stamp(w)
+        self._seen = None if stamp is None else (stamp, pos.detach(), level.detach())
 
     def level_value(self, level: torch.Tensor) -> torch.Tensor:  # pragma: no cover - abstract
         raise NotImplementedError
@@ -112,7 +143,11 @@ class LearnedIntervalQuantizer(WeightQuantizer):
 
     def forward(self, w: torch.Tensor) -> torch.Tensor:
         lower, upper = self._lu()
-        k = round_ste(torch.clamp(self.position(w), 0, self.n_levels - 1))
+        pos = self.position(w)
+        x = torch.clamp(pos, 0, self.n_levels - 1)
+        level = torch.round(x.detach())
+        k = x + (level - x).detach()  # round with a straight-through gradient (round_ste)
+        self._remember(w, pos, level)
         q = k / (self.n_levels - 1)
         if self.output == "unit":
             return 2 * q - 1

@@ -31,6 +31,7 @@ import numpy as np
 import torch
 
 from .distance import encode_distance
+from .npy_direct import aligned_empty
 from .store import METRIC_COLUMNS, RunWriter
 
 _SLUG_RE = re.compile(r"[^A-Za-z0-9]+")
@@ -70,6 +71,17 @@ def _bounds_pair(b: dict) -> tuple[float, float]:
 def _flat_u8(x) -> torch.Tensor:
     t = x if isinstance(x, torch.Tensor) else torch.as_tensor(np.asarray(x))
     return t.detach().reshape(-1).to(torch.uint8)
+
+
+def _copy_u8(dst: torch.Tensor, src: torch.Tensor) -> None:
+    """dst (host uint8, flat) <- src (values 0..255, any dtype and device). On the CPU float32 -> uint8 is
+    ~4x slower in torch than float32 -> int16 -> uint8; on a GPU the cast happens there and 1 byte/value
+    crosses to the host."""
+    src = src.reshape(-1)
+    if src.dtype != torch.uint8:
+        src = src.to(torch.uint8 if src.device.type != "cpu" else
+                     (torch.int16 if src.is_floating_point() else torch.uint8))
+    dst.copy_(src)
 
 
 def _rule_layer_names(rule, n_layers: int) -> list[str] | None:
@@ -121,10 +133,11 @@ class Recorder:
     def _alloc(self) -> dict[str, np.ndarray]:
         c = self.chunk_records
         # np.empty: pages are only touched as records arrive.
-        buf = {"step": np.empty(c, np.int64), "level": np.empty((c, self.n_weights), np.uint8),
-               "dist": np.empty((c, self.n_weights), np.uint8)}
+        # Page-aligned, so that the store can write a chunk's leading rows with O_DIRECT.
+        buf = {"step": np.empty(c, np.int64), "level": aligned_empty((c, self.n_weights), np.uint8),
+               "dist": aligned_empty((c, self.n_weights), np.uint8)}
         for name in self.state_names:
-            buf[name] = np.empty((c, self.n_weights), np.uint8)
+            buf[name] = aligned_empty((c, self.n_weights), np.uint8)
         buf["bounds"] = np.empty((c, self.n_layers, 2), np.float32)
         return buf
 
@@ -155,6 +168,9 @@ class Recorder:
         if not layers:
             raise ValueError("no quantized layer to record: call quantize_model() first")
         config = dict(config or {})
+        for _, m in layers:  # measure_code then reuses the forward pass's position and level
+            if hasattr(m.weight_quantizer, "remember_forward"):
+                m.weight_quantizer.remember_forward = True
 
         layer_meta, offset = [], 0
         for name, m in layers:
@@ -293,8 +309,8 @@ class Recorder:
                 code = encode_distance(dist)
             if lev.numel() != n_i or code.numel() != n_i:
                 raise RuntimeError(f"layer {lname!r}: measured {lev.numel()} values, expected {n_i}")
-            dst["level"][sl].copy_(lev.reshape(-1))
-            dst["dist"][sl].copy_(code.reshape(-1))
+            _copy_u8(dst["level"][sl], lev)
+            _copy_u8(dst["dist"][sl], code)
             for name in self.state_names:
                 if j is None:
                     dst[name][sl].zero_()
@@ -303,7 +319,7 @@ class Recorder:
                 if st.numel() != n_i:
                     raise RuntimeError(f"rule state {name!r} of layer {lname!r} has {st.numel()} values, "
                                        f"expected {n_i}")
-                dst[name][sl].copy_(st.reshape(-1))
+                _copy_u8(dst[name][sl], st)
         buf["step"][row] = t
         for i, (_, m) in enumerate(self._layers):
             buf["bounds"][row, i] = _bounds_pair(m.weight_quantizer.bounds())

@@ -5,9 +5,13 @@ Layout of ``runs_dir/<run-id>/``::
     manifest.json                      what the run is and which trajectory chunks are complete
     metrics.parquet                    one row per finished epoch
     traj/<chunk:06d>.<array>.npy       step int64 [r]; level, dist, <state> uint8 [r, N]; bounds float32 [r, L, 2]
+                                       (level may be stored as changes instead: level_base, level_change_at,
+                                       level_change_to, see lts_core.level_delta; readers decode it)
     summary/<name>.npy                 per-weight summaries (freeze_step int64, -1 = never)
 
-Every file is written to ``<name>.tmp-<pid>``, fsynced and renamed over its final name (``os.replace``).
+Every file is written to ``<name>.tmp-<pid>``, fsynced and renamed over its final name (``os.replace``);
+chunk arrays of 1 MiB or more go to disk with ``O_DIRECT`` where the filesystem allows it
+(`lts_core.npy_direct`: same ``.npy`` format, far less CPU per MB).
 A chunk is listed in the manifest only after all of its files exist, so a crash at any point leaves a run
 that reads up to its last listed chunk; unlisted (orphan) chunk files and temp files are ignored.
 Nothing is pickled: arrays are saved and loaded with ``allow_pickle=False``.
@@ -31,11 +35,15 @@ from typing import Any, Iterator
 
 import numpy as np
 
-SCHEMA_VERSION = 1
+from . import level_delta
+from .npy_direct import write_npy_direct
+
+SCHEMA_VERSION = 2  # 2: a chunk's levels may be stored as changes (level_delta); version 1 runs still read
 STATUSES = ("running", "complete", "interrupted", "failed")
 METRIC_COLUMNS = ("epoch", "train_loss", "test_acc", "frozen_fraction", "updates_eliminated",
                   "backward_flops_saved", "seconds", "lr")
 CORE_ARRAYS = ("step", "level", "dist", "bounds")
+LEVEL_DELTA_ARRAYS = ("level_base", "level_change_at", "level_change_to")  # "level" as changes (level_delta)
 DIST_SCALE = 128  # same grid as lts_core.distance (kept here so the store needs no torch)
 INTERRUPTED_REASON = "process ended without closing the run"
 MANIFEST = "manifest.json"
@@ -141,6 +149,10 @@ def _atomic_save_npy(path: Path, array: np.ndarray) -> None:
     arr = np.ascontiguousarray(array)
     if arr.dtype.hasobject:
         raise ValueError(f"{path}: object arrays cannot be stored (no pickle)")
+    tmp = _tmp_name(path)
+    if write_npy_direct(tmp, arr):  # big aligned arrays: fsynced, bypassing the page cache
+        os.replace(tmp, path)
+        return
     _atomic_write(path, lambda f: np.save(f, arr, allow_pickle=False))
 
 
@@ -332,6 +344,8 @@ class RunWriter:
             if name == "step":
                 continue
             self._check_array_name(name)
+            if name in LEVEL_DELTA_ARRAYS:
+                raise ValueError(f"array name {name!r} is reserved (the store's encoding of 'level')")
             arr = np.asarray(arr)
             if arr.ndim == 0 or arr.shape[0] != n:
                 raise ValueError(f"array {name!r} has {arr.shape[:1]} records, 'step' has {n}")
@@ -347,6 +361,11 @@ class RunWriter:
                 if name not in ("level", "dist") and name not in self.manifest["state_arrays"]:
                     new_states.append(name)
             prepared[name] = arr
+        if "level" in prepared:
+            enc = level_delta.encode(prepared["level"])
+            if enc is not None:  # rare level changes: store the first row and the changes (level_delta)
+                del prepared["level"]
+                prepared.update(zip(LEVEL_DELTA_ARRAYS, enc))
         index = len(self.manifest["chunks"])
         for name, arr in prepared.items():
             _atomic_save_npy(chunk_file(self.path, index, name), arr)
@@ -430,7 +449,7 @@ def _read_manifest(path: Path) -> dict:
         raise CorruptManifestError(f"{mpath}: missing or invalid schema_version")
     if version > SCHEMA_VERSION:
         raise SchemaVersionError(f"{mpath}: written by a newer scratchoff (schema {version}); "
-                                 f"this version reads schema {SCHEMA_VERSION}")
+                                 f"this version reads schemas 1 to {SCHEMA_VERSION}")
     if version < 1:
         raise CorruptManifestError(f"{mpath}: invalid schema_version {version}")
     for key, kind in (("layers", list), ("chunks", list)):
@@ -509,6 +528,12 @@ class Run:
                     _check_npy(path, (r, n_layers, 2), _is_f32)
                 elif name in ("level", "dist") or name in self.state_arrays:
                     _check_npy(path, (r, n), _is_u8)
+                elif name == "level_base":
+                    _check_npy(path, (n,), _is_u8)
+                elif name == "level_change_at":
+                    _check_npy(path, (None,), _is_int)
+                elif name == "level_change_to":
+                    _check_npy(path, (None,), _is_u8)
                 else:
                     _check_npy_first(path, r)
 
@@ -544,6 +569,21 @@ class Run:
 
     # -- chunk access --
     def _load(self, ch: dict, name: str) -> np.ndarray:
+        """A stored array of one chunk, memory-mapped (a level chunk stored as changes is decoded)."""
+        return self._load_cols(ch, name, None)
+
+    def _load_cols(self, ch: dict, name: str, cols) -> np.ndarray:
+        """Columns `cols` (slice, index array, or None = all) of a chunk's [r, N] array."""
+        if name == "level" and "level_base" in self._chunk_arrays(ch):
+            base, at, to = (self._load_file(ch, a) for a in LEVEL_DELTA_ARRAYS)
+            problem = level_delta.check(base, at, to, int(ch["n_records"]))
+            if problem:
+                raise CorruptChunkError(f"{chunk_file(self.path, ch['index'], 'level_change_at')}: {problem}")
+            return level_delta.decode(base, at, to, int(ch["n_records"]), cols)
+        mm = self._load_file(ch, name)
+        return mm if cols is None else mm[:, cols]
+
+    def _load_file(self, ch: dict, name: str) -> np.ndarray:
         if name not in self._chunk_arrays(ch):
             raise RunError(f"{chunk_file(self.path, ch['index'], name)}: chunk {ch['index']} has no "
                            f"{name!r} array")
@@ -559,7 +599,7 @@ class Run:
         for ch in self._chunks:
             r = int(ch["n_records"])
             if r:
-                out[r0:r0 + r] = self._load(ch, name)[:, cols]
+                out[r0:r0 + r] = self._load_cols(ch, name, cols)
             r0 += r
         return out
 
@@ -614,7 +654,7 @@ class Run:
 
     def iter_chunks(self, arrays=("level", "dist"), layer: int | str | None = None) -> Iterator[dict]:
         """Stream the run chunk by chunk: dicts with 'index', 'step' and the requested stored arrays
-        (memory-mapped, read-only, column-sliced to `layer`). 'dist' is the stored uint8 code; decode it
+        (memory-mapped, read-only, column-sliced to `layer`; levels stored as changes come decoded). 'dist' is the stored uint8 code; decode it
         with `decode_codes`. 'bounds' is [r, n_layers, 2] ([r, 2] with `layer`)."""
         sl = self.layer_slice(layer)
         li = None if layer is None else self.layer_index(layer)
@@ -625,11 +665,11 @@ class Run:
             for name in arrays:
                 if name == "step":
                     continue
-                mm = self._load(ch, name)
                 if name == "bounds":
+                    mm = self._load(ch, name)
                     out[name] = mm if li is None else mm[:, li]
                 else:
-                    out[name] = mm[:, sl]
+                    out[name] = self._load_cols(ch, name, sl)
             yield out
 
     def weights(self, idx, layer: int | str | None = None) -> dict:

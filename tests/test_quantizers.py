@@ -117,3 +117,50 @@ def test_measure_code_equals_encoded_measure(bits, seed, method):
     level_f, code_f = q.measure_code(w)
     assert torch.equal(level_f.to(torch.int64), level)
     assert torch.equal(code_f.to(torch.uint8), encode_distance(dist))
+
+
+@pytest.mark.parametrize("kw", [{"bits": 2}, {"bits": 3, "symmetric": True}, {"bits": 2, "n_levels": 3, "symmetric": True}])
+def test_measure_code_reuses_forward_only_while_nothing_changed(kw):
+    """With remember_forward, measure_code reuses the forward's position and level: same bits as a fresh
+    measurement, and never stale after the weight or a bound changed in place."""
+    torch.manual_seed(0)
+    q = LearnedIntervalQuantizer(**kw)
+    fresh = LearnedIntervalQuantizer(**kw)
+    w = torch.nn.Parameter(torch.randn(64, 33))
+    q.init_from(w * 0.4)  # many weights beyond the bounds: distances > 0.5
+    fresh.load_state_dict(q.state_dict())
+    q.remember_forward = True
+
+    def same_as_fresh():
+        fresh.load_state_dict(q.state_dict())
+        (lv, cd), (lv0, cd0) = q.measure_code(w), fresh.measure_code(w)
+        assert torch.equal(lv, lv0) and torch.equal(cd, cd0)
+        return lv, cd
+
+    q(w).sum().backward()
+    assert q._seen is not None
+    lv, cd = same_as_fresh()
+    assert lv is q._seen[2]  # the forward's level tensor was reused, not recomputed
+    assert cd.max() > 64  # out-of-range weights were measured too
+
+    opt = torch.optim.SGD([w, *q.parameters()], lr=0.5)
+    opt.step()  # weights and bounds move in place: the remembered forward is stale now
+    lv2, cd2 = same_as_fresh()
+    assert lv2 is not q._seen[2]
+    assert not torch.equal(cd2, cd)
+    q(w)
+    with torch.no_grad():
+        q.upper.mul_(1.5)  # only a bound changes
+    lv3, _ = same_as_fresh()
+    assert lv3 is not q._seen[2]
+    w.data = w.data * 1.1  # storage replaced, not modified in place
+    q(w)
+    w.data = torch.randn_like(w)
+    same_as_fresh()
+
+
+def test_remember_forward_is_off_unless_asked():
+    q = LearnedIntervalQuantizer(bits=2)
+    w = torch.randn(10, 10)
+    q(w)
+    assert q._seen is None

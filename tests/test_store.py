@@ -56,7 +56,7 @@ def test_round_trip_and_layer_slicing(tmp_path):
     w.write_summary("freeze_step", np.arange(N, dtype=np.int64) - 1)
     run = open_run(tmp_path / "r1")
     m = run.manifest
-    assert m["schema_version"] == SCHEMA_VERSION == 1
+    assert m["schema_version"] == SCHEMA_VERSION == 2
     assert run.status == "complete" and run.reason is None and run.run_id == "r1"
     assert run.config == {"model": "mlp"}
     assert [c["n_records"] for c in m["chunks"]] == [2, 3]
@@ -210,7 +210,7 @@ def test_manifest_errors(tmp_path):
     m = json.loads(mpath.read_text())
     m["schema_version"] = 99
     mpath.write_text(json.dumps(m))
-    with pytest.raises(SchemaVersionError, match=r"newer scratchoff \(schema 99\); this version reads schema 1"):
+    with pytest.raises(SchemaVersionError, match=r"newer scratchoff \(schema 99\); this version reads schemas 1 to 2"):
         open_run(tmp_path / "future")
     assert issubclass(SchemaVersionError, RunError)
     with pytest.raises(MissingManifestError):

@@ -33,6 +33,8 @@ class FreezingRule:
         self.total_steps = int(total_steps)
         self.layer_names = [n for n, _ in named]
         self.modules = [m for _, m in named]
+        for m in self.modules:  # measure_code then reuses the forward pass's position and level
+            m.weight_quantizer.remember_forward = True
         self.numels = [m.weight.numel() for m in self.modules]
         flops = [int(getattr(m, "flops", 0) or 0) for m in self.modules]
         # FLOP weights: measured forward FLOPs; without a measurement fall back to weight counts.
