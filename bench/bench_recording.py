@@ -6,16 +6,22 @@ per epoch, on a synthetic MLP of ~1M 2-bit quantized weights (in one process, CP
 Prints a markdown table: ms per step (best of --repeats; includes chunk flushes amortised), ratios to the
 plain step and to the same rule without recorder, time spent inside rec.step() alone (robust to other load
 on the machine), records written and bytes on disk.
+
+A control row times the plain QAT step while *another process* writes to disk, with O_DIRECT and almost
+no CPU of its own, as many bytes per step as every-step recording wrote. On a virtual machine whose disk
+is emulated on the host's cores, that slowdown is the price of the bytes alone, whoever writes them.
 """
 from __future__ import annotations
 
 import argparse
 import shutil
+import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -86,7 +92,43 @@ def time_mode(device: str, steps: int, batch: int, warmup: int, runs_dir: Path |
     return out
 
 
+def write_load(mb_per_s: float, seconds: float, folder: str) -> None:
+    """Write `mb_per_s` MB per second to `folder` for `seconds`, in 8 MB O_DIRECT files (fsynced), as the
+    recorder's background writer does."""
+    from lts_core.npy_direct import aligned_empty, write_npy_direct
+    buf = aligned_empty(8 << 20, np.uint8)
+    buf[:] = 7
+    t0 = time.perf_counter()
+    written = 0
+    while (now := time.perf_counter()) - t0 < seconds:
+        due = mb_per_s * (now - t0) * 2**20
+        if written < due:
+            path = Path(folder) / f"load{written // buf.nbytes % 4}.npy"
+            if not write_npy_direct(path, buf):
+                np.save(path, buf)
+            written += buf.nbytes
+        else:
+            time.sleep(0.002)
+
+
+def time_plain_under_write_load(device: str, steps: int, batch: int, warmup: int, mb_per_step: float,
+                                ms_per_step: float, folder: Path) -> float:
+    """ms per plain QAT step while another process writes `mb_per_step` per `ms_per_step`."""
+    seconds = (warmup + steps) * ms_per_step / 1000 * 3 + 5
+    load = subprocess.Popen([sys.executable, __file__, "--write-load", str(mb_per_step / ms_per_step * 1000),
+                             str(seconds), str(folder)])
+    try:
+        time.sleep(0.5)
+        return time_mode(device, steps, batch, warmup, None, None, None)["ms"]
+    finally:
+        load.kill()
+        load.wait()
+
+
 def main() -> None:
+    if len(sys.argv) == 5 and sys.argv[1] == "--write-load":  # the control's writer process
+        write_load(float(sys.argv[2]), float(sys.argv[3]), sys.argv[4])
+        return
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--steps", type=int, default=200)
     ap.add_argument("--warmup", type=int, default=10)
@@ -110,12 +152,20 @@ def main() -> None:
     try:
         time_mode(args.device, 20, args.batch, 5, tmp, None, None)  # process warm-up (allocator, threads)
         results = {}
+        control = "plain QAT step, another process writing as many bytes"
         for _ in range(args.repeats):  # interleave repeats so drifts hit every mode alike
             for label, every, rule, background in modes:
                 r = time_mode(args.device, args.steps, args.batch, args.warmup, tmp, every, rule, background)
                 best = results.setdefault(label, r)
                 best["ms"] = min(best["ms"], r["ms"])  # best of N: other load on the machine only adds
                 best["rec_ms"] = min(best["rec_ms"], r["rec_ms"])
+            every_step = results["+ rec.step() every step"]
+            mb_per_step = every_step["bytes"] / 2**20 / every_step["records"]
+            ms = time_plain_under_write_load(args.device, args.steps, args.batch, args.warmup, mb_per_step,
+                                             results["plain QAT step"]["ms"], tmp)
+            r = results.setdefault(control, {"ms": ms, "rec_ms": 0.0, "records": 0,
+                                             "bytes": every_step["bytes"]})
+            r["ms"] = min(r["ms"], ms)
     finally:
         if not args.runs_dir:
             shutil.rmtree(tmp, ignore_errors=True)
@@ -126,7 +176,7 @@ def main() -> None:
           f"device {args.device}, torch {torch.__version__}, {torch.get_num_threads()} threads\n")
     print("| mode | ms/step | × plain | × same rule, no rec | in rec.step() ms/step | records | MB on disk |")
     print("|---|---:|---:|---:|---:|---:|---:|")
-    for label, every, rule, _ in modes:
+    for label, every, rule, _ in modes[:4] + [(control, None, None, True)] + modes[4:]:
         r = results[label]
         same = (rule_base if rule else base)
         print(f"| {label} | {r['ms']:.2f} | {r['ms'] / base:.2f} | {r['ms'] / same:.2f} | {r['rec_ms']:.2f} | {r['records']} | "

@@ -267,3 +267,17 @@ def test_list_runs_finds_sweep_groups_and_skips_empty_folders(tmp_path):
     assert entries["inner-a"].ok and not entries["inner-b"].ok and entries["inner-b"].status == "broken"
     assert "manifest" in entries["inner-b"].error
     assert {e.path.name for e in list_runs(tmp_path, depth=1)} == {"top"}
+
+
+def test_schema_1_runs_still_read(tmp_path):
+    """Runs written before levels could be stored as changes (schema 1, e.g. the shipped examples) read as
+    before."""
+    _, cat = make_run(tmp_path, run_id="old")
+    mpath = tmp_path / "old" / "manifest.json"
+    m = json.loads(mpath.read_text())
+    assert all("level" in c["arrays"] for c in m["chunks"])  # random levels: stored dense
+    m["schema_version"] = 1
+    mpath.write_text(json.dumps(m))
+    run = open_run(tmp_path / "old")
+    assert run.manifest["schema_version"] == 1
+    assert np.array_equal(run.levels(), cat["level"]) and np.array_equal(run.dist_codes(), cat["dist"])
