@@ -10,6 +10,16 @@ on the machine), records written and bytes on disk.
 A control row times the plain QAT step while *another process* writes to disk, with O_DIRECT and almost
 no CPU of its own, as many bytes per step as every-step recording wrote. On a virtual machine whose disk
 is emulated on the host's cores, that slowdown is the price of the bytes alone, whoever writes them.
+
+Two what-if rows take the recorder's pieces apart: chunks discarded instead of written (the cost of
+measuring and buffering alone), and distances stored as losslessly compressed step-to-step differences
+(zstd level 1 if the optional `zstandard` package is installed, else zlib level 1): does spending CPU on
+compression buy back more than the bytes it saves?
+
+    python bench/bench_recording.py --batch-sweep 64,128,256,512 --no-rule
+
+prints instead the every-step overhead at several batch sizes: the recorder's work per step depends on the
+number of weights only, the step's on the batch too.
 """
 from __future__ import annotations
 
@@ -46,8 +56,47 @@ def sync(device: str) -> None:
         torch.cuda.synchronize()
 
 
+def distance_codec():
+    """(name, compress) of the fastest lossless codec at hand: zstd level 1 when the optional `zstandard`
+    package is installed, else the standard library's zlib level 1."""
+    try:
+        import zstandard
+        return "zstd-1", zstandard.ZstdCompressor(level=1).compress
+    except ImportError:
+        import zlib
+        return "zlib-1", lambda b: zlib.compress(b, 1)
+
+
+def divert_chunks(rec: Recorder, chunks: str) -> None:
+    """What-if variants of the chunk writer, for the bench only. "discard": chunks are dropped (the cost of
+    measuring and buffering alone). "compress": the distance array is stored as its step-to-step
+    differences (uint8, wrapping), losslessly compressed, in a side file written as the store writes;
+    the other arrays go to the store as usual."""
+    store_append = rec.writer.append_chunk
+    if chunks == "discard":
+        rec.writer.append_chunk = lambda arrays: {}
+    elif chunks == "compress":
+        from lts_core.npy_direct import aligned_empty, write_npy_direct
+        _, compress = distance_codec()
+        count = iter(range(10**9))
+
+        def append(arrays):
+            dist = arrays["dist"]
+            diff = dist.copy()
+            np.subtract(dist[1:], dist[:-1], out=diff[1:])
+            blob = compress(diff.tobytes())
+            buf = aligned_empty(len(blob), np.uint8)
+            buf[:] = np.frombuffer(blob, np.uint8)
+            path = rec.path / "traj" / f"{next(count):06d}.dist-compressed.npy"
+            if not write_npy_direct(path, buf):
+                np.save(path, buf)
+            rec.bytes_compressed = getattr(rec, "bytes_compressed", 0) + len(blob)
+            return store_append({k: v for k, v in arrays.items() if k != "dist"})
+        rec.writer.append_chunk = append
+
+
 def time_mode(device: str, steps: int, batch: int, warmup: int, runs_dir: Path | None, every: int | None,
-              rule_name: str | None, background: bool = True) -> dict:
+              rule_name: str | None, background: bool = True, chunks: str = "store") -> dict:
     model = build(device)
     opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
     total = warmup + steps
@@ -59,6 +108,7 @@ def time_mode(device: str, steps: int, batch: int, warmup: int, runs_dir: Path |
     if every is not None:
         rec = Recorder.create(runs_dir, model, {"bench": True}, rule=rule, every=every, steps_per_epoch=every,
                               total_steps=total, background=background)
+        divert_chunks(rec, chunks)
     g = torch.Generator(device="cpu").manual_seed(1)
     xs = torch.randn(8, batch, 128, generator=g).to(device)
     ys = torch.randint(0, 10, (8, batch), generator=g).to(device)
@@ -138,50 +188,83 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=3, help="best of N")
     ap.add_argument("--no-rule", action="store_true", help="skip the LTS-rule rows")
     ap.add_argument("--runs-dir", default=None, help="where to write the bench runs (default: a temp dir)")
+
+    ap.add_argument("--batch-sweep", default=None, metavar="B1,B2,...",
+                    help="instead of the table: plain vs every-step recording at each of these batch sizes")
     args = ap.parse_args()
 
     n_q = sum(m.weight.numel() for _, m in quantized_layers(build("cpu")))
-    modes = [("plain QAT step", None, None, True), ("+ rec.step() every step", 1, None, True),
-             ("+ rec.step() every step, synchronous writes", 1, None, False),
-             (f"+ rec.step() every {args.every} steps", args.every, None, True)]
-    if not args.no_rule:
-        modes += [("LTS rule", None, "lts", True), ("LTS rule + rec every step", 1, "lts", True),
-                  (f"LTS rule + rec every {args.every}", args.every, "lts", True)]
+    print(f"\n{n_q:,} quantized 2-bit weights, {args.steps} timed steps, device {args.device}, "
+          f"torch {torch.__version__}, {torch.get_num_threads()} threads\n")
     tmp = Path(args.runs_dir) if args.runs_dir else Path(tempfile.mkdtemp(prefix="bench-rec-"))
     tmp.mkdir(parents=True, exist_ok=True)
     try:
         time_mode(args.device, 20, args.batch, 5, tmp, None, None)  # process warm-up (allocator, threads)
-        results = {}
-        control = "plain QAT step, another process writing as many bytes"
-        for _ in range(args.repeats):  # interleave repeats so drifts hit every mode alike
-            for label, every, rule, background in modes:
-                r = time_mode(args.device, args.steps, args.batch, args.warmup, tmp, every, rule, background)
-                best = results.setdefault(label, r)
-                best["ms"] = min(best["ms"], r["ms"])  # best of N: other load on the machine only adds
-                best["rec_ms"] = min(best["rec_ms"], r["rec_ms"])
-            every_step = results["+ rec.step() every step"]
-            mb_per_step = every_step["bytes"] / 2**20 / every_step["records"]
-            ms = time_plain_under_write_load(args.device, args.steps, args.batch, args.warmup, mb_per_step,
-                                             results["plain QAT step"]["ms"], tmp)
-            r = results.setdefault(control, {"ms": ms, "rec_ms": 0.0, "records": 0,
-                                             "bytes": every_step["bytes"]})
-            r["ms"] = min(r["ms"], ms)
+        if args.batch_sweep:
+            batch_sweep(args, [int(b) for b in args.batch_sweep.split(",")], tmp)
+        else:
+            overhead_table(args, tmp)
     finally:
         if not args.runs_dir:
             shutil.rmtree(tmp, ignore_errors=True)
 
+
+def best_of(args, modes, tmp: Path, batch: int, results: dict) -> None:
+    """One round over `modes` (label, every, rule, background, chunks), keeping each one's best time."""
+    for label, every, rule, background, chunks in modes:
+        r = time_mode(args.device, args.steps, batch, args.warmup, tmp, every, rule, background, chunks)
+        best = results.setdefault(label, r)
+        best["ms"] = min(best["ms"], r["ms"])  # best of N: other load on the machine only adds
+        best["rec_ms"] = min(best["rec_ms"], r["rec_ms"])
+
+
+def overhead_table(args, tmp: Path) -> None:
+    codec, _ = distance_codec()
+    modes = [("plain QAT step", None, None, True, "store"), ("+ rec.step() every step", 1, None, True, "store"),
+             ("+ rec.step() every step, synchronous writes", 1, None, False, "store"),
+             (f"+ rec.step() every {args.every} steps", args.every, None, True, "store"),
+             ("*what-if:* every step, chunks discarded (measuring and buffering only)", 1, None, True, "discard"),
+             (f"*what-if:* every step, distances stored as {codec}-compressed step differences", 1, None, True,
+              "compress")]
+    if not args.no_rule:
+        modes += [("LTS rule", None, "lts", True, "store"), ("LTS rule + rec every step", 1, "lts", True, "store"),
+                  (f"LTS rule + rec every {args.every}", args.every, "lts", True, "store")]
+    results = {}
+    control = "*control:* plain QAT step, another process writing as many bytes"
+    for _ in range(args.repeats):  # interleave repeats so drifts hit every mode alike
+        best_of(args, modes, tmp, args.batch, results)
+        every_step = results["+ rec.step() every step"]
+        mb_per_step = every_step["bytes"] / 2**20 / every_step["records"]
+        ms = time_plain_under_write_load(args.device, args.steps, args.batch, args.warmup, mb_per_step,
+                                         results["plain QAT step"]["ms"], tmp)
+        r = results.setdefault(control, {"ms": ms, "rec_ms": 0.0, "records": 0, "bytes": every_step["bytes"]})
+        r["ms"] = min(r["ms"], ms)
+
     base = results["plain QAT step"]["ms"]
     rule_base = results.get("LTS rule", {}).get("ms")
-    print(f"\n{n_q:,} quantized 2-bit weights, batch {args.batch}, {args.steps} timed steps, "
-          f"device {args.device}, torch {torch.__version__}, {torch.get_num_threads()} threads\n")
+    print(f"batch {args.batch}\n")
     print("| mode | ms/step | × plain | × same rule, no rec | in rec.step() ms/step | records | MB on disk |")
     print("|---|---:|---:|---:|---:|---:|---:|")
-    for label, every, rule, _ in modes[:4] + [(control, None, None, True)] + modes[4:]:
+    for label, every, rule, *_ in modes[:6] + [(control, None, None)] + modes[6:]:
         r = results[label]
         same = (rule_base if rule else base)
-        print(f"| {label} | {r['ms']:.2f} | {r['ms'] / base:.2f} | {r['ms'] / same:.2f} | {r['rec_ms']:.2f} | {r['records']} | "
-              f"{r['bytes'] / 2**20:.1f} |")
+        print(f"| {label} | {r['ms']:.2f} | {r['ms'] / base:.2f} | {r['ms'] / same:.2f} | {r['rec_ms']:.2f} | "
+              f"{r['records']} | {r['bytes'] / 2**20:.1f} |")
 
+
+def batch_sweep(args, batches: list[int], tmp: Path) -> None:
+    """Recording costs about the same per step at any batch size; the step itself grows with the batch.
+    The overhead ratio therefore falls as the step does more work per weight."""
+    print("| batch | plain ms/step | every step ms/step | × plain | in rec.step() ms/step |")
+    print("|---:|---:|---:|---:|---:|")
+    for batch in batches:
+        results = {}
+        modes = [("plain", None, None, True, "store"), ("every", 1, None, True, "store")]
+        for _ in range(args.repeats):
+            best_of(args, modes, tmp, batch, results)
+        p, e = results["plain"], results["every"]
+        print(f"| {batch} | {p['ms']:.2f} | {e['ms']:.2f} | {e['ms'] / p['ms']:.2f} | {e['rec_ms']:.2f} |",
+              flush=True)
 
 if __name__ == "__main__":
     main()
