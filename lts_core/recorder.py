@@ -129,6 +129,13 @@ class Recorder:
         self.finished = False
         self._metric_rows: list[dict] = []
         self._warned_t = False
+        # Quantizers whose forward pass this recorder asks to remember its position and level (measure_code
+        # then reuses them), only before the steps it records: holding those tensors through every step
+        # would change the allocator's pattern for nothing. Those a rule already set stay on.
+        self._managed = [m.weight_quantizer for _, m in layers
+                         if getattr(m.weight_quantizer, "remember_forward", None) is False]
+        self._remembering = None
+        self._set_remember(self.should_record(0))
 
     def _alloc(self) -> dict[str, np.ndarray]:
         c = self.chunk_records
@@ -168,10 +175,6 @@ class Recorder:
         if not layers:
             raise ValueError("no quantized layer to record: call quantize_model() first")
         config = dict(config or {})
-        for _, m in layers:  # measure_code then reuses the forward pass's position and level
-            if hasattr(m.weight_quantizer, "remember_forward"):
-                m.weight_quantizer.remember_forward = True
-
         layer_meta, offset = [], 0
         for name, m in layers:
             q = m.weight_quantizer
@@ -262,7 +265,17 @@ class Recorder:
         if recorded:
             self._record(t)
         self.t = t + 1
+        self._set_remember(self.should_record(self.t))
         return recorded
+
+    def _set_remember(self, on: bool) -> None:
+        if on == self._remembering:
+            return
+        self._remembering = on
+        for q in self._managed:
+            q.remember_forward = on
+            if not on:
+                q._seen = None
 
     @torch.no_grad()
     def _record(self, t: int) -> None:
@@ -385,6 +398,7 @@ class Recorder:
         if status not in ("complete", "interrupted", "failed"):
             raise ValueError(f"final status must be complete, interrupted or failed, got {status!r}")
         self.finished = True
+        self._set_remember(False)
         errors = []
         for action in (self.flush, self._write_summaries):
             try:

@@ -332,6 +332,43 @@ def test_real_quantized_model(tmp_path):
     assert b.shape == (3, 3, 2) and np.all(b[..., 0] < b[..., 1])
 
 
+def test_forward_remembers_only_before_record_steps(tmp_path):
+    """The recorder asks the quantizers' forward pass to keep its position and level only for the steps it
+    records; the records still equal a fresh measurement, and finish() releases the kept tensors. A layer
+    whose flag a rule set stays on."""
+    from lts_core.layers import quantize_model, quantized_layers
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.ReLU(), torch.nn.Linear(16, 16),
+                                torch.nn.ReLU(), torch.nn.Linear(16, 3))
+    quantize_model(model, bits=2, first_last_bits=4, example_input=torch.randn(4, 8))
+    qs = [m.weight_quantizer for _, m in quantized_layers(model)]
+    qs[2].remember_forward = True  # as a rule watching the last layer would have set it
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    x, y = torch.randn(32, 8), torch.randint(0, 3, (32,))
+    rec = Recorder.create(tmp_path, model, {}, every=3, steps_per_epoch=3, total_steps=8, run_id="r")
+    flags, expect_lv, expect_cd = [], [], []
+    for t in range(8):
+        flags.append([q.remember_forward for q in qs])
+        opt.zero_grad()
+        torch.nn.functional.cross_entropy(model(x), y).backward()
+        if rec.should_record(t):
+            fresh = [q.measure(m.weight) for q, (_, m) in zip(qs, quantized_layers(model))]
+            expect_lv.append(np.concatenate([lv.reshape(-1).numpy() for lv, _ in fresh]).astype(np.uint8))
+            expect_cd.append(np.concatenate([encode_distance(d).reshape(-1).numpy() for _, d in fresh]))
+        rec.step()
+        opt.step()
+    rec.finish()
+    recorded = [rec.should_record(t) for t in range(8)]
+    assert recorded == [True, False, False, True, False, False, True, True]
+    assert [f[:2] for f in flags] == [[r, r] for r in recorded]
+    assert all(f[2] for f in flags)
+    assert [q.remember_forward for q in qs] == [False, False, True]
+    assert qs[0]._seen is None and qs[1]._seen is None
+    run = open_run(tmp_path / "r")
+    np.testing.assert_array_equal(run.levels(), np.stack(expect_lv))
+    np.testing.assert_array_equal(run.dist_codes(), np.stack(expect_cd))
+
+
 def test_real_rule(tmp_path):
     pytest.importorskip("lts_core.layers")
     rules = pytest.importorskip("lts_core.rules")
