@@ -24,6 +24,7 @@ number of weights only, the step's on the batch too.
 from __future__ import annotations
 
 import argparse
+import itertools
 import shutil
 import subprocess
 import sys
@@ -78,7 +79,7 @@ def divert_chunks(rec: Recorder, chunks: str) -> None:
     elif chunks == "compress":
         from lts_core.npy_direct import aligned_empty, write_npy_direct
         _, compress = distance_codec()
-        count = iter(range(10**9))
+        count = itertools.count()
 
         def append(arrays):
             dist = arrays["dist"]
