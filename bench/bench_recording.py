@@ -91,7 +91,6 @@ def divert_chunks(rec: Recorder, chunks: str) -> None:
             path = rec.path / "traj" / f"{next(count):06d}.dist-compressed.npy"
             if not write_npy_direct(path, buf):
                 np.save(path, buf)
-            rec.bytes_compressed = getattr(rec, "bytes_compressed", 0) + len(blob)
             return store_append({k: v for k, v in arrays.items() if k != "dist"})
         rec.writer.append_chunk = append
 
