@@ -23,7 +23,7 @@ from torch import nn
 from .config import TrainConfig
 from .datasets import DatasetSplit, data_dir, load_dataset
 from .layers import quantize_model, quantized_layers
-from .models import build_model
+from .models import ARCH_VERSION, build_model
 from .rules import FreezingRule, LTSRule, OscillationRule
 
 
@@ -119,6 +119,7 @@ def lr_factor(kind: str, step: int, total: int) -> float:
 def fp_cache_path(cfg: TrainConfig) -> Path:
     key = {k: getattr(cfg, k) for k in ("model", "dataset", "width", "max_train", "fp_epochs", "fp_lr",
                                         "batch_size", "seed", "momentum", "weight_decay", "data_root")}
+    key["arch"] = ARCH_VERSION  # module names changed (layer names by module path): old checkpoints don't load
     digest = hashlib.sha1(json.dumps(key, sort_keys=True).encode()).hexdigest()[:12]
     return data_dir() / "cache" / "fp" / f"{cfg.model}-{cfg.dataset}-{digest}.pt"
 

@@ -79,3 +79,17 @@ def test_errors():
         build_model("mlp", (64,), 10, width=0)
     with pytest.raises(ValueError, match="in_shape"):
         build_model("mlp", (0,), 10)
+
+
+def test_layer_names_are_module_paths():
+    from lts_core import quantize_model, quantized_layers
+
+    def names(name, shape, **kw):
+        return [n for n, _ in quantized_layers(quantize_model(build_model(name, shape, 10, width=8), **kw))]
+
+    assert names("mlp", (64,), first_last_bits=4) == ["fc1", "fc2", "fc3"]
+    assert names("cnn1d", (1, 40)) == ["conv2", "conv3"]  # first and last layers stay full precision
+    assert names("cnn2d", (3, 32, 32), first_last_bits=8) == ["conv1", "conv2", "conv3", "fc"]
+    r = names("resnet20", (3, 32, 32))
+    assert r[:2] == ["layer1.0.conv1", "layer1.0.conv2"] and "layer2.0.shortcut.conv" in r
+    assert r[-1] == "layer3.2.conv2" and len(r) == 20
