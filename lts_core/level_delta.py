@@ -86,3 +86,26 @@ def decode(base: np.ndarray, at: np.ndarray, to: np.ndarray, r: int, cols=None) 
             row[col[s:e]] = val[s:e]
         out[i] = row
     return out
+
+
+def decode_range(base: np.ndarray, at: np.ndarray, to: np.ndarray, r: int, start: int, stop: int,
+                 out: np.ndarray | None = None) -> np.ndarray:
+    """Dense uint8 [r, stop-start] levels of the contiguous columns [start, stop), into `out` if given.
+
+    The changes are sorted by (record, weight), so a record's changes inside the range are one slice of
+    `at`, found by binary search: the cost is O(r log k + changes in the range), not O(k) per call.
+    """
+    n = base.shape[0]
+    b = stop - start
+    out = np.empty((r, b), dtype=np.uint8) if out is None else out
+    out[0] = base[start:stop]
+    if r > 1:
+        rows = np.arange(1, r, dtype=np.int64) * n
+        lo = np.searchsorted(at, rows + start)
+        hi = np.searchsorted(at, rows + stop)
+    for i in range(1, r):
+        out[i] = out[i - 1]
+        s, e = lo[i - 1], hi[i - 1]
+        if e > s:
+            out[i, np.asarray(at[s:e]) - (i * n + start)] = to[s:e]
+    return out

@@ -430,27 +430,19 @@ class Recorder:
         self.writer.write_summary("freeze_step", np.concatenate(parts))
 
     def _write_level_summaries(self) -> None:
-        """Per-weight summaries from the written records, streamed chunk by chunk (memory O(weights)):
-        final_level (uint8), settle_record (int32: first record from which the level stays final) and
-        flips (int32: level changes between consecutive records)."""
+        """Per-weight summaries from the written records: final_level (uint8), settle_record (int32: the record
+        from which the level stays final) and flips (int32: level changes between consecutive records). They
+        come from the analysis cache (`lts_core.analysis.build_cache`), brought up to date here in one streamed
+        pass (memory O(weights), all cores), so that the app opens the finished run without reading its
+        records."""
+        from .analysis.summaries import build_cache
         from .store import open_run
-        last = settle = flips = None
-        r = 0
-        for ch in open_run(self.path).iter_chunks(arrays=("level",)):
-            for row in np.asarray(ch["level"]):
-                if last is None:
-                    last = row.copy()
-                    settle = np.zeros(row.size, np.int32)
-                    flips = np.zeros(row.size, np.int32)
-                else:
-                    changed = row != last
-                    flips += changed
-                    settle[changed] = r
-                    last = row.copy()
-                r += 1
-        if last is not None:
-            for name, arr in (("final_level", last), ("settle_record", settle), ("flips", flips)):
-                self.writer.write_summary(name, arr)
+        run = open_run(self.path)
+        if not run.n_records:
+            return
+        stats = build_cache(run)["levels"]
+        for name in ("final_level", "settle_record", "flips"):
+            self.writer.write_summary(name, np.asarray(getattr(stats, name)))
 
     def __enter__(self) -> "Recorder":
         return self

@@ -482,6 +482,7 @@ class Run:
         self._validate_chunks()
         self._steps: np.ndarray | None = None
         self._metrics = None
+        self._checked: dict = {}  # read_columns: parsed headers and checked level changes, per chunk
 
     # -- identity / status --
     @property
@@ -592,6 +593,65 @@ class Run:
             return np.load(path, mmap_mode="r", allow_pickle=False)
         except Exception as e:
             raise CorruptChunkError(f"{path}: cannot be read ({e})") from None
+
+    @property
+    def chunk_sizes(self) -> list[int]:
+        """Number of records of each listed chunk, in record order."""
+        return [int(ch["n_records"]) for ch in self._chunks]
+
+    def read_columns(self, chunk: int, name: str, start: int, stop: int, out: np.ndarray | None = None
+                     ) -> np.ndarray:
+        """Columns [start, stop) of array `name` of the chunk at position `chunk`: [r, stop-start], read with
+        positioned reads into `out` (a reusable buffer of at least that many elements) or a new array.
+
+        Meant for streamed passes (`lts_core.analysis.stream`): no memory map, so nothing of the file stays
+        resident in this process once the pass moves on; levels stored as changes come decoded.
+        """
+        ch = self._chunks[chunk]
+        r, b = int(ch["n_records"]), int(stop) - int(start)
+        if not 0 <= start <= stop <= self.n_weights:
+            raise IndexError(f"columns [{start}, {stop}) outside 0..{self.n_weights}")
+        if name == "level" and "level_base" in self._chunk_arrays(ch):
+            base, at, to = (self._load_file(ch, a) for a in LEVEL_DELTA_ARRAYS)
+            key = ("delta-ok", chunk)
+            if key not in self._checked:
+                problem = level_delta.check(base, at, to, r)
+                if problem:
+                    raise CorruptChunkError(f"{chunk_file(self.path, ch['index'], 'level_change_at')}: {problem}")
+                self._checked[key] = True
+            view = None if out is None else out.reshape(-1)[:r * b].reshape(r, b)
+            return level_delta.decode_range(base, at, to, r, int(start), int(stop), view)
+        if name not in self._chunk_arrays(ch):
+            raise RunError(f"{chunk_file(self.path, ch['index'], name)}: chunk {ch['index']} has no "
+                           f"{name!r} array")
+        path = chunk_file(self.path, ch["index"], name)
+        key = ("header", chunk, name)
+        if key not in self._checked:
+            try:
+                self._checked[key] = _npy_header(path)
+            except Exception as e:
+                raise CorruptChunkError(f"{path}: cannot be read ({e})") from None
+        shape, dtype, offset = self._checked[key]
+        n = int(np.prod(shape[1:], dtype=np.int64)) if len(shape) > 1 else 1
+        if len(shape) != 2 or stop > n:
+            raise RunError(f"{path}: not a [records, weights] array (shape {shape})")
+        if out is None:
+            view = np.empty((r, b), dtype=dtype)
+        else:
+            if out.dtype != dtype or out.size < r * b:
+                raise ValueError(f"buffer of {out.size} {out.dtype} cannot hold {r}×{b} {dtype}")
+            view = out.reshape(-1)[:r * b].reshape(r, b)
+        item = dtype.itemsize
+        with open(path, "rb", buffering=0) as f:
+            rows = [(i, offset + (i * n + int(start)) * item) for i in range(r)]
+            if b == n:  # whole rows: one read
+                rows = [(slice(None), offset)]
+            for i, pos in rows:
+                dst = memoryview(view[i]).cast("B")
+                got = _pread_into(f, dst, pos)
+                if got != dst.nbytes:
+                    raise CorruptChunkError(f"{path}: short read ({got} of {dst.nbytes} bytes)")
+        return view
 
     def _gather(self, name: str, cols, width: int, dtype) -> np.ndarray:
         out = np.empty((self.n_records, width), dtype=dtype)
@@ -735,6 +795,22 @@ class Run:
     def __repr__(self) -> str:
         return (f"Run({self.run_id!r}, status={self.status!r}, records={self.n_records}, "
                 f"weights={self.n_weights}, layers={len(self.layers)})")
+
+
+def _pread_into(f, dst: memoryview, pos: int) -> int:
+    """Read len(dst) bytes at offset `pos` of open file `f` into `dst` (stops early only at end of file);
+    returns the bytes read."""
+    done = 0
+    while done < dst.nbytes:
+        if hasattr(os, "preadv"):
+            got = os.preadv(f.fileno(), [dst[done:]], pos + done)
+        else:  # pragma: no cover - platforms without preadv
+            f.seek(pos + done)
+            got = f.readinto(dst[done:])
+        if not got:
+            break
+        done += got
+    return done
 
 
 def _check_npy_first(path: Path, r: int) -> None:

@@ -245,6 +245,7 @@ class SettleSummary:
     n_never_moved: int
     n_converged_later: int
     n_not_settled: int
+    final_levels: np.ndarray | None = None  # uint8 [N] level at the last record, when known
 
     @property
     def fractions(self) -> dict[str, float]:
@@ -256,7 +257,17 @@ class SettleSummary:
 def settle_summary(levels_or_run, layer_sizes: Sequence[int] | None = None,
                    layer_names: Sequence[str] | None = None, steps=None,
                    steps_per_epoch: int | None = None) -> SettleSummary:
-    """Settle statistics of a run (a stored `Run` or a levels array `[R, N]`)."""
+    """Settle statistics of a run (a stored `Run` or a levels array `[R, N]`).
+
+    A stored run is streamed chunk by chunk on all cores (`lts_core.analysis.stream`; memory O(weights));
+    `summaries.cached_settle_summary` also keeps the result beside the run."""
+    if is_run(levels_or_run) and layer_sizes is None and layer_names is None and steps is None:
+        from .summaries import LevelsItem, build_cache, settle_summary_from_stats
+        run = levels_or_run
+        stats = build_cache(run, [LevelsItem()], save=False)["levels"]
+        names = [str(lay.get("name", f"layer{i}")) for i, lay in enumerate(run.layers)]
+        spe = run.manifest.get("steps_per_epoch") if steps_per_epoch is None else steps_per_epoch
+        return settle_summary_from_stats(stats, names, run.steps, spe)
     if is_run(levels_or_run):
         arr = arrays_from_run(levels_or_run, with_dists=False)
         levels = arr.levels
@@ -281,5 +292,5 @@ def settle_summary(levels_or_run, layer_sizes: Sequence[int] | None = None,
         n_records=R, n_weights=N, steps=steps_arr, epochs=epochs, settle_records=sr,
         curve=np.cumsum(hist) / max(N, 1), layer_curves=curve_from_settle_records(sr, R, sizes),
         layer_names=names, histogram=hist, n_never_moved=n_never,
-        n_converged_later=N - n_never - n_not, n_not_settled=n_not,
+        n_converged_later=N - n_never - n_not, n_not_settled=n_not, final_levels=final_levels(levels),
     )

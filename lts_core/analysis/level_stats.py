@@ -1,0 +1,228 @@
+"""Per-weight level statistics and per-record distributions of a run, in one streamed pass (`stream`).
+
+`LevelStatsPass` follows every weight's level through the records and gives, per weight: the final level, the
+settle record (the record of its last level change, 0 if it never moved: from there on it stays at its final
+level), the number of level changes (flips) and of direction reversals (a change opposite to the weight's
+previous change), plus the level occupancy per layer and record. `DistributionsPass` gives per layer and record
+the histogram of the stored uint8 codes of the distance (1/128 Δ per code) and of each rule-state array. Both
+can resume from an earlier result when records were appended (a live run): their state is the per-weight
+arrays themselves.
+
+The same definitions as `lts_core.analysis.settle` (which computes them in memory); tests check that the two
+agree bit for bit.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from .stream import Pass, Task, bincount_u8, changed_columns
+
+N_CODES = 256
+
+
+@dataclass
+class LevelStats:
+    """Result of `LevelStatsPass` over records 0 … n_records-1."""
+    n_records: int
+    layer_sizes: list[int]
+    final_level: np.ndarray       # uint8 [N]: level at the last record
+    settle_record: np.ndarray     # int32 [N]: record of the last level change (0 = never moved)
+    flips: np.ndarray             # int32 [N]: level changes between consecutive records
+    reversals: np.ndarray         # int32 [N]: changes opposite in direction to the weight's previous change
+    last_dir: np.ndarray          # int8 [N]: direction of the last change (0 none, ±1); resumes a pass
+    occupancy: np.ndarray         # int64 [R, n_layers, L]: weights at each level index, per record and layer
+    settle_hist: np.ndarray | None = None   # int64 [n_layers, R], filled by `settle_histogram()`
+
+    @property
+    def n_weights(self) -> int:
+        return int(self.final_level.size)
+
+    def settle_histogram(self) -> np.ndarray:
+        """int64 [n_layers, R]: weights whose settle record is r, per layer (computed once)."""
+        if self.settle_hist is None:
+            R = self.n_records
+            out = np.zeros((len(self.layer_sizes), R), dtype=np.int64)
+            off = 0
+            for i, n in enumerate(self.layer_sizes):
+                out[i] = np.bincount(self.settle_record[off:off + n], minlength=R)[:R]
+                off += n
+            self.settle_hist = out
+        return self.settle_hist
+
+
+@dataclass
+class Distributions:
+    """Result of `DistributionsPass`: per record and layer, histograms of stored uint8 codes."""
+    n_records: int
+    layer_sizes: list[int]
+    hists: dict[str, np.ndarray] = field(default_factory=dict)   # name -> int64 [R, n_layers, 256]
+
+
+# ---- level statistics ---------------------------------------------------------------------------------------
+
+class LevelStatsPass(Pass):
+    """Streamed level statistics; `resume` (a `LevelStats` of the first records) continues from it."""
+
+    needs = ("level",)
+
+    def __init__(self, resume: LevelStats | None = None):
+        self.resume = resume
+
+    def worker(self, src, task: Task, first_record: int):
+        return _LevelWorker(self, src, task, first_record)
+
+    def collector(self, src, first_record: int):
+        return _LevelCollector(self, src, first_record)
+
+
+class _LevelWorker:
+    def __init__(self, p: LevelStatsPass, src, task: Task, first_record: int):
+        a, b = task.start, task.stop
+        n = task.size
+        self.task, self.first = task, first_record
+        old = p.resume if first_record > 0 else None
+        if first_record > 0 and (old is None or old.n_records != first_record):
+            raise ValueError("resuming a level pass needs the statistics of every earlier record")
+        if old is None:
+            self.prev = np.empty(n, np.uint8)
+            self.last_change = np.zeros(n, np.int32)
+            self.flips = np.zeros(n, np.int32)
+            self.reversals = np.zeros(n, np.int32)
+            self.last_dir = np.zeros(n, np.int8)
+        else:
+            self.prev = np.array(old.final_level[a:b], dtype=np.uint8)
+            self.last_change = np.array(old.settle_record[a:b], dtype=np.int32)
+            self.flips = np.array(old.flips[a:b], dtype=np.int32)
+            self.reversals = np.array(old.reversals[a:b], dtype=np.int32)
+            self.last_dir = np.array(old.last_dir[a:b], dtype=np.int8)
+        R_new = src.n_records - first_record
+        self.occ = {layer: np.zeros((R_new, N_CODES), np.int64) for layer in task.layers()}
+
+    def feed(self, r0: int, data: dict, sub) -> None:
+        lv = data["level"]
+        s = slice(sub.offset, sub.offset + sub.size)
+        prev, last_change, flips = self.prev[s], self.last_change[s], self.flips[s]
+        reversals, last_dir = self.reversals[s], self.last_dir[s]
+        occ = self.occ[sub.layer]
+        for i in range(lv.shape[0]):
+            rec = r0 + i
+            cur = lv[i]
+            if rec == 0:
+                prev[:] = cur
+                occ[0] += bincount_u8(cur)
+                continue
+            idx = changed_columns(cur, prev)
+            if not idx.size:
+                continue
+            new, old = cur[idx], prev[idx]
+            flips[idx] += 1
+            last_change[idx] = rec
+            direction = np.where(new > old, 1, -1).astype(np.int8)
+            rev = last_dir[idx] == -direction
+            reversals[idx[rev]] += 1
+            last_dir[idx] = direction
+            prev[idx] = new
+            row = occ[rec - self.first]
+            row += np.bincount(new, minlength=N_CODES)
+            row -= np.bincount(old, minlength=N_CODES)
+
+    def result(self):
+        return (self.prev, self.last_change, self.flips, self.reversals, self.last_dir, self.occ)
+
+
+class _LevelCollector:
+    def __init__(self, p: LevelStatsPass, src, first_record: int):
+        N = src.n_weights
+        self.src, self.first, self.resume = src, first_record, p.resume if first_record > 0 else None
+        self.final = np.empty(N, np.uint8)
+        self.settle = np.empty(N, np.int32)
+        self.flips = np.empty(N, np.int32)
+        self.reversals = np.empty(N, np.int32)
+        self.last_dir = np.empty(N, np.int8)
+        self.occ = np.zeros((src.n_records - first_record, len(src.layer_sizes), N_CODES), np.int64)
+
+    def add(self, task: Task, res) -> None:
+        sl = slice(task.start, task.stop)
+        for out, part in zip((self.final, self.settle, self.flips, self.reversals, self.last_dir), res[:5]):
+            out[sl] = part
+        for layer, table in res[5].items():
+            self.occ[:, layer] += table
+
+    def finish(self) -> LevelStats:
+        deltas = self.occ
+        if self.resume is None:
+            occ = np.cumsum(deltas, axis=0)
+        else:
+            old = _pad_last(self.resume.occupancy, N_CODES)
+            occ = np.concatenate([old, old[-1] + np.cumsum(deltas, axis=0)]) if deltas.shape[0] else old
+        used = np.flatnonzero(occ.any(axis=(0, 1)))
+        occ = occ[..., :int(used[-1]) + 1 if used.size else 1]
+        return LevelStats(self.src.n_records, list(self.src.layer_sizes), self.final, self.settle, self.flips,
+                          self.reversals, self.last_dir, occ)
+
+
+# ---- distributions of the stored codes ----------------------------------------------------------------------
+
+class DistributionsPass(Pass):
+    """Per record and layer: histograms (256 bins) of the uint8 codes of the arrays `names` (default the
+    distance code 'dist'); `resume` (a `Distributions` of the first records) is extended."""
+
+    def __init__(self, names=("dist",), resume: Distributions | None = None):
+        self.needs = tuple(names)
+        self.resume = resume
+
+    def worker(self, src, task: Task, first_record: int):
+        return _HistWorker(self.needs, src, task, first_record)
+
+    def collector(self, src, first_record: int):
+        return _HistCollector(self, src, first_record)
+
+
+class _HistWorker:
+    def __init__(self, names, src, task: Task, first_record: int):
+        self.first = first_record
+        R_new = src.n_records - first_record
+        self.tables = {(name, layer): np.zeros((R_new, N_CODES), np.int64)
+                       for name in names for layer in task.layers()}
+
+    def feed(self, r0: int, data: dict, sub) -> None:
+        for name, arr in data.items():
+            table = self.tables.get((name, sub.layer))
+            if table is None:
+                continue
+            for i in range(arr.shape[0]):
+                table[r0 + i - self.first] += bincount_u8(arr[i])
+
+    def result(self):
+        return self.tables
+
+
+class _HistCollector:
+    def __init__(self, p: DistributionsPass, src, first_record: int):
+        self.names, self.src, self.first = p.needs, src, first_record
+        self.resume = p.resume if first_record > 0 else None
+        R_new, nl = src.n_records - first_record, len(src.layer_sizes)
+        self.hists = {name: np.zeros((R_new, nl, N_CODES), np.int64) for name in self.names}
+
+    def add(self, task: Task, res) -> None:
+        for (name, layer), table in res.items():
+            self.hists[name][:, layer] += table
+
+    def finish(self) -> Distributions:
+        hists = self.hists
+        if self.resume is not None:
+            hists = {name: np.concatenate([self.resume.hists[name], h]) for name, h in hists.items()}
+        return Distributions(self.src.n_records, list(self.src.layer_sizes), hists)
+
+
+def _pad_last(a: np.ndarray, width: int) -> np.ndarray:
+    if a.shape[-1] >= width:
+        return a
+    out = np.zeros(a.shape[:-1] + (width,), dtype=a.dtype)
+    out[..., :a.shape[-1]] = a
+    return out
+
+
+__all__ = ["LevelStats", "Distributions", "LevelStatsPass", "DistributionsPass", "N_CODES"]

@@ -1,0 +1,170 @@
+"""What the app's pages need on first view, computed in one streamed pass and kept beside the run.
+
+    stats = cached_level_stats(run)          # per-weight final level, settle record, flips, reversals; occupancy
+    s = cached_settle_summary(run)           # SettleSummary (curves, histogram, categories), from the above
+    d = cached_distributions(run)            # per record and layer: histograms of distance codes (and states)
+    build_cache(run)                         # everything above in one scan (the recorder calls it at finish)
+
+Each loader returns the cached result when it matches the run (`lts_core.analysis.cache`), streams only the new
+chunks of a run that grew, and otherwise streams the whole run (`lts_core.analysis.stream`: memory O(weights),
+both cores) and saves the result. Per-weight arrays come back memory-mapped, so a finished 10M-weight run opens
+by reading a few small tables.
+"""
+from __future__ import annotations
+
+import numpy as np
+
+from . import cache
+from .level_stats import Distributions, DistributionsPass, LevelStats, LevelStatsPass
+from .settle import SettleSummary
+from .stream import Executor, RunSource, run_passes
+
+LEVELS, DISTS = "levels", "dists"
+_LEVEL_ARRAYS = ("final_level", "settle_record", "flips", "reversals", "last_dir")
+
+
+# ---- items: how each is computed, stored and loaded -----------------------------------------------------------
+
+class Item:
+    """One cached result: its cache name and settings, the pass that computes it (optionally resuming from an
+    earlier result) and its conversion to and from the cache's arrays and tables."""
+
+    name: str = ""
+
+    def settings(self) -> dict:
+        return {}
+
+    def make_pass(self, resume):  # pragma: no cover - interface
+        raise NotImplementedError
+
+    def store(self, result) -> tuple[dict, dict, dict]:  # (arrays, tables, extra meta)  # pragma: no cover
+        raise NotImplementedError
+
+    def restore(self, c: cache.Cached, run):  # pragma: no cover - interface
+        raise NotImplementedError
+
+
+class LevelsItem(Item):
+    name = LEVELS
+
+    def make_pass(self, resume):
+        return LevelStatsPass(resume)
+
+    def store(self, stats: LevelStats):
+        return ({k: getattr(stats, k) for k in _LEVEL_ARRAYS},
+                {"occupancy": stats.occupancy, "settle_hist": stats.settle_histogram()},
+                {"n_records": stats.n_records})
+
+    def restore(self, c: cache.Cached, run) -> LevelStats:
+        a = c.arrays
+        return LevelStats(int(c.meta["n_records"]), _layer_sizes(run), a["final_level"], a["settle_record"],
+                          a["flips"], a["reversals"], a["last_dir"], c.tables["occupancy"],
+                          c.tables.get("settle_hist"))
+
+
+class DistsItem(Item):
+    name = DISTS
+
+    def __init__(self, names):
+        self.names = tuple(names)
+
+    def settings(self) -> dict:
+        return {"names": list(self.names)}
+
+    def make_pass(self, resume):
+        return DistributionsPass(self.names, resume)
+
+    def store(self, d: Distributions):
+        return {}, d.hists, {"n_records": d.n_records}
+
+    def restore(self, c: cache.Cached, run) -> Distributions:
+        return Distributions(int(c.meta["n_records"]), _layer_sizes(run), dict(c.tables))
+
+
+def _layer_sizes(run) -> list[int]:
+    return [int(lay["numel"]) for lay in run.layers]
+
+
+def default_items(run, dist_names=None) -> list[Item]:
+    """The items `build_cache` keeps up to date by default."""
+    names = ("dist", *run.state_arrays) if dist_names is None else tuple(dist_names)
+    return [LevelsItem(), DistsItem(names)]
+
+
+# ---- loaders ----------------------------------------------------------------------------------------------------
+
+def build_cache(run, items: list[Item] | None = None, executor: Executor | None = None,
+                workers: int | None = None, save: bool = True) -> dict:
+    """Bring the cached `items` of `run` (default `default_items(run)`) up to date in one streamed scan: a
+    fresh item is loaded, an item of a run that grew is extended from its cached result, any other is
+    computed from the first record. Returns {item name: result}. `save=False` computes without writing."""
+    items = default_items(run) if items is None else list(items)
+    stamp = cache.run_stamp(run)
+    out, todo = {}, []
+    for it in items:
+        c = cache.load(run, it.name, it.settings())
+        if c is not None and c.status == "fresh":
+            out[it.name] = it.restore(c, run)
+        else:
+            todo.append((it, c if c is not None and c.status == "prefix" else None))
+    if todo:
+        _require_records(run)
+        # one scan from the earliest record any item needs; an item that could resume later restarts there
+        first = min(c.n_chunks if c is not None else 0 for _, c in todo)
+        passes = [it.make_pass(it.restore(c, run) if c is not None and c.n_chunks == first else None)
+                  for it, c in todo]
+        results = run_passes(RunSource(run), passes, executor, first, workers=workers)
+        for (it, _), result in zip(todo, results):
+            if save:
+                arrays, tables, extra = it.store(result)
+                cache.save(run, it.name, it.settings(), arrays, tables, extra, stamp)
+            out[it.name] = result
+    return out
+
+
+def cached_level_stats(run, executor: Executor | None = None) -> LevelStats:
+    """`LevelStats` of the run (cached beside it; streamed and saved when missing or out of date)."""
+    return build_cache(run, [LevelsItem()], executor)[LEVELS]
+
+
+def cached_distributions(run, names=None, executor: Executor | None = None) -> Distributions:
+    """Per record and layer, histograms (256 codes) of the distance code and the rule-state arrays."""
+    (item,) = [it for it in default_items(run, names) if it.name == DISTS]
+    return build_cache(run, [item], executor)[DISTS]
+
+
+def _require_records(run) -> None:
+    if not run.n_records:
+        raise ValueError(f"run {run.run_id} has no record yet")
+
+
+def settle_summary_from_stats(stats: LevelStats, layer_names, steps=None, steps_per_epoch=None) -> SettleSummary:
+    """The `SettleSummary` of a run from its `LevelStats` (settle records stay memory-mapped)."""
+    R, N = stats.n_records, stats.n_weights
+    per_layer = stats.settle_histogram()
+    hist = per_layer.sum(axis=0)
+    sizes = np.asarray(stats.layer_sizes, dtype=np.float64)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        layer_curves = np.where(sizes[:, None] > 0, np.cumsum(per_layer, axis=1) / np.maximum(sizes, 1)[:, None],
+                                np.nan)
+    steps_arr = None if steps is None else np.asarray(steps, dtype=np.int64)
+    epochs = steps_arr.astype(np.float64) / float(steps_per_epoch) if steps_arr is not None and steps_per_epoch \
+        else None
+    n_never = int(hist[0])
+    n_not = int(hist[R - 1]) if R > 1 else 0
+    return SettleSummary(
+        n_records=R, n_weights=N, steps=steps_arr, epochs=epochs, settle_records=stats.settle_record,
+        curve=np.cumsum(hist) / max(N, 1), layer_curves=layer_curves, layer_names=list(layer_names),
+        histogram=hist, n_never_moved=n_never, n_converged_later=N - n_never - n_not, n_not_settled=n_not,
+        final_levels=stats.final_level)
+
+
+def cached_settle_summary(run, executor: Executor | None = None) -> SettleSummary:
+    """`settle_summary(run)` from the cached level statistics (same numbers; settle records memory-mapped)."""
+    stats = cached_level_stats(run, executor)
+    names = [str(lay.get("name", f"layer{i}")) for i, lay in enumerate(run.layers)]
+    return settle_summary_from_stats(stats, names, run.steps, run.steps_per_epoch)
+
+
+__all__ = ["Item", "LevelsItem", "DistsItem", "default_items", "build_cache", "cached_level_stats", "cached_distributions", "cached_settle_summary",
+           "settle_summary_from_stats"]

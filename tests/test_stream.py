@@ -1,0 +1,247 @@
+"""Streamed analysis (lts_core.analysis.stream / level_stats / cache / summaries): the streamed results equal the
+in-memory ones bit for bit, whatever the chunking, blocking and executor; cached results are reused, extended
+when the run grows, and rebuilt when it changes."""
+import json
+import os
+import pickle
+from concurrent.futures import ProcessPoolExecutor
+from multiprocessing import get_context
+
+import numpy as np
+import pytest
+
+from lts_core import level_delta
+from lts_core.analysis import cache, settle as st
+from lts_core.analysis import (build_cache, cached_distributions, cached_level_stats, cached_settle_summary,
+                               settle_summary)
+from lts_core.analysis.level_stats import DistributionsPass, LevelStatsPass
+from lts_core.analysis.stream import (ArraySource, RunSource, changed_columns, bincount_u8, plan_tasks,
+                                      run_passes, serial, thread_executor)
+from lts_core.store import RunWriter, open_run
+
+SIZES = [300, 1, 0, 700, 45]
+
+
+def trajectories(R=23, N=sum(SIZES), p_move=0.2, seed=0):
+    rng = np.random.default_rng(seed)
+    steps = rng.integers(-1, 2, size=(R, N)) * (rng.random((R, N)) < p_move)
+    lv = np.clip(np.cumsum(steps, axis=0) + 1, 0, 3).astype(np.uint8)
+    dist = rng.integers(0, 65, size=(R, N)).astype(np.uint8)
+    ema = rng.integers(0, 256, size=(R, N)).astype(np.uint8)
+    return lv, dist, ema
+
+
+def write_run(folder, lv, dist, ema=None, chunk=5, run_id="r", sizes=SIZES):
+    layers = [{"name": f"l{i}", "shape": [n], "numel": n, "n_levels": 4} for i, n in enumerate(sizes)]
+    w = RunWriter.create(folder, run_id, {"layers": layers, "steps_per_epoch": 10, "total_steps": 10 * len(lv)})
+    for a in range(0, len(lv), chunk):
+        arrays = {"step": np.arange(a, min(len(lv), a + chunk)) * 10, "level": lv[a:a + chunk],
+                  "dist": dist[a:a + chunk], "bounds": np.zeros((len(lv[a:a + chunk]), len(sizes), 2), np.float32)}
+        if ema is not None:
+            arrays["ema"] = ema[a:a + chunk]
+        w.append_chunk(arrays)
+    return w
+
+
+def reference(lv, dist, sizes=SIZES):
+    """Every statistic, computed in memory by lts_core.analysis.settle and numpy."""
+    R = lv.shape[0]
+    occ, hist, off = [], [], 0
+    for n in sizes:
+        occ.append(st.level_occupancy(lv[:, off:off + n], 4) if n else np.zeros((R, 4), np.int64))
+        hist.append([np.bincount(dist[r, off:off + n], minlength=256) for r in range(R)])
+        off += n
+    return {"final_level": lv[-1], "settle_record": st.settle_records(lv), "flips": st.flips(lv),
+            "reversals": st.direction_reversals(lv), "occupancy": np.stack(occ, axis=1),
+            "dist_hist": np.array(hist).transpose(1, 0, 2)}
+
+
+def check_stats(stats, ref):
+    for name in ("final_level", "settle_record", "flips", "reversals"):
+        np.testing.assert_array_equal(getattr(stats, name), ref[name], err_msg=name)
+    occ = stats.occupancy
+    np.testing.assert_array_equal(occ[..., :4], ref["occupancy"])
+    assert not occ[..., 4:].any()
+
+
+@pytest.mark.parametrize("chunk_records,task_cols,sub_cols,workers",
+                         [(None, None, None, 1), (4, 97, 13, 2), (1, 5, 3, 2), (7, 1000, 1000, 3)])
+def test_streamed_equals_in_memory_on_arrays(chunk_records, task_cols, sub_cols, workers):
+    lv, dist, _ = trajectories()
+    src = ArraySource({"level": lv, "dist": dist}, SIZES, chunk_records)
+    stats, dists = run_passes(src, [LevelStatsPass(), DistributionsPass()], task_cols=task_cols,
+                              sub_cols=sub_cols, workers=workers)
+    ref = reference(lv, dist)
+    check_stats(stats, ref)
+    np.testing.assert_array_equal(dists.hists["dist"], ref["dist_hist"])
+    np.testing.assert_array_equal(stats.settle_histogram().sum(0), st.settle_histogram(ref["settle_record"], 23))
+
+
+def test_tasks_cover_every_weight_once_and_stay_inside_layers():
+    for workers, task_cols, sub in ((1, None, None), (2, 97, 13), (4, 1, 1)):
+        tasks = plan_tasks(SIZES, workers, task_cols, sub)
+        cols = np.concatenate([np.arange(s.start, s.stop) for t in tasks for s in t.subs])
+        np.testing.assert_array_equal(cols, np.arange(sum(SIZES)))
+        offsets = np.concatenate([[0], np.cumsum(SIZES)])
+        for t in tasks:
+            assert t.subs[0].start == t.start and t.subs[-1].stop == t.stop
+            for s in t.subs:
+                assert offsets[s.layer] <= s.start < s.stop <= offsets[s.layer + 1]
+                assert s.offset == s.start - t.start
+    assert plan_tasks([0, 0], 2) == []
+
+
+@pytest.mark.parametrize("p_move", [0.2, 0.004])   # dense level chunks, and chunks stored as changes
+def test_streamed_equals_in_memory_on_a_stored_run(tmp_path, p_move):
+    lv, dist, ema = trajectories(p_move=p_move)
+    write_run(tmp_path, lv, dist, ema, chunk=6)
+    run = open_run(tmp_path / "r")
+    stored_as_changes = ["level_base" in ch["arrays"] for ch in run.manifest["chunks"]]
+    assert any(stored_as_changes) == (p_move < 0.01)
+    ref = reference(lv, dist)
+    for executor in (serial, thread_executor(2)):
+        stats, dists = run_passes(RunSource(run), [LevelStatsPass(), DistributionsPass(("dist", "ema"))],
+                                  executor, task_cols=101, sub_cols=17)
+        check_stats(stats, ref)
+        np.testing.assert_array_equal(dists.hists["dist"], ref["dist_hist"])
+        assert dists.hists["ema"].sum(axis=(1, 2)).tolist() == [sum(SIZES)] * 23
+    # the same through settle_summary(run), which streams
+    a, b = settle_summary(lv, SIZES), settle_summary(run)
+    np.testing.assert_array_equal(a.settle_records, b.settle_records)
+    np.testing.assert_allclose(a.layer_curves, b.layer_curves, rtol=0, atol=0)
+    np.testing.assert_array_equal(a.histogram, b.histogram)
+    np.testing.assert_array_equal(b.final_levels, lv[-1])
+    assert (a.n_never_moved, a.n_converged_later, a.n_not_settled) == \
+        (b.n_never_moved, b.n_converged_later, b.n_not_settled)
+
+
+def _process_map(fn, items):
+    with ProcessPoolExecutor(2, mp_context=get_context("fork")) as pool:
+        return list(pool.map(fn, items))
+
+
+def test_a_process_pool_executor_gives_the_same_result(tmp_path):
+    """The executor is pluggable: tasks pickle (the run travels as its path) and run in other processes,
+    as they would on a Dask cluster."""
+    lv, dist, _ = trajectories(seed=3)
+    write_run(tmp_path, lv, dist)
+    src = RunSource(open_run(tmp_path / "r"))
+    assert pickle.loads(pickle.dumps(src)).chunk_sizes == src.chunk_sizes
+    (stats,) = run_passes(src, [LevelStatsPass()], _process_map, task_cols=200)
+    check_stats(stats, reference(lv, dist))
+
+
+def test_resume_equals_a_full_pass():
+    lv, dist, _ = trajectories(seed=1)
+    (first,) = run_passes(ArraySource({"level": lv[:9]}, SIZES, 3), [LevelStatsPass()], sub_cols=29)
+    (full,) = run_passes(ArraySource({"level": lv}, SIZES, 3), [LevelStatsPass(resume=first)], first_chunk=3,
+                         sub_cols=29)
+    check_stats(full, reference(lv, dist))
+    with pytest.raises(ValueError, match="earlier record"):
+        run_passes(ArraySource({"level": lv}, SIZES, 3), [LevelStatsPass()], first_chunk=3)
+
+
+def test_read_columns_and_decode_range(tmp_path):
+    lv, dist, _ = trajectories(p_move=0.004, seed=2)
+    write_run(tmp_path, lv, dist, chunk=8)
+    run = open_run(tmp_path / "r")
+    buf = np.empty(8 * 1046, np.uint8)
+    r0 = 0
+    for c, r in enumerate(run.chunk_sizes):
+        for a, b in ((0, 1046), (3, 301), (700, 1046), (5, 5)):
+            np.testing.assert_array_equal(run.read_columns(c, "level", a, b), lv[r0:r0 + r, a:b])
+            np.testing.assert_array_equal(run.read_columns(c, "dist", a, b, out=buf), dist[r0:r0 + r, a:b])
+        r0 += r
+    with pytest.raises(IndexError):
+        run.read_columns(0, "dist", 10, 2000)
+    with pytest.raises(ValueError, match="cannot hold"):
+        run.read_columns(0, "dist", 0, 1046, out=buf[:100])
+    base, at, to = level_delta.encode(lv[:8])
+    for a, b in ((0, 1046), (17, 18), (1000, 1046)):
+        np.testing.assert_array_equal(level_delta.decode_range(base, at, to, 8, a, b),
+                                      level_delta.decode(base, at, to, 8, slice(a, b)))
+
+
+def test_helpers():
+    rng = np.random.default_rng(0)
+    for n in (0, 5, 8, 1001):
+        a = rng.integers(0, 3, n).astype(np.uint8)
+        b = np.where(rng.random(n) < 0.1, a + 1, a).astype(np.uint8)
+        np.testing.assert_array_equal(changed_columns(a, b), np.flatnonzero(a != b))
+    for n in (3, 4096, 10_000, 10_001):
+        x = rng.integers(0, 256, n).astype(np.uint8)
+        np.testing.assert_array_equal(bincount_u8(x), np.bincount(x, minlength=256))
+
+
+# ---- cache ----------------------------------------------------------------------------------------------------
+
+def test_cache_is_built_once_then_read_memory_mapped(tmp_path):
+    lv, dist, ema = trajectories()
+    write_run(tmp_path, lv, dist, ema)
+    run = open_run(tmp_path / "r")
+    assert cache.load(run, "levels") is None
+    s1 = cached_settle_summary(run)
+    c = cache.load(open_run(tmp_path / "r"), "levels")
+    assert c.status == "fresh" and isinstance(c.arrays["settle_record"], np.memmap)
+    s2 = cached_settle_summary(open_run(tmp_path / "r"))
+    assert isinstance(s2.settle_records, np.memmap)
+    ref = settle_summary(lv, SIZES)
+    for s in (s1, s2):
+        np.testing.assert_array_equal(s.settle_records, ref.settle_records)
+        np.testing.assert_array_equal(s.layer_curves, ref.layer_curves)
+    d = cached_distributions(run)
+    assert set(d.hists) == {"dist", "ema"}
+    np.testing.assert_array_equal(d.hists["dist"], reference(lv, dist)["dist_hist"])
+    # loading does not recompute: a damaged per-weight array would be read as is
+    meta = json.loads((tmp_path / "r" / "cache" / "levels.json").read_text())
+    np.save(tmp_path / "r" / "cache" / f"levels.{meta['key']}.flips.npy", np.full(sum(SIZES), 7, np.int32))
+    assert (cached_level_stats(open_run(tmp_path / "r")).flips == 7).all()
+
+
+def test_cache_follows_a_live_run_and_is_rebuilt_when_the_run_changes(tmp_path, monkeypatch):
+    lv, dist, _ = trajectories(R=30, seed=4)
+    w = write_run(tmp_path, lv[:12], dist[:12], chunk=4)
+    first = cached_level_stats(open_run(tmp_path / "r"))
+    assert first.n_records == 12
+    for a in range(12, 30, 4):  # the run goes on
+        w.append_chunk({"step": np.arange(a, min(30, a + 4)) * 10, "level": lv[a:a + 4], "dist": dist[a:a + 4],
+                        "bounds": np.zeros((len(lv[a:a + 4]), len(SIZES), 2), np.float32)})
+    run = open_run(tmp_path / "r")
+    assert cache.load(run, "levels").status == "prefix"
+    seen = []
+    real = run_passes
+
+    def spy(src, passes, executor=None, first_chunk=0, **kw):
+        seen.append(first_chunk)
+        return real(src, passes, executor, first_chunk, **kw)
+    monkeypatch.setattr("lts_core.analysis.summaries.run_passes", spy)
+    stats = cached_level_stats(run)
+    assert seen == [3]             # only the 5 new chunks were read
+    check_stats(stats, reference(lv, dist))
+    assert cache.load(open_run(tmp_path / "r"), "levels").status == "fresh"
+    # an older view of the run never overwrites the newer cache
+    old_view = open_run(tmp_path / "r")
+    old_view.manifest = dict(old_view.manifest, chunks=old_view.manifest["chunks"][:2])
+    assert not cache.save(old_view, "levels", {}, {}, {})
+    # the same run id and chunk list but another run (re-created folder): rebuilt from scratch
+    lv2, dist2, _ = trajectories(R=30, seed=5)
+    write_run(tmp_path / "again", lv2, dist2, chunk=4)
+    os.rename(tmp_path / "r" / "cache", tmp_path / "again" / "r" / "cache")
+    run2 = open_run(tmp_path / "again" / "r")
+    assert run2.manifest["chunks"] == run.manifest["chunks"]
+    assert cache.load(run2, "levels") is None
+    seen.clear()
+    check_stats(cached_level_stats(run2), reference(lv2, dist2))
+    assert seen == [0]
+    # a new cache version invalidates everything
+    monkeypatch.setattr(cache, "CACHE_VERSION", cache.CACHE_VERSION + 1)
+    assert cache.load(open_run(tmp_path / "again" / "r"), "levels") is None
+
+
+def test_a_run_folder_that_cannot_be_written_is_analysed_without_a_cache(tmp_path):
+    lv, dist, _ = trajectories(seed=6)
+    write_run(tmp_path, lv, dist)
+    (tmp_path / "r" / "cache").write_text("not a folder")   # mkdir fails, as on read-only media
+    stats = build_cache(open_run(tmp_path / "r"))["levels"]
+    check_stats(stats, reference(lv, dist))
+    assert (tmp_path / "r" / "cache").read_text() == "not a folder"
