@@ -1,8 +1,9 @@
-"""Distance-to-level code and the EMA update shared by the freezing rules and the replay.
+"""Distance-to-level code and the EMA update shared by the LTS rule and the replay.
 
-Distances are in quantization steps (Δ units). They are stored on a uint8 grid of 1/128 Δ that saturates
-at 255/128 ≈ 1.99 Δ. The rules decode the code *before* using it, so a run recorded at every step replays
-bit-exactly (the grid moves a distance by at most 1/256 Δ, i.e. < 0.4% of a step).
+Recorded distances are in quantization steps (Δ units), stored on a uint8 grid of 1/128 Δ that saturates at
+255/128 ≈ 1.99 Δ. The LTS rule itself never uses this grid: it decides on the exact float32 distance in
+normalised units (Δ = 1/(L−1)), as the reference code does. A run recorded at every step also stores those
+exact distances (`raw_dist`), so its replay is exact; coarser records replay from the codes.
 """
 from __future__ import annotations
 
@@ -10,7 +11,7 @@ import torch
 
 DIST_SCALE = 128
 DIST_MAX_CODE = 255
-RESET_DISTANCE = 1.0  # a weight that just changed level is one full step from settled
+RESET_DISTANCE = 1.0  # a weight that just changed level is one full step (1 Δ) from settled
 
 
 def encode_distance(dist: torch.Tensor) -> torch.Tensor:
@@ -23,23 +24,26 @@ def decode_distance(code: torch.Tensor) -> torch.Tensor:
     return code.to(torch.float32) / DIST_SCALE
 
 
-def ema_update(d: torch.Tensor, r: torch.Tensor, changed: torch.Tensor, decay: float) -> torch.Tensor:
-    """One LTS EMA step (float32): d' = (1-m)·r + m·d, then d' = 1 Δ where the level changed.
+def ema_update(d: torch.Tensor, r: torch.Tensor, changed: torch.Tensor, decay: float,
+               reset: float | torch.Tensor = RESET_DISTANCE) -> torch.Tensor:
+    """One LTS EMA step (float32): d' = (1-m)·r + m·d, then d' = `reset` (one step) where the level changed.
 
-    The same operations in the same order are used by the rule and by the replay, so both agree bit for bit.
+    Op for op the reference's update, so the rule and the replay agree with it bit for bit. `reset` is one
+    step in the units of `d`: 1.0 in Δ units, 1/(L−1) in normalised units (a float, or a per-weight tensor).
     """
     out = r * (1.0 - decay)
     out += d * decay
-    return out.masked_fill_(changed, RESET_DISTANCE)
+    if isinstance(reset, torch.Tensor):
+        return torch.where(changed, reset, out)
+    return out.masked_fill_(changed, reset)
 
 
 def ema_update_compounded(d: torch.Tensor, r: torch.Tensor, changed: torch.Tensor, decay: float,
-                          n_steps: int) -> torch.Tensor:
+                          n_steps: int, reset: float | torch.Tensor = RESET_DISTANCE) -> torch.Tensor:
     """EMA over `n_steps` optimizer steps between two records, holding the recorded distance `r` constant.
 
-    The decay compounds (`m**n_steps`); a level change seen between the records resets to 1 Δ at the record.
-    With `n_steps == 1` this is exactly `ema_update`.
+    The decay compounds (`m**n_steps`); a level change seen between the records resets to one step at the
+    record. With `n_steps == 1` this is exactly `ema_update`.
     """
-    if n_steps == 1:
-        return ema_update(d, r, changed, decay)
-    return ema_update(d, r, changed, float(decay) ** int(n_steps))
+    m = float(decay) if n_steps == 1 else float(decay) ** int(n_steps)
+    return ema_update(d, r, changed, m, reset)

@@ -26,8 +26,32 @@ def grad_scale(x: torch.Tensor, scale: float) -> torch.Tensor:
     return x * scale + (x - x * scale).detach()
 
 
+class RoundToGrid(torch.autograd.Function):
+    """(q, k) = (round(x·(L−1)) / (L−1), round(x·(L−1))) with the identity gradient for q (straight-through).
+
+    The reference's `STE_discretizer`, op for op: `x` is the clamped normalised position in [0, 1], `k` the level
+    index (float, no gradient) and `q = k/(L−1)` the quantized value in normalised units.
+    """
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, n_levels: int):
+        k = torch.round(x * (n_levels - 1))
+        q = k / (n_levels - 1)
+        ctx.mark_non_differentiable(k)
+        return q, k
+
+    @staticmethod
+    def backward(ctx, grad_q, grad_k):
+        return grad_q, None
+
+
 class WeightQuantizer(nn.Module):
-    """Common interface: position(), measure(), level_value(), bounds()."""
+    """Common interface: normalized(), position(), measure(), measure_norm(), level_value(), bounds().
+
+    Two units: the *normalised* position x (the quantization range is [0, 1], one step is Δ = 1/(L−1); the
+    LTS rule works in these units exactly as the reference code does) and the *step* position x·(L−1)
+    (Δ units, level k at k; the recorder and the app use these).
+    """
 
     kind = "base"
 
@@ -35,9 +59,14 @@ class WeightQuantizer(nn.Module):
         super().__init__()
         self.n_levels = int(n_levels)
         self.bits = int(bits)
-        # Rules and recorders set this: forward() then keeps its position and level for measure_code.
+        # Rules and recorders set this: forward() then keeps its normalised position and level for the
+        # measure_* methods.
         self.remember_forward = False
-        self._seen: tuple | None = None  # (stamp, position, level) of the last forward pass
+        self._seen: tuple | None = None  # (stamp, normalised position, level) of the last forward pass
+
+    def normalized(self, w: torch.Tensor) -> torch.Tensor:
+        """Unclamped normalised position (range [0, 1] maps to levels 0 … L−1). Default: position/(L−1)."""
+        return self.position(w) / (self.n_levels - 1)
 
     def position(self, w: torch.Tensor) -> torch.Tensor:  # pragma: no cover - abstract
         raise NotImplementedError
@@ -49,24 +78,46 @@ class WeightQuantizer(nn.Module):
         level = torch.round(pos).clamp_(0, self.n_levels - 1)
         return level.to(torch.int64), pos.sub_(level).abs_()
 
-    @torch.no_grad()
-    def measure_code(self, w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Hot path of the rules and the recorder: (level index, distance code) both as float32.
-
-        The code is `clamp(round(dist·128), 0, 255)`, the value `distance.encode_distance` stores as uint8.
-        When the last forward pass saw this very `w` and these bounds (same storage, no in-place change since:
-        torch's version counters), its position and level are reused instead of recomputed; the result is
-        bit for bit the same.
-        """
+    def _remembered(self, w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """(normalised position, level) of the last forward pass when it saw this very `w` and these bounds
+        (same storage, no in-place change since: torch's version counters), else None."""
         seen = self._seen
         if seen is not None and seen[0] == self._stamp(w):
-            pos, level = seen[1].float(), seen[2].float()
-            code = torch.sub(pos, level)
+            return seen[1], seen[2]
+        return None
+
+    @torch.no_grad()
+    def measure_norm(self, w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The LTS rule's measurement, as the reference computes it: (level index k as float32, raw distance
+        r = |x − k/(L−1)| in *normalised* units, float32), x the unclamped normalised position and
+        k = round(clamp(x, 0, 1)·(L−1)). Multiply r by L−1 for Δ units. Reuses the forward pass's x and k
+        when nothing changed since (bit for bit the same result)."""
+        seen = self._remembered(w)
+        x, level = (seen[0].float(), seen[1].float()) if seen is not None else self._fresh_x_level(w.detach())
+        r = torch.sub(x, level / (self.n_levels - 1)).abs_()
+        return level, r
+
+    def _fresh_x_level(self, w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(normalised position, level index) as float32, computed from `w`; level = round(position) clamped."""
+        pos = self.position(w).float()
+        level = torch.round(pos).clamp_(0, self.n_levels - 1)
+        return pos / (self.n_levels - 1), level
+
+    @torch.no_grad()
+    def measure_code(self, w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The recorder's measurement: (level index, distance code) both as float32.
+
+        The code is `clamp(round(dist·128), 0, 255)` with dist = |x·(L−1) − k| in Δ units, the value
+        `distance.encode_distance` stores as uint8. Reuses the forward pass's x and k when nothing changed since.
+        """
+        seen = self._remembered(w)
+        if seen is not None:
+            level = seen[1].float()
+            code = seen[0].float() * (self.n_levels - 1)
         else:
-            pos = self.position(w.detach()).float()
-            level = torch.round(pos).clamp_(0, self.n_levels - 1)
-            code = pos.sub_(level)
-        code.abs_().mul_(DIST_SCALE).round_().clamp_(max=DIST_MAX_CODE)
+            code = self.position(w.detach()).float()
+            level = torch.round(code).clamp_(0, self.n_levels - 1)
+        code.sub_(level).abs_().mul_(DIST_SCALE).round_().clamp_(max=DIST_MAX_CODE)
         return level, code
 
     def __getstate__(self):  # pickling a model does not carry the remembered tensors
@@ -81,12 +132,12 @@ class WeightQuantizer(nn.Module):
         except RuntimeError:  # inference tensors carry no version counter
             return None
 
-    def _remember(self, w: torch.Tensor, pos: torch.Tensor, level: torch.Tensor) -> None:
-        """Called by forward(): keep its (unclamped position, level index) of `w` for measure_code."""
+    def _remember(self, w: torch.Tensor, x: torch.Tensor, level: torch.Tensor) -> None:
+        """Called by forward(): keep its (unclamped normalised position, level index) of `w`."""
         if not self.remember_forward:
             return
         stamp = self._stamp(w)
-        self._seen = None if stamp is None else (stamp, pos.detach(), level.detach())
+        self._seen = None if stamp is None else (stamp, x.detach(), level.detach())
 
     def level_value(self, level: torch.Tensor) -> torch.Tensor:  # pragma: no cover - abstract
         raise NotImplementedError
@@ -135,22 +186,29 @@ class LearnedIntervalQuantizer(WeightQuantizer):
         lower = -self.upper if self.symmetric else self.lower
         return lower, self.upper
 
-    def position(self, w: torch.Tensor) -> torch.Tensor:
+    def normalized(self, w: torch.Tensor) -> torch.Tensor:
+        """x = (w − l)/(u − l), unclamped (the reference's pre-quantization weight)."""
         if not bool(self.initialized):
             self.init_from(w)
         lower, upper = self._lu()
-        return (w - lower) / (upper - lower) * (self.n_levels - 1)
+        return (w - lower) / (upper - lower)
+
+    def position(self, w: torch.Tensor) -> torch.Tensor:
+        return self.normalized(w) * (self.n_levels - 1)
+
+    def _fresh_x_level(self, w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        x = self.normalized(w).float()
+        return x, torch.round(torch.clamp(x, 0, 1) * (self.n_levels - 1))
 
     def forward(self, w: torch.Tensor) -> torch.Tensor:
+        """The reference's weight quantization, op for op: x = (w − l)/(u − l), clamp to [0, 1],
+        q = round(x·(L−1))/(L−1) with a straight-through gradient, then 2q − 1 ("unit") or l + q·(u − l)."""
         lower, upper = self._lu()
-        pos = self.position(w)
-        x = torch.clamp(pos, 0, self.n_levels - 1)
-        level = torch.round(x.detach())
-        k = x + (level - x).detach()  # round with a straight-through gradient (round_ste)
-        self._remember(w, pos, level)
-        q = k / (self.n_levels - 1)
+        x = self.normalized(w)
+        q, level = RoundToGrid.apply(torch.clamp(x, 0, 1), self.n_levels)
+        self._remember(w, x, level)
         if self.output == "unit":
-            return 2 * q - 1
+            return (q - 0.5) * 2
         return lower + q * (upper - lower)
 
     def level_value(self, level: torch.Tensor) -> torch.Tensor:

@@ -11,7 +11,6 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from ..distance import DIST_SCALE
 from ..layers import quantized_layers
 
 
@@ -33,26 +32,34 @@ class FreezingRule:
         self.total_steps = int(total_steps)
         self.layer_names = [n for n, _ in named]
         self.modules = [m for _, m in named]
-        for m in self.modules:  # measure_code then reuses the forward pass's position and level
+        for m in self.modules:  # the measure_* methods then reuse the forward pass's position and level
             m.weight_quantizer.remember_forward = True
         self.numels = [m.weight.numel() for m in self.modules]
+        self.n_levels = [int(m.weight_quantizer.n_levels) for m in self.modules]
         flops = [int(getattr(m, "flops", 0) or 0) for m in self.modules]
         # FLOP weights: measured forward FLOPs; without a measurement fall back to weight counts.
         # The denominator is the backward pass of the watched layers (2·Σ F): a fraction f of weight
         # updates eliminated, FLOP-weighted, saves f/2 of it (spec).
         self.layer_flops = flops if all(f > 0 for f in flops) else list(self.numels)
         self.total_model_flops = sum(self.layer_flops)
+        # The reference's denominator of "updates eliminated": every trainable parameter of the model
+        # (weights, biases, BatchNorm affine, quantizer bounds), counted once here.
+        self.n_trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
         self.t = 0
         self.frozen = [torch.zeros_like(m.weight, dtype=torch.bool) for m in self.modules]
         self._unfrozen = [torch.ones_like(m.weight, dtype=torch.bool) for m in self.modules]
         self.freeze_step = [torch.full_like(m.weight, -1, dtype=torch.int64) for m in self.modules]
         self.frozen_values = [torch.zeros_like(m.weight) for m in self.modules]
-        # what the last step measured (float32 level index and distance code, see measure_code)
+        # What the last step measured: level index (float32) and raw distance in normalised units (float32,
+        # `measure_norm`); and, only for steps a Recorder asked for (`record_codes`), the uint8-grid distance
+        # code of the forward pass (float32 0..255, `measure_code`) before any freezing moved a weight.
         self.last_level: list[torch.Tensor | None] = [None] * len(self.modules)
+        self.last_raw: list[torch.Tensor | None] = [None] * len(self.modules)
         self.last_dist_code: list[torch.Tensor | None] = [None] * len(self.modules)
+        self.record_codes = False
         self._n_frozen = [0] * len(self.modules)   # frozen weights per layer (Python ints: no device sync)
         self._n_total = sum(self.numels)
-        self._frozen_sum = 0.0   # Σ over steps of the overall frozen fraction
+        self._frozen_count_sum = 0  # Σ over steps of the number of frozen weights (after that step's freezes)
         self._flops_sum = 0.0    # Σ over steps of the backward-FLOPs fraction saved
         self._hook = None
         self.resyncs = 0
@@ -89,10 +96,12 @@ class FreezingRule:
         """Observe step `self.t`, freeze, and zero the gradient of frozen weights."""
         for i, m in enumerate(self.modules):
             w = m.weight
-            level, code = m.weight_quantizer.measure_code(w)  # float32 level index and distance code
+            q = m.weight_quantizer
+            self.last_dist_code[i] = q.measure_code(w)[1] if self.record_codes else None
+            level, r = q.measure_norm(w)  # float32 level index, exact raw distance (normalised units)
             self.last_level[i] = level
-            self.last_dist_code[i] = code
-            newly, value = self._observe(i, level, code / DIST_SCALE, w)  # r on the 1/128 Δ grid
+            self.last_raw[i] = r
+            newly, value = self._observe(i, level, r, w)
             if newly is not None:
                 newly &= self._unfrozen[i]
                 n_new = int(newly.sum())
@@ -107,23 +116,36 @@ class FreezingRule:
                         w.copy_(torch.where(newly, value, w))
             if self._n_frozen[i] and w.grad is not None:
                 w.grad.masked_fill_(self.frozen[i], 0.0)
-        total = sum(self._n_frozen)
-        self._frozen_sum += total / self._n_total
+        self._frozen_count_sum += sum(self._n_frozen)
         self._flops_sum += sum(n / k * f for n, k, f in zip(self._n_frozen, self.numels, self.layer_flops)) \
             / (2 * self.total_model_flops)
         self.t += 1
 
     # ---- accounting ---------------------------------------------------------------------------------
+    def frozen_count(self) -> int:
+        """Number of watched weights frozen now."""
+        return sum(self._n_frozen)
+
     def frozen_fraction(self) -> float:
-        """Frozen share of all watched weights now."""
+        """Frozen share of all watched (quantized) weights now."""
         return sum(self._n_frozen) / self._n_total
+
+    def frozen_fraction_all_params(self) -> float:
+        """Frozen weights ÷ all trainable parameters now (the reference's per-iteration `iter_fixed_ratio`)."""
+        return sum(self._n_frozen) / self.n_trainable
 
     def layer_frozen_fractions(self) -> dict[str, float]:
         return {n: k / t for n, k, t in zip(self.layer_names, self._n_frozen, self.numels)}
 
     def updates_eliminated(self) -> float:
-        """Whole-run figure: mean over the steps taken so far of the overall frozen fraction."""
-        return self._frozen_sum / max(self.t, 1)
+        """Whole-run figure over the watched quantized weights: mean over the steps taken so far of the frozen
+        fraction of those weights, counted after each step's freezes."""
+        return self._frozen_count_sum / (self._n_total * max(self.t, 1))
+
+    def updates_eliminated_all_params(self) -> float:
+        """The paper's "weight updating eliminated": mean over the steps taken so far (warm-up included) of
+        frozen weights ÷ all trainable parameters (weights, biases, BatchNorm affine, quantizer bounds)."""
+        return self._frozen_count_sum / (self.n_trainable * max(self.t, 1))
 
     def backward_flops_saved(self) -> float:
         """Mean over steps of Σ_l frac_l·F_l / (2·Σ_l F_l), F = forward FLOPs of each watched layer: only the
@@ -148,14 +170,14 @@ class FreezingRule:
         return {"frozen": self.frozen, "freeze_step": self.freeze_step, "frozen_values": self.frozen_values}
 
     def state_dict(self) -> dict:
-        return {"t": self.t, "n_frozen": list(self._n_frozen), "frozen_sum": self._frozen_sum,
+        return {"t": self.t, "n_frozen": list(self._n_frozen), "frozen_count_sum": self._frozen_count_sum,
                 "flops_sum": self._flops_sum,
                 **{k: [x.clone() for x in v] for k, v in self._state_tensors().items()}}
 
     def load_state_dict(self, sd: dict) -> None:
         self.t = int(sd["t"])
         self._n_frozen = [int(n) for n in sd["n_frozen"]]
-        self._frozen_sum, self._flops_sum = float(sd["frozen_sum"]), float(sd["flops_sum"])
+        self._frozen_count_sum, self._flops_sum = int(sd["frozen_count_sum"]), float(sd["flops_sum"])
         for k, tensors in self._state_tensors().items():
             for dst, src in zip(tensors, sd[k]):
                 dst.copy_(src)

@@ -1,64 +1,87 @@
-"""Lottery Ticket Scratcher (Zhong et al.): freeze a weight once the EMA of its distance to its
-quantization level falls under a threshold (in Δ units), after a warm-up. Semantics: shared/LTS_SPEC.md."""
+"""Lottery Ticket Scratcher (Zhong et al.): freeze a weight once the EMA of its distance to its quantization
+level falls under a threshold, after a warm-up. Semantics: shared/LTS_SPEC.md, reproduced from the reference
+code step for step (tests/test_reference_traces.py checks every weight's freeze step and EMA against its traces).
+"""
 from __future__ import annotations
 
 import torch
 from torch import nn
 
 from ..distance import encode_distance, ema_update
-from ..schedules import SCHEDULES, ratio_at
+from ..schedules import canonical_schedule, default_ratio, ratio_at, threshold_norm
 from .base import FreezingRule
 
 
 class LTSRule(FreezingRule):
-    """EMA distance d (Δ): d_0 = r_0; d_t = (1-m)·r_t + m·d_{t-1}; d_t = 1 Δ on a level transition.
+    """The LTS rule, exactly as the reference runs it (t = 0, 1, … counts this rule's `step()` calls).
 
-    After `warmup_steps`, an unfrozen weight freezes at step t when d_t ≤ ρ_t (schedule fixed / linear / sine).
-    A frozen weight keeps its full-precision value from its freeze step on and is never unfrozen.
+    Per weight, in normalised units (Δ = 1/(L−1)), with r_t = |x_t − q_t| the exact float32 distance:
+    - t = 0 is observed but discarded (only its level is kept);
+    - t = 1: d_1 = r_1 (no transition reset);
+    - t ≥ 2: d_t = (1−m)·r_t + m·d_{t−1}, then d_t = Δ where the level changed since step t−1.
+    An unfrozen weight freezes at step t > W (strictly after the warm-up) when d_t ≤ ρ_t·Δ, ρ_t from the
+    schedule (`fixed`: ρ; `linear`: ρ·(t−W)/(T−W); `sine`: ρ·sin((t−W)/(T−W)·π/2)). A frozen weight keeps the
+    value step t's forward used, gets no gradient and never unfreezes; its EMA and level keep being tracked.
+
+    `ratio=None` takes the reference's default: 0.1 for `fixed`, 1 for the growth schedules. The reference's
+    schedule names (`fixing`, `linear-growth`, `sine-growth`) are accepted; anything else is an error.
+
+    Example::
+
+        rule = LTSRule(model, optimizer, total_steps=200, warmup_steps=40, schedule="linear")
+        loss.backward(); rule.step(); optimizer.step()
     """
 
     name = "lts"
 
     def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer | None, total_steps: int,
-                 warmup_steps: int, schedule: str = "linear", ratio: float = 1.0, decay: float = 0.99):
-        if schedule not in SCHEDULES:
-            raise ValueError(f"unknown schedule {schedule!r}; expected one of {', '.join(SCHEDULES)}")
+                 warmup_steps: int, schedule: str = "linear", ratio: float | None = None, decay: float = 0.99):
+        schedule = canonical_schedule(schedule)
+        ratio = default_ratio(schedule) if ratio is None else float(ratio)
         if not 0.0 <= decay < 1.0:
             raise ValueError(f"EMA decay must be in [0, 1), got {decay}")
-        if ratio < 0:
+        if not ratio >= 0:
             raise ValueError(f"threshold ratio must be ≥ 0, got {ratio}")
         if not 0 <= warmup_steps < total_steps:
             raise ValueError(f"warm-up ({warmup_steps} steps) must be ≥ 0 and < total steps ({total_steps})")
         super().__init__(model, optimizer, total_steps)
         self.warmup_steps = int(warmup_steps)
         self.schedule = schedule
-        self.ratio = float(ratio)
+        self.ratio = ratio
         self.decay = float(decay)
+        # EMA distance per weight in normalised units (multiply by L−1 for Δ units): `ema_steps()`.
         self.ema = [torch.zeros_like(m.weight, dtype=torch.float32) for m in self.modules]
         self.prev_level = [torch.zeros_like(m.weight, dtype=torch.float32) for m in self.modules]
 
     def threshold(self, t: int | None = None) -> float:
-        """ρ_t in Δ units (-1 during warm-up)."""
+        """ρ_t in Δ units (-1 while no weight may freeze, i.e. t ≤ W)."""
         return ratio_at(self.t if t is None else t, self.schedule, self.ratio, self.warmup_steps, self.total_steps)
 
+    def ema_steps(self, i: int) -> torch.Tensor:
+        """EMA distance of layer i in Δ units (float32)."""
+        return self.ema[i] * (self.n_levels[i] - 1)
+
     def _observe(self, i, level, r, w):
-        if self.t == 0:
+        t = self.t
+        if t == 1:
             self.ema[i] = r.clone()
-        else:
-            changed = level != self.prev_level[i]
-            self.ema[i] = ema_update(self.ema[i], r, changed, self.decay)
+        elif t >= 2:
+            reset = 1 / (self.n_levels[i] - 1)
+            self.ema[i] = ema_update(self.ema[i], r, level != self.prev_level[i], self.decay, reset)
         self.prev_level[i] = level
-        rho = self.threshold()
+        rho = self.threshold(t)
         if rho < 0:
             return None, None
-        return self.ema[i] <= rho, None
+        return self.ema[i] <= threshold_norm(rho, self.n_levels[i]), None
 
     def settings(self) -> dict:
         return {"rule": "lts", "schedule": self.schedule, "ratio": self.ratio, "decay": self.decay,
-                "warmup_steps": self.warmup_steps, "total_steps": self.total_steps}
+                "warmup_steps": self.warmup_steps, "total_steps": self.total_steps,
+                "semantics": "reference"}
 
     def record_state(self) -> dict[str, list[torch.Tensor]]:
-        return {"ema": [encode_distance(e) for e in self.ema]}
+        """The EMA as uint8 codes of 1/128 Δ (Δ units, saturating at ≈ 2 Δ)."""
+        return {"ema": [encode_distance(self.ema_steps(i)) for i in range(len(self.ema))]}
 
     def _state_tensors(self):
         return {**super()._state_tensors(), "ema": self.ema, "prev_level": self.prev_level}
