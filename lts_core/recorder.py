@@ -6,8 +6,10 @@
     rec.log_epoch({...}); rec.finish()
 
 A record (at steps where ``t % every == 0`` or ``t == total_steps - 1``) holds, for every quantized weight,
-its level index and distance code (uint8 each), the rule's state arrays (uint8) and the per-layer quantizer
-bounds. Records go into preallocated buffers of at most ``chunk_bytes`` in all and are flushed to the store as one
+its level index and distance code (uint8 each: 2 bytes per weight), the rule's state arrays (uint8) and the
+per-layer quantizer bounds. With ``raw_distances`` (the default when recording every step) it also holds the
+exact float32 raw distance the LTS rule decided on (normalised units, 4 more bytes per weight), so that a
+replay of the run reproduces the rule's freeze steps exactly. Records go into preallocated buffers of at most ``chunk_bytes`` in all and are flushed to the store as one
 chunk when full, so memory stays bounded whatever the run length. With ``background=True`` (default) there
 are two half-size buffers: a full one is written by one background thread (file writes and fsync release
 the GIL) while the other fills, so disk I/O overlaps training; chunks are still written in order, one at a
@@ -32,7 +34,7 @@ import torch
 
 from .distance import encode_distance
 from .npy_direct import aligned_empty
-from .store import METRIC_COLUMNS, RunWriter
+from .store import METRIC_COLUMNS, RAW_DIST, RunWriter
 
 _SLUG_RE = re.compile(r"[^A-Za-z0-9]+")
 
@@ -84,6 +86,15 @@ def _copy_u8(dst: torch.Tensor, src: torch.Tensor) -> None:
     dst.copy_(src)
 
 
+def _raw_distance(layer) -> torch.Tensor:
+    """Exact raw distance of a layer's weights in normalised units: the quantizer's `measure_norm`, or for a
+    custom quantizer offering only `measure()`, its Δ-unit distance divided by L−1."""
+    q = layer.weight_quantizer
+    if hasattr(q, "measure_norm"):
+        return q.measure_norm(layer.weight)[1]
+    return q.measure(layer.weight)[1].float() / (int(q.n_levels) - 1)
+
+
 def _rule_layer_names(rule, n_layers: int) -> list[str] | None:
     """Names of the layers the rule watches, if it says (rule.layer_names, or rule.layers as names)."""
     for attr in ("layer_names", "layers"):
@@ -98,7 +109,8 @@ class Recorder:
 
     def __init__(self, writer: RunWriter, layers: list[tuple[str, Any]], rule, every: int,
                  steps_per_epoch: int, total_steps: int | None, chunk_bytes: int,
-                 state_names: list[str], rule_map: list[int | None] | None, background: bool = True):
+                 state_names: list[str], rule_map: list[int | None] | None, background: bool = True,
+                 raw_distances: bool = False):
         self.writer = writer
         self._layers = layers
         self.rule = rule
@@ -111,8 +123,10 @@ class Recorder:
         self.numels = [int(m.weight.numel()) for _, m in layers]
         self.n_weights = sum(self.numels)
         self.n_layers = len(layers)
+        self.raw_distances = bool(raw_distances)
         n_u8 = 2 + len(state_names)
-        self.bytes_per_record = 8 + n_u8 * self.n_weights + 8 * self.n_layers
+        self.bytes_per_record = (8 + n_u8 * self.n_weights + 8 * self.n_layers
+                                 + (4 * self.n_weights if self.raw_distances else 0))
         self.background = bool(background)
         n_sets = 2 if self.background else 1
         chunk_records = max(1, chunk_bytes // (n_sets * self.bytes_per_record))
@@ -145,6 +159,8 @@ class Recorder:
                "dist": aligned_empty((c, self.n_weights), np.uint8)}
         for name in self.state_names:
             buf[name] = aligned_empty((c, self.n_weights), np.uint8)
+        if self.raw_distances:
+            buf[RAW_DIST] = aligned_empty((c, self.n_weights), np.float32)
         buf["bounds"] = np.empty((c, self.n_layers, 2), np.float32)
         return buf
 
@@ -157,9 +173,12 @@ class Recorder:
     def create(cls, runs_dir: str | os.PathLike, model, config: dict, rule=None, *, every: int,
                steps_per_epoch: int, total_steps: int | None = None, run_id: str | None = None,
                chunk_bytes: int = 32 << 20, extra_manifest: dict | None = None,
-               layers: list[tuple[str, Any]] | None = None, background: bool = True) -> "Recorder":
+               layers: list[tuple[str, Any]] | None = None, background: bool = True,
+               raw_distances: bool | None = None) -> "Recorder":
         """Create the run folder and its manifest. `layers` overrides `quantized_layers(model)`;
-        `background=False` writes chunks synchronously from `step()`."""
+        `background=False` writes chunks synchronously from `step()`. `raw_distances` also stores the exact
+        float32 raw distance of every weight per record (4 bytes more per weight; exact replays); None (the
+        default) stores them when recording every step (`every == 1`)."""
         if not isinstance(every, int) or every < 1:
             raise ValueError(f"record every must be an integer ≥ 1, got {every!r}")
         if not isinstance(steps_per_epoch, int) or steps_per_epoch < 1:
@@ -186,6 +205,8 @@ class Recorder:
                 "flops": int(getattr(m, "flops", 0) or 0),
                 "kind": str(getattr(q, "kind", getattr(m, "kind", ""))),
             })
+            if getattr(q, "output", None) is not None:   # liq: "denorm" (l + q(u − l)) or "unit" (2q − 1)
+                layer_meta[-1]["output"] = str(q.output)
             offset += numel
         too_many = [lm["name"] for lm in layer_meta if lm["n_levels"] > 256]
         if too_many:
@@ -213,8 +234,14 @@ class Recorder:
                          "layers": rnames}
 
         device = str(layers[0][1].weight.device)
+        raw_distances = (every == 1) if raw_distances is None else bool(raw_distances)
+        n_trainable = getattr(rule, "n_trainable", None)
+        if n_trainable is None and model is not None:
+            n_trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
         fields = {
             "config": config, "device": device, "torch_version": torch.__version__,
+            "n_trainable_params": None if n_trainable is None else int(n_trainable),
+            "raw_distances": raw_distances,
             "seed": config.get("seed"), "layers": layer_meta, "steps_per_epoch": steps_per_epoch,
             "total_steps": total_steps, "record_every": every, "rule": rule_info,
             "state_arrays": state_names, "chunk_bytes": int(chunk_bytes),
@@ -222,7 +249,7 @@ class Recorder:
         fields.update(extra_manifest or {})
         writer = RunWriter.create(runs_dir, run_id or default_run_id(config), fields)
         return cls(writer, layers, rule, every, steps_per_epoch, total_steps, chunk_bytes, state_names, rule_map,
-                   background)
+                   background, raw_distances)
 
     # ---- properties -----------------------------------------------------------------------------------
     @property
@@ -272,6 +299,8 @@ class Recorder:
         if on == self._remembering:
             return
         self._remembering = on
+        if self.rule is not None and hasattr(self.rule, "record_codes"):
+            self.rule.record_codes = on  # the rule keeps the forward's distance code for the steps recorded
         for q in self._managed:
             q.remember_forward = on
             if not on:
@@ -303,6 +332,7 @@ class Recorder:
         # Write straight into this record's row of the buffer: one (device→host, →uint8) copy per array.
         row, buf = self._n_buf, self._buf
         names = ("level", "dist", *self.state_names)
+        raw_row = torch.from_numpy(buf[RAW_DIST][row]) if self.raw_distances else None
         dst = {name: torch.from_numpy(buf[name][row]) for name in names}
         off = 0
         for i, (lname, m) in enumerate(self._layers):
@@ -310,16 +340,22 @@ class Recorder:
             sl = slice(off, off + n_i)
             off += n_i
             j = self._rule_map[i] if self._rule_map is not None else None
+            raw = None
             if j is not None:
-                lev, code = rule.last_level[j], rule.last_dist_code[j]
-                if lev is None or code is None:
+                lev, code = rule.last_level[j], getattr(rule, "last_dist_code", [None] * (j + 1))[j]
+                raw = getattr(rule, "last_raw", [None] * (j + 1))[j]
+                if lev is None:
                     raise RuntimeError("the rule has no measurement for this step: call rule.step() "
                                        "before rec.step()")
+                if code is None:  # the rule was not asked for codes this step: measure now
+                    code = m.weight_quantizer.measure_code(m.weight)[1]
             elif hasattr(m.weight_quantizer, "measure_code"):
                 lev, code = m.weight_quantizer.measure_code(m.weight)  # float32, copied into uint8 below
             else:  # a custom quantizer offering only measure()
                 lev, dist = m.weight_quantizer.measure(m.weight)
                 code = encode_distance(dist)
+            if raw_row is not None:
+                raw_row[sl].copy_((_raw_distance(m) if raw is None else raw).reshape(-1))
             if lev.numel() != n_i or code.numel() != n_i:
                 raise RuntimeError(f"layer {lname!r}: measured {lev.numel()} values, expected {n_i}")
             _copy_u8(dst["level"][sl], lev)

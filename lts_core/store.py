@@ -44,6 +44,7 @@ METRIC_COLUMNS = ("epoch", "train_loss", "test_acc", "frozen_fraction", "updates
                   "backward_flops_saved", "seconds", "lr")
 CORE_ARRAYS = ("step", "level", "dist", "bounds")
 LEVEL_DELTA_ARRAYS = ("level_base", "level_change_at", "level_change_to")  # "level" as changes (level_delta)
+RAW_DIST = "raw_dist"  # optional float32 [r, N]: the LTS rule's exact raw distance, normalised units (Δ = 1/(L−1))
 DIST_SCALE = 128  # same grid as lts_core.distance (kept here so the store needs no torch)
 INTERRUPTED_REASON = "process ended without closing the run"
 MANIFEST = "manifest.json"
@@ -353,6 +354,10 @@ class RunWriter:
                 if arr.shape[1:] != (n_layers, 2):
                     raise ValueError(f"'bounds' must be [{n}, {n_layers}, 2], got {list(arr.shape)}")
                 arr = arr.astype(np.float32, copy=False)
+            elif name == RAW_DIST:
+                if arr.dtype != np.float32 or arr.shape[1:] != (n_weights,):
+                    raise ValueError(f"{RAW_DIST!r} must be float32 [{n}, {n_weights}], got {arr.dtype} "
+                                     f"{list(arr.shape)}")
             else:
                 if arr.dtype != np.uint8:
                     raise ValueError(f"array {name!r} must be uint8, got {arr.dtype}")
@@ -527,6 +532,8 @@ class Run:
                     _check_npy(path, (r,), _is_int)
                 elif name == "bounds":
                     _check_npy(path, (r, n_layers, 2), _is_f32)
+                elif name == RAW_DIST:
+                    _check_npy(path, (r, n), _is_f32)
                 elif name in ("level", "dist") or name in self.state_arrays:
                     _check_npy(path, (r, n), _is_u8)
                 elif name == "level_base":
@@ -663,9 +670,9 @@ class Run:
             r0 += r
         return out
 
-    def _columns(self, name: str, layer) -> np.ndarray:
+    def _columns(self, name: str, layer, dtype=np.uint8) -> np.ndarray:
         sl = self.layer_slice(layer)
-        return self._gather(name, sl, sl.stop - sl.start, np.uint8)
+        return self._gather(name, sl, sl.stop - sl.start, dtype)
 
     # -- trajectories --
     @property
@@ -692,6 +699,19 @@ class Run:
     def dists(self, layer: int | str | None = None) -> np.ndarray:
         """float32 [R, n] distances to the level, in Δ units (code / 128)."""
         return decode_codes(self.dist_codes(layer))
+
+    @property
+    def has_raw_dists(self) -> bool:
+        """Whether every chunk holds the rule's exact raw distances (runs recorded with `raw_distances`)."""
+        return bool(self._chunks) and all(RAW_DIST in self._chunk_arrays(ch) for ch in self._chunks)
+
+    def raw_dists(self, layer: int | str | None = None) -> np.ndarray:
+        """float32 [R, n] exact raw distances the LTS rule measured, in normalised units (Δ = 1/(L−1)):
+        bit for bit what the rule saw. RunError when the run did not record them (`has_raw_dists`)."""
+        if not self.has_raw_dists:
+            raise RunError(f"{self.path / MANIFEST}: run {self.run_id} recorded no exact raw distances "
+                           f"({RAW_DIST!r}; record with raw_distances=True or every step)")
+        return self._columns(RAW_DIST, layer, np.float32)
 
     def state(self, name: str, layer: int | str | None = None) -> np.ndarray:
         """uint8 [R, n] rule-state array (LTS: 'ema' distance code; osc: 'freq' × 255)."""
@@ -749,6 +769,8 @@ class Run:
         out["dist_code"], out["dist"] = codes, decode_codes(codes)
         for name in self.state_arrays:
             out[name] = self._gather(name, flat, flat.size, np.uint8)
+        if self.has_raw_dists:
+            out[RAW_DIST] = self._gather(RAW_DIST, flat, flat.size, np.float32)
         fs = self.freeze_steps()
         if fs is not None:
             out["freeze_step"] = fs[flat]

@@ -188,7 +188,7 @@ def test_crash_without_finish_is_interrupted_and_readable(tmp_path, background):
     # bytes/record = 8 + 2*34 + 2*8 = 92 -> 3 records per chunk
     rec = Recorder.create(tmp_path, None, {}, every=1, steps_per_epoch=4, total_steps=100,
                           chunk_bytes=92 * 3 * (2 if background else 1), layers=layers, run_id="crashed",
-                          background=background)
+                          background=background, raw_distances=False)
     assert rec.chunk_records == 3
     run_loop(rec, layers, 8)  # 8 records: 2 chunks flushed, 2 records still buffered when "the process dies"
     rec._wait_pending()  # (background: let the in-flight chunk land, so the count below is deterministic)
@@ -265,7 +265,7 @@ def test_metrics(tmp_path):
 def test_memory_bound(tmp_path, background):
     layers = [("a", FakeLayer((50, 20))), ("b", FakeLayer((100,)))]
     rule = FakeRule(layers)
-    bpr = 8 + 3 * 1100 + 2 * 8
+    bpr = 8 + 3 * 1100 + 2 * 8 + 4 * 1100  # step, level + dist + ema, bounds, exact raw distances (every step)
     rec = Recorder.create(tmp_path, None, {}, rule=rule, every=1, steps_per_epoch=10, total_steps=None,
                           chunk_bytes=40_000, layers=layers, run_id="mem", background=background)
     n_sets = 2 if background else 1
@@ -395,7 +395,7 @@ def test_real_rule(tmp_path):
 
 def test_background_write_error_surfaces(tmp_path):
     layers = fake_layers()
-    rec = Recorder.create(tmp_path, None, {}, every=1, steps_per_epoch=2, chunk_bytes=92 * 2, layers=layers,
+    rec = Recorder.create(tmp_path, None, {}, every=1, steps_per_epoch=2, chunk_bytes=92 * 2, layers=layers, raw_distances=False,
                           run_id="diskfull")
     assert rec.background and rec.chunk_records == 1
 
