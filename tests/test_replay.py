@@ -25,55 +25,84 @@ def _col(*cols):
 
 # ---- direct replay, one record per step ------------------------------------------------------------------
 
-# 8 steps, records at every step. Codes 64 = 0.5 Δ, 32 = 0.25 Δ, 0 = 0.
+# 8 steps, records at every step. Codes 64 = 0.5 Δ, 32 = 0.25 Δ, 0 = 0. No layer information: Δ units.
 STEPS8 = np.arange(8)
 CODES8 = _col([64, 32, 32, 0, 0, 0, 0, 0], [64, 32, 32, 0, 0, 0, 0, 0])
 LEVELS8 = _col([1, 1, 1, 1, 1, 1, 1, 1],      # A: never changes level
                [1, 1, 1, 2, 2, 2, 2, 2])      # B: changes level at step 3 → EMA reset to 1 Δ
 
 
-def test_ema_step_by_step_and_reset():
+def test_ema_step_by_step_reference_start_and_reset():
     d = ema_trace(STEPS8, LEVELS8, CODES8, decay=0.5)
-    # A: d0 = 0.5; d1 = .5·.25 + .5·.5 = .375; d2 = .5·.25 + .5·.375 = .3125; d3 = .15625; then halves
-    np.testing.assert_array_equal(d[:, 0], [0.5, 0.375, 0.3125, 0.15625, 0.078125, 0.0390625, 0.01953125,
-                                            0.009765625])
+    # A: step 0 discarded (nan); d1 = r1 = .25; d2 = .5·.25 + .5·.25 = .25; d3 = .125; then halves
+    np.testing.assert_array_equal(d[:, 0], [np.nan, 0.25, 0.25, 0.125, 0.0625, 0.03125, 0.015625, 0.0078125])
     # B: same until step 2, reset to 1 at step 3, then halves (r = 0): .5, .25, .125, .0625
-    np.testing.assert_array_equal(d[:, 1], [0.5, 0.375, 0.3125, 1.0, 0.5, 0.25, 0.125, 0.0625])
+    np.testing.assert_array_equal(d[:, 1], [np.nan, 0.25, 0.25, 1.0, 0.5, 0.25, 0.125, 0.0625])
     np.testing.assert_array_equal(ema_trace(STEPS8, LEVELS8, CODES8, 0.5, weights=[1])[:, 0], d[:, 1])
+    # a level change at step 1 does not reset (the reference sets d1 = r1 whatever the level did)
+    c = ema_trace(STEPS8, _col([1, 2, 2, 2, 2, 2, 2, 2]), CODES8[:, :1], 0.5)
+    np.testing.assert_array_equal(c[:, 0], d[:, 0])
 
 
 def test_fixed_threshold_and_equality():
-    # ratio 0.2: A first ≤ 0.2 at step 3 (0.15625); B at step 6 (0.125)
+    # ratio 0.2: A first ≤ 0.2 at step 3 (0.125); B at step 6 (0.125)
     fs = replay_freeze_steps(STEPS8, LEVELS8, CODES8, "fixed", 0.2, 0, 8, 0.5)
     np.testing.assert_array_equal(fs, [3, 6])
-    # ratio 0.3125: d2 = 0.3125 ≤ 0.3125 (equality freezes) for both
-    fs = replay_freeze_steps(STEPS8, LEVELS8, CODES8, "fixed", 0.3125, 0, 8, 0.5)
-    np.testing.assert_array_equal(fs, [2, 2])
+    # ratio 0.25: d1 = 0.25 ≤ 0.25 (equality freezes) for both, at the first eligible step
+    fs = replay_freeze_steps(STEPS8, LEVELS8, CODES8, "fixed", 0.25, 0, 8, 0.5)
+    np.testing.assert_array_equal(fs, [1, 1])
     # ratio 0: never reaches 0 exactly in 8 steps
     np.testing.assert_array_equal(replay_freeze_steps(STEPS8, LEVELS8, CODES8, "fixed", 0.0, 0, 8, 0.5), [-1, -1])
-    # ratio 0.4: both meet it at step 1 (0.375); B's later reset cannot unfreeze it
+    # ratio 0.4: both meet it at step 1; B's later reset cannot unfreeze it
     fs = replay_freeze_steps(STEPS8, LEVELS8, CODES8, "fixed", 0.4, 0, 8, 0.5)
     np.testing.assert_array_equal(fs, [1, 1])
 
 
-def test_schedules_and_warmup():
+def test_schedules_and_strict_warmup():
     # W = 2, T = 10, constant levels. Codes: 48 (0.375 Δ), 16 (0.125 Δ), 0. With constant r the EMA stays r.
     steps = np.arange(10)
     codes = _col([48] * 10, [16] * 10, [0] * 10)
     levels = _col([1] * 10, [2] * 10, [0] * 10)
-    # linear ρ_t = (t-2)/8: 0.375 first at t=5; 0.125 at t=3 (equality); 0 at t=2 (ρ=0, d=0 ≤ 0)
-    np.testing.assert_array_equal(replay_freeze_steps(steps, levels, codes, "linear", 1.0, 2, 10, 0.5), [5, 3, 2])
-    # sine ρ_t = sin((t-2)/8·π/2): t=3 → 0.195, t=4 → 0.383: 0.375 at 4, 0.125 at 3, 0 at 2
-    np.testing.assert_array_equal(replay_freeze_steps(steps, levels, codes, "sine", 1.0, 2, 10, 0.5), [4, 3, 2])
-    # fixed 0.5: everybody meets it from step 0 but the warm-up holds them to exactly step W = 2
-    np.testing.assert_array_equal(replay_freeze_steps(steps, levels, codes, "fixed", 0.5, 2, 10, 0.5), [2, 2, 2])
-    # the distance-0 weight freezes exactly at W for any warm-up, not before
-    for W in (0, 1, 5, 9):
+    # linear ρ_t = (t-2)/8 from t = 3 (t > W): 0.375 first at t=5 (equality); 0.125 at t=3; 0 at t=3 too
+    np.testing.assert_array_equal(replay_freeze_steps(steps, levels, codes, "linear", 1.0, 2, 10, 0.5), [5, 3, 3])
+    # sine ρ_t = sin((t-2)/8·π/2): t=3 → 0.195, t=4 → 0.383: 0.375 at 4, 0.125 at 3, 0 at 3
+    np.testing.assert_array_equal(replay_freeze_steps(steps, levels, codes, "sine", 1.0, 2, 10, 0.5), [4, 3, 3])
+    # fixed 0.5: everybody meets it from step 1 but the warm-up holds them to step W + 1 = 3
+    np.testing.assert_array_equal(replay_freeze_steps(steps, levels, codes, "fixed", 0.5, 2, 10, 0.5), [3, 3, 3])
+    # the distance-0 weight freezes exactly at W + 1 for any warm-up (t > W), not before
+    for W in (0, 1, 5, 8):
         for sched in SCHEDULES:
             fs = replay_freeze_steps(steps, levels, codes, sched, 0.1, W, 10, 0.5)
-            assert fs[2] == W
+            assert fs[2] == W + 1
     # growth ratio multiplier: linear with ratio 0.5 → ρ_t = (t-2)/16: 0.125 at t = 4
     assert replay_freeze_steps(steps, levels, codes, "linear", 0.5, 2, 10, 0.5)[1] == 4
+    # the reference's schedule names are the same schedules; an unknown name is an error
+    np.testing.assert_array_equal(replay_freeze_steps(steps, levels, codes, "linear-growth", 1.0, 2, 10, 0.5),
+                                  [5, 3, 3])
+    with pytest.raises(ValueError, match="unknown schedule"):
+        replay_freeze_steps(steps, levels, codes, "cosine", 1.0, 2, 10, 0.5)
+
+
+def test_per_layer_thresholds_in_normalised_units():
+    """With layer level counts the replay decides as the rule: d (normalised) ≤ fl32(1/(L−1)·ρ) per layer."""
+    steps = np.arange(6)
+    codes = _col([32] * 6, [32] * 6)           # 0.25 Δ in both layers
+    levels = _col([1] * 6, [1] * 6)
+    # a 2-bit layer (L = 4) and a 4-bit one (L = 16): the same distance in Δ freezes at the same ratio
+    fs = replay_freeze_steps(steps, levels, codes, "fixed", 0.25, 0, 6, 0.5, layer_sizes=[1, 1],
+                             layer_n_levels=[4, 16])
+    np.testing.assert_array_equal(fs, [1, 1])
+    fs = replay_freeze_steps(steps, levels, codes, "fixed", 0.2, 0, 6, 0.5, layer_sizes=[1, 1],
+                             layer_n_levels=[4, 16])
+    np.testing.assert_array_equal(fs, [-1, -1])
+    # the EMA comes back in Δ units
+    np.testing.assert_allclose(ema_trace(steps, levels, codes, 0.5, layer_sizes=[1, 1],
+                                         layer_n_levels=[4, 16])[1:], 0.25, rtol=1e-6)
+    # exact raw distances (normalised units) take precedence over the codes
+    raw = np.full((6, 2), 0.05, dtype=np.float32)   # 0.15 Δ at L = 4, 0.75 Δ at L = 16
+    fs = replay_freeze_steps(steps, levels, codes, "fixed", 0.2, 0, 6, 0.5, layer_sizes=[1, 1],
+                             layer_n_levels=[4, 16], raw_dists=raw)
+    np.testing.assert_array_equal(fs, [1, -1])
 
 
 # ---- coarse records ---------------------------------------------------------------------------------------
@@ -90,17 +119,22 @@ def _expand_per_step(steps, levels, codes):
 
 
 def test_coarse_records_compound_decay():
-    steps = np.array([0, 4, 8])
-    levels = _col([1, 1, 1], [1, 2, 2])
-    codes = _col([128, 0, 0], [128, 32, 32])
+    steps = np.array([0, 4, 8, 12])
+    levels = _col([1, 1, 1, 1], [1, 1, 2, 2], [1, 2, 2, 2])
+    codes = _col([128, 128, 0, 0], [128, 128, 32, 32], [128, 32, 32, 32])
     d = ema_trace(steps, levels, codes, 0.5)
-    # weight 0: d = 1, then m**4 = 0.0625, then 0.0625**2
-    np.testing.assert_array_equal(d[:, 0], [1.0, 0.0625, 0.00390625])
-    # weight 1: reset at record 1 (level change), then (1 - 1/16)·0.25 + 1/16·1 = 0.296875
-    np.testing.assert_array_equal(d[:, 1], [1.0, 1.0, 0.296875])
+    # weight 0: record 0 discarded, d = 1 at step 4, then m**4 = 0.0625, then 0.0625**2
+    np.testing.assert_array_equal(d[:, 0], [np.nan, 1.0, 0.0625, 0.00390625])
+    # weight 1: reset at record 2 (level change), then (1 - 1/16)·0.25 + 1/16·1 = 0.296875
+    np.testing.assert_array_equal(d[:, 1], [np.nan, 1.0, 1.0, 0.296875])
+    # weight 2: its level changed between steps 0 and 4, after step 1 → the first EMA record resets too
+    np.testing.assert_array_equal(d[:, 2], [np.nan, 1.0, 0.296875, 0.2529296875])
     ps, pl, pc = _expand_per_step(steps, levels, codes)
     dp = ema_trace(ps, pl, pc, 0.5)
     np.testing.assert_array_equal(dp[steps - steps[0]], d)
+    # a first EMA record at step 1 never resets (the rule's d1 = r1)
+    np.testing.assert_array_equal(ema_trace(np.array([0, 1, 5]), _col([1, 2, 2]), _col([128, 32, 32]), 0.5)[:, 0],
+                                  [np.nan, 0.25, 0.25])
 
 
 @settings(max_examples=30, deadline=None)
@@ -141,15 +175,18 @@ def test_index_matches_direct_replay(data):
                              elements=hs.sampled_from([0, 1, 8, 16, 32, 48, 64, 100, 128, 200, 255])))
     sizes = _partition(data, N)
     flops = data.draw(hs.lists(hs.integers(1, 100), min_size=len(sizes), max_size=len(sizes)))
+    n_levels = data.draw(hs.lists(hs.sampled_from([2, 3, 4, 16]), min_size=len(sizes), max_size=len(sizes)))
+    raw = data.draw(hs.one_of(hs.none(), arrays(np.float32, (R, N), elements=hs.floats(0, 1, width=32))))
+    units = {"layer_sizes": sizes, "layer_n_levels": n_levels, "raw_dists": raw}
     idx = ReplayIndex.build(steps, levels, codes, sizes, flops, schedule, W, T, decay, device="cpu",
-                            bins_per_unit=B, max_ratio=2.0)
+                            bins_per_unit=B, max_ratio=2.0, layer_n_levels=n_levels, raw_dists=raw)
     js = data.draw(hs.lists(hs.integers(0, idx.max_bin), min_size=1, max_size=4))
     E = max(T, int(steps[-1]) + 1)
     heat = idx.heatmap([j / B for j in js])
     sweep = idx.sweep()
     for row, j in enumerate(js):
         ratio = j / B
-        fs = replay_freeze_steps(steps, levels, codes, schedule, ratio, W, T, decay)
+        fs = replay_freeze_steps(steps, levels, codes, schedule, ratio, W, T, decay, **units)
         res = idx.query(ratio)
         assert res.ratio == ratio
         frozen_at = (fs[None, :] >= 0) & (fs[None, :] <= steps[:, None])          # [R, N]
@@ -196,13 +233,18 @@ def test_index_snapping_and_range():
     idx = ReplayIndex.build(STEPS8, LEVELS8, CODES8, [1, 1], [10, 10], "fixed", 0, 8, 0.5, device="cpu")
     assert idx.snap(0.2) == round(0.2 * 1024) / 1024
     res = idx.query(0.3125)
-    np.testing.assert_allclose(res.frozen_fraction, [0, 0, 1, 1, 1, 1, 1, 1])
-    # B (layer 1) freezes at step 2 on level 1, but ends at level 2 → not a ticket; A is
+    np.testing.assert_allclose(res.frozen_fraction, [0, 1, 1, 1, 1, 1, 1, 1])
+    # B (layer 1) freezes at step 1 on level 1, but ends at level 2 → not a ticket; A is
     assert res.ticket_precision == 0.5
     np.testing.assert_array_equal(res.layer_ticket_precision, [1.0, 0.0])
-    # updates eliminated: both frozen from step 2 on, 6 of 8 steps
-    assert res.updates_eliminated == 6 / 8
-    assert res.backward_flops_saved == 3 / 8
+    # updates eliminated: both frozen from step 1 on, 7 of 8 steps
+    assert res.updates_eliminated == 7 / 8
+    assert res.backward_flops_saved == 7 / 16
+    assert math.isnan(res.updates_eliminated_all_params)  # the number of trainable parameters is unknown
+    idx = ReplayIndex.build(STEPS8, LEVELS8, CODES8, [1, 1], [10, 10], "fixed", 0, 8, 0.5, device="cpu",
+                            n_trainable=5)
+    assert idx.query(0.3125).updates_eliminated_all_params == pytest.approx(7 / 8 * 2 / 5)
+    assert idx.sweep()["updates_eliminated_all_params"][320] == pytest.approx(7 / 8 * 2 / 5)
     with pytest.raises(ValueError):
         idx.query(2.5)
     with pytest.raises(ValueError):
@@ -303,14 +345,17 @@ from probe import probe as _probe  # noqa: E402
 
 
 def _drive(rule, layer, seq):
-    lv, cd = [], []
+    """Levels (uint8), distance codes (uint8 grid) and exact raw distances (float32, normalised) per step."""
+    lv, cd, raw = [], [], []
+    rule.record_codes = True
     for row in seq:
         with torch.no_grad():
             layer.weight.copy_(torch.as_tensor(row, dtype=torch.float32)[:, None])
         rule.step()
         lv.append(rule.last_level[0].flatten().numpy().astype(np.uint8))
-        cd.append(rule.last_dist_code[0].flatten().numpy())
-    return np.stack(lv), np.stack(cd)
+        cd.append(rule.last_dist_code[0].flatten().numpy().astype(np.uint8))
+        raw.append(rule.last_raw[0].flatten().numpy())
+    return np.stack(lv), np.stack(cd), np.stack(raw)
 
 
 @pytest.mark.parametrize("schedule,ratio", [("fixed", 0.25), ("linear", 1.0), ("sine", 0.75)])
@@ -323,12 +368,21 @@ def test_every_step_record_replays_live_lts_rule(schedule, ratio):
     seq = np.clip(1.5 + np.cumsum(rng.normal(size=(T, n)) * scale, axis=0), -0.3, 3.3)
     model, layer = _probe(n)
     rule = LTSRule(model, None, total_steps=T, warmup_steps=W, schedule=schedule, ratio=ratio, decay=0.9)
-    levels, codes = _drive(rule, layer, seq)
+    levels, codes, raw = _drive(rule, layer, seq)
     live = rule.freeze_steps_flat().numpy()
     assert (live >= 0).sum() > 0
     steps = np.arange(T)
-    np.testing.assert_array_equal(replay_freeze_steps(steps, levels, codes, schedule, ratio, W, T, 0.9), live)
-    idx = ReplayIndex.build(steps, levels, codes, [n], [1], schedule, W, T, 0.9, device="cpu")
+    exact = {"layer_sizes": [n], "layer_n_levels": [4], "raw_dists": raw}
+    np.testing.assert_array_equal(replay_freeze_steps(steps, levels, codes, schedule, ratio, W, T, 0.9, **exact),
+                                  live)
+    # the replayed EMA is the rule's, in Δ units, bit for bit
+    np.testing.assert_array_equal(ema_trace(steps, levels, codes, 0.9, **exact)[-1], rule.ema_steps(0).flatten())
+    # from the 1/128 Δ codes alone the replay is close but not exact (the rule decides on exact distances)
+    coarse = replay_freeze_steps(steps, levels, codes, schedule, ratio, W, T, 0.9, layer_sizes=[n],
+                                 layer_n_levels=[4])
+    assert agreement(coarse, live)["exact_match"] > 0.8
+    idx = ReplayIndex.build(steps, levels, codes, [n], [1], schedule, W, T, 0.9, device="cpu",
+                            layer_n_levels=[4], raw_dists=raw)
     res = idx.query(ratio)
     np.testing.assert_allclose(res.frozen_fraction,
                                ((live[None] >= 0) & (live[None] <= steps[:, None])).mean(1), rtol=0, atol=1e-12)
@@ -343,7 +397,7 @@ def test_every_step_record_replays_live_oscillation_rule():
     seq = base + rng.normal(size=(T, n)) * rng.uniform(0.05, 0.6, size=n)
     model, layer = _probe(n)
     rule = OscillationRule(model, None, total_steps=T, decay=0.1, start_frac=0.25, thr_start=0.3, thr_end=0.1)
-    levels, _ = _drive(rule, layer, seq)
+    levels, _, _ = _drive(rule, layer, seq)
     live = rule.freeze_steps_flat().numpy()
     assert (live >= 0).any()
     rep = replay_oscillation(np.arange(T), levels, T, decay=0.1, start_frac=0.25, thr_start=0.3, thr_end=0.1)
@@ -358,8 +412,9 @@ def test_grid_bins_equal_searchsorted(data):
     B = data.draw(hs.sampled_from([1, 3, 10, 128, 1000, 1024]))
     J = int(data.draw(hs.sampled_from([0.5, 1.0, 2.0, 3.7])) * B)
     g = data.draw(hs.one_of(hs.just(0.0), hs.just(1.0), hs.floats(1e-6, 1.0)))
-    thr32 = ((np.arange(J + 1, dtype=np.float64) / B) * g).astype(np.float32)
+    scale = data.draw(hs.sampled_from([1.0, 1 / 3, 1 / 15, 1 / 255]))
+    thr32 = (scale * ((np.arange(J + 1, dtype=np.float64) / B) * g)).astype(np.float32)
     d = np.concatenate([
         np.asarray(data.draw(hs.lists(hs.floats(0, 2, width=32), min_size=1, max_size=50)), dtype=np.float32),
         thr32, np.nextafter(thr32, np.float32(np.inf)), np.nextafter(thr32, np.float32(-np.inf)).clip(0)])
-    np.testing.assert_array_equal(grid_bins(d, g, B, J), np.searchsorted(thr32, d))
+    np.testing.assert_array_equal(grid_bins(d, g, B, J, scale=scale), np.searchsorted(thr32, d))

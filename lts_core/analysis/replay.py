@@ -1,17 +1,22 @@
 """Replay: what would LTS (or oscillation freezing) have done on a recorded run?
 
-Record-resolution semantics (records r = 0 … R-1 at global optimizer steps `steps[r]`, strictly increasing):
-- raw distance at a record: the recorded code decoded with `distance.decode_distance` (Δ units);
-- EMA: `d = r_0` at record 0; for r ≥ 1, `d = distance.ema_update_compounded(d, r_r, changed, m, k)` with
-  `k = steps[r] - steps[r-1]` and `changed = levels[r] != levels[r-1]`: the decay is compounded over the `k`
-  steps between the records (the recorded distance held constant over them) and a level change seen between
-  the two records resets the EMA to 1 Δ at the record;
-- freezing is checked at record steps only: an unfrozen weight freezes at record r when `steps[r] ≥ W` and
-  `d ≤ ρ` with `ρ = schedules.ratio_at(steps[r], schedule, ratio, W, T)`. The comparison is torch's
-  `float32 tensor <= python float`, i.e. ρ rounded to float32, exactly as `LTSRule` does it. Frozen weights
-  never unfreeze; the freeze step reported is the record's step.
-With a record at every step this is exactly the live rule (same float32 torch ops): a run recorded at every
-step replays its own freeze steps bit for bit.
+LTS replay at record resolution (records r = 0 … R-1 at global optimizer steps `steps[r]`, strictly
+increasing), in the rule's own units (normalised: one step Δ = 1/(L−1) of each layer) and arithmetic:
+- raw distance at a record: the run's exact float32 raw distances when it recorded them (`raw_dists`, e.g. every
+  step), else the uint8 code decoded (`code/128` Δ) and scaled to normalised units (× fl32(1/(L−1)));
+- EMA, as the reference code starts it: a record at step 0 is discarded (only its level is kept); the first
+  record at a step s ≥ 1 sets `d = r` (the rule's d_1 = r_1 held up to s), reset to one step if s ≥ 2 and the
+  level changed since the previous record (a change at step 1 never resets); every later record r applies
+  `distance.ema_update_compounded(d, r_r, changed, m, k)` with `k = steps[r] - steps[r-1]` and
+  `changed = levels[r] != levels[r-1]`: the decay compounds over the `k` steps between the records (the recorded
+  distance held constant over them) and a level change seen between the two records resets the EMA to one step;
+- freezing is checked at record steps only, strictly after the warm-up: an unfrozen weight of layer l freezes at
+  record r when `steps[r] > W` and `d ≤ 1/(L_l−1)·ρ` with `ρ = schedules.ratio_at(steps[r], …)` — torch's
+  `float32 tensor <= python float`, exactly the rule's comparison. Frozen weights never unfreeze; the freeze step
+  reported is the record's step.
+With a record at every step and exact raw distances this *is* the live rule (same float32 torch ops): a run
+recorded at every step replays its own freeze steps bit for bit. Without layer information (`layer_n_levels`
+None) the replay works in Δ units (as if L−1 = 1).
 
 Whole-run accounting at record resolution: a weight frozen at record step f counts as frozen for every optimizer
 step f … E-1, where E = max(total_steps, steps[-1] + 1); equivalently each record's frozen fraction is weighted
@@ -28,7 +33,7 @@ import numpy as np
 import torch
 
 from ..distance import decode_distance, ema_update_compounded
-from ..schedules import SCHEDULES, osc_threshold_at, ratio_at, schedule_gain
+from ..schedules import canonical_schedule, eligible, osc_threshold_at, ratio_at, schedule_gain, threshold_norm
 from .settle import RunArrays, arrays_from_run, check_layer_sizes, is_run
 
 __all__ = [
@@ -76,8 +81,7 @@ def _check_traj(levels, dist_codes=None) -> tuple[int, int]:
 
 
 def _check_lts_args(schedule: str, decay: float, warmup_steps, total_steps) -> None:
-    if schedule not in SCHEDULES:
-        raise ValueError(f"unknown schedule {schedule!r}; expected one of {', '.join(SCHEDULES)}")
+    canonical_schedule(schedule)
     if not 0.0 <= float(decay) < 1.0:
         raise ValueError(f"EMA decay must be in [0, 1), got {decay}")
     if warmup_steps is None or total_steps is None:
@@ -102,39 +106,88 @@ def _row(arr, r: int, dev: torch.device) -> torch.Tensor:
     return torch.from_numpy(np.array(arr[r], copy=True)).to(dev)
 
 
-def _ema_stream(steps: np.ndarray, levels, dist_codes, decay: float, dev: torch.device):
-    """Yield (r, step, level row (numpy), level row (torch on dev), EMA distance after record r) — the one
-    EMA loop used by every LTS replay."""
+class _Units(NamedTuple):
+    """Per-layer unit of the replay: one step is 1/(L_l−1) in normalised units (L = 2, i.e. Δ units, without
+    layer information)."""
+    sizes: list[int]
+    n_levels: list[int]
+    step_w: torch.Tensor | None   # float32 [N]: fl32(1/(L−1)) per weight (None when every layer has L = 2)
+    span_w: torch.Tensor | None   # float32 [N]: L−1 per weight, to convert back to Δ units
+
+    def slices(self):
+        """(column slice, L) per layer."""
+        off = 0
+        for n, L in zip(self.sizes, self.n_levels):
+            yield slice(off, off + n), L
+            off += n
+
+    def to_steps(self, d: torch.Tensor) -> torch.Tensor:
+        """Normalised units → Δ units (× (L−1), float32, as `LTSRule.ema_steps`)."""
+        return d if self.span_w is None else d * self.span_w
+
+
+def _units(layer_sizes, layer_n_levels, N: int, dev: torch.device) -> _Units:
+    sizes = check_layer_sizes(layer_sizes, N)
+    if layer_n_levels is None or len(layer_n_levels) == 0:
+        n_levels = [2] * len(sizes)
+    else:
+        if len(layer_n_levels) != len(sizes):
+            raise ValueError(f"{len(layer_n_levels)} layer level counts for {len(sizes)} layers")
+        n_levels = [int(L) if int(L) >= 2 else 2 for L in layer_n_levels]
+    if all(L == 2 for L in n_levels):
+        return _Units(sizes, n_levels, None, None)
+    counts = torch.tensor(sizes, dtype=torch.int64)
+    step = torch.repeat_interleave(torch.tensor([1 / (L - 1) for L in n_levels], dtype=torch.float32), counts)
+    span = torch.repeat_interleave(torch.tensor([L - 1 for L in n_levels], dtype=torch.float32), counts)
+    return _Units(sizes, n_levels, step.to(dev), span.to(dev))
+
+
+def _ema_stream(steps: np.ndarray, levels, dist_codes, decay: float, dev: torch.device, units: _Units,
+                raw_dists=None):
+    """Yield (r, step, level row (numpy), level row (torch on dev), EMA distance after record r in normalised
+    units, or None before the EMA starts) — the one EMA loop used by every LTS replay (module docstring)."""
     prev = None
     d = None
+    reset = 1.0 if units.step_w is None else units.step_w
     for r in range(len(steps)):
         lv_np = np.array(levels[r], copy=True)
         lv = torch.from_numpy(lv_np).to(dev)
-        dist = decode_distance(_row(dist_codes, r, dev))
-        if r == 0:
-            d = dist.clone()
+        t = int(steps[r])
+        if raw_dists is not None:
+            dist = _row(raw_dists, r, dev).float()
         else:
-            d = ema_update_compounded(d, dist, lv != prev, decay, int(steps[r] - steps[r - 1]))
+            dist = decode_distance(_row(dist_codes, r, dev))
+            if units.step_w is not None:
+                dist *= units.step_w
+        if d is not None:
+            d = ema_update_compounded(d, dist, lv != prev, decay, t - int(steps[r - 1]), reset)
+        elif t >= 1:  # the reference discards step 0; the first later record starts the EMA: d = r …
+            d = dist.clone()
+            if prev is not None and t >= 2:  # … and a level change after step 1 (t ≥ 2) resets it, as per step
+                d = torch.where(lv != prev, reset, d) if isinstance(reset, torch.Tensor) \
+                    else d.masked_fill_(lv != prev, reset)
         prev = lv
-        yield r, int(steps[r]), lv_np, lv, d
+        yield r, t, lv_np, lv, d
 
 
-def grid_bins(d: np.ndarray, g: float, bins_per_unit: int, max_bin: int, thr32: np.ndarray | None = None):
-    """Smallest grid bin j (0 … max_bin) with d ≤ fl32((j/B)·g), max_bin+1 where none: int64 array like d.
+def grid_bins(d: np.ndarray, g: float, bins_per_unit: int, max_bin: int, thr32: np.ndarray | None = None,
+              scale: float = 1.0):
+    """Smallest grid bin j (0 … max_bin) with d ≤ fl32(scale·((j/B)·g)), max_bin+1 where none: int64 like d.
 
-    `d` float32; the threshold of bin j is computed as `ratio_at` does ((j/B)·g in double) and rounded to
-    float32 like the rule's `tensor <= float` comparison. Computed as ceil(d·B/g) (float64) corrected by ±1
-    against the exact float32 thresholds — equal to `np.searchsorted(thr32, d)` but several times faster.
+    `d` float32; the threshold of bin j is computed as the rule does (`schedules.threshold_norm` of
+    `ratio_at`: scale·((j/B)·g) in double, scale = 1/(L−1)) and rounded to float32 like the rule's
+    `tensor <= float` comparison. Computed as ceil(d·B/(g·scale)) (float64) corrected by ±1 against the exact
+    float32 thresholds — equal to `np.searchsorted(thr32, d)` but several times faster.
     """
     B, J = int(bins_per_unit), int(max_bin)
     if thr32 is None:
-        thr32 = ((np.arange(J + 1, dtype=np.float64) / B) * g).astype(np.float32)
+        thr32 = (scale * ((np.arange(J + 1, dtype=np.float64) / B) * g)).astype(np.float32)
     if g <= 0:   # all thresholds 0: only d == 0 freezes
         return np.where(d <= 0, 0, J + 1).astype(np.int64)
     ext = np.empty(J + 3, dtype=np.float32)      # ext[k+1] = thr32[k]; ext[0] = -inf; ext[J+2] = +inf
     ext[0], ext[1:J + 2], ext[J + 2] = -np.inf, thr32, np.inf
     q = d.astype(np.float64)
-    q *= B / g
+    q *= B / (g * scale)
     np.ceil(q, out=q)
     np.clip(q, 0, J + 1, out=q)
     c = q.astype(np.int64)
@@ -145,54 +198,78 @@ def grid_bins(d: np.ndarray, g: float, bins_per_unit: int, max_bin: int, thr32: 
 
 # ---- direct replay ----------------------------------------------------------------------------------------
 
+def _from_run(run, warmup_steps, total_steps, layer_sizes, layer_n_levels, raw_dists):
+    arr = arrays_from_run(run)
+    return (arr.steps, arr.levels, arr.dist_codes,
+            _run_warmup(run) if warmup_steps is None else warmup_steps,
+            arr.total_steps if total_steps is None else total_steps,
+            arr.layer_sizes if layer_sizes is None else layer_sizes,
+            arr.layer_n_levels if layer_n_levels is None else layer_n_levels,
+            arr.raw_dists if raw_dists is None else raw_dists)
+
+
+def _check_raw(raw_dists, R: int, N: int) -> None:
+    if raw_dists is not None and tuple(raw_dists.shape) != (R, N):
+        raise ValueError(f"raw_dists shape {tuple(raw_dists.shape)} differs from levels shape {(R, N)}")
+
+
 def replay_freeze_steps(steps, levels=None, dist_codes=None, schedule: str = "linear", ratio: float = 1.0,
                         warmup_steps: int | None = None, total_steps: int | None = None, decay: float = 0.99,
-                        device: str | torch.device = "cpu") -> np.ndarray:
+                        device: str | torch.device = "cpu", *, layer_sizes=None, layer_n_levels=None,
+                        raw_dists=None) -> np.ndarray:
     """Exact direct simulation of the LTS rule on the records: int64 [N] freeze step per weight (-1 = never).
 
-    `steps` may also be a stored run (then levels, dist codes and total_steps come from it). See the module
-    docstring for the record-resolution semantics. Results are identical on cpu and cuda.
+    `steps` may also be a stored run (then levels, distances, layers and total_steps come from it). See the
+    module docstring for the record-resolution semantics. Results are identical on cpu and cuda.
     """
     if is_run(steps):
-        run = steps
-        arr = arrays_from_run(run)
-        steps, levels, dist_codes = arr.steps, arr.levels, arr.dist_codes
-        total_steps = arr.total_steps if total_steps is None else total_steps
-        warmup_steps = _run_warmup(run) if warmup_steps is None else warmup_steps
+        steps, levels, dist_codes, warmup_steps, total_steps, layer_sizes, layer_n_levels, raw_dists = \
+            _from_run(steps, warmup_steps, total_steps, layer_sizes, layer_n_levels, raw_dists)
     _check_lts_args(schedule, decay, warmup_steps, total_steps)
-    if float(ratio) < 0:
+    if not float(ratio) >= 0:
         raise ValueError(f"threshold ratio must be ≥ 0, got {ratio}")
-    R, N = _check_traj(levels, dist_codes)
+    R, N = _check_traj(levels, None if raw_dists is not None else dist_codes)
+    _check_raw(raw_dists, R, N)
     steps = _check_steps(steps, R)
     dev = resolve_device(device)
+    units = _units(layer_sizes, layer_n_levels, N, dev)
     W, T = int(warmup_steps), int(total_steps)
     frozen = torch.zeros(N, dtype=torch.bool, device=dev)
     freeze = torch.full((N,), -1, dtype=torch.int64, device=dev)
     with torch.no_grad():
-        for _, t, _, _, d in _ema_stream(steps, levels, dist_codes, float(decay), dev):
+        for _, t, _, _, d in _ema_stream(steps, levels, dist_codes, float(decay), dev, units, raw_dists):
             rho = ratio_at(t, schedule, float(ratio), W, T)
-            if rho < 0:
+            if d is None or rho < 0:
                 continue
-            newly = (d <= rho) & ~frozen
-            frozen |= newly
-            freeze.masked_fill_(newly, t)
+            for sl, L in units.slices():
+                newly = (d[sl] <= threshold_norm(rho, L)) & ~frozen[sl]
+                frozen[sl] |= newly
+                freeze[sl].masked_fill_(newly, t)
     return freeze.cpu().numpy()
 
 
 def ema_trace(steps, levels, dist_codes, decay: float, weights: Sequence[int] | None = None,
-              device: str | torch.device = "cpu") -> np.ndarray:
-    """The replayed EMA distance (Δ) of selected weights at every record: float32 [R, len(weights)].
+              device: str | torch.device = "cpu", *, layer_sizes=None, layer_n_levels=None,
+              raw_dists=None) -> np.ndarray:
+    """The replayed EMA distance, in Δ units, of selected weights at every record: float32 [R, len(weights)]
+    (NaN before the EMA starts, i.e. at a record of step 0).
 
     Meant for a handful of weights (plots, tests); `weights=None` returns all of them (small inputs only).
     """
-    R, N = _check_traj(levels, dist_codes)
+    R, N = _check_traj(levels, None if raw_dists is not None else dist_codes)
+    _check_raw(raw_dists, R, N)
     steps = _check_steps(steps, R)
     dev = resolve_device(device)
+    units = _units(layer_sizes, layer_n_levels, N, dev)
     idx = None if weights is None else torch.as_tensor(np.asarray(weights, dtype=np.int64), device=dev)
     out = []
     with torch.no_grad():
-        for _, _, _, _, d in _ema_stream(steps, levels, dist_codes, float(decay), dev):
-            out.append((d if idx is None else d[idx]).cpu().numpy().copy())
+        for _, _, _, _, d in _ema_stream(steps, levels, dist_codes, float(decay), dev, units, raw_dists):
+            if d is None:
+                out.append(np.full(N if idx is None else len(idx), np.nan, dtype=np.float32))
+                continue
+            e = units.to_steps(d)
+            out.append((e if idx is None else e[idx]).cpu().numpy().copy())
     return np.stack(out).astype(np.float32)
 
 
@@ -212,6 +289,15 @@ class ReplayResult:
     n_frozen: int                     # weights frozen by the last record
     n_frozen_correct: int
     layer_ticket_precision: np.ndarray  # float64 [n_layers]
+    n_weights: int = 0                # watched quantized weights (the denominator of updates_eliminated)
+    n_trainable: int | None = None    # all trainable parameters of the model, when known
+
+    @property
+    def updates_eliminated_all_params(self) -> float:
+        """The paper's denominator: frozen weight-steps ÷ (all trainable parameters × steps); nan if unknown."""
+        if not self.n_trainable:
+            return float("nan")
+        return self.updates_eliminated * self.n_weights / self.n_trainable
 
 
 def _end_step(steps: np.ndarray, total_steps: int) -> int:
@@ -271,7 +357,8 @@ def ticket_precision(freeze_steps, steps, levels) -> float:
 
 
 def freeze_accounting(freeze_steps, steps, layer_sizes=None, layer_flops=None, total_steps: int | None = None,
-                      steps_per_epoch: int | None = None, correct=None, ratio: float = float("nan")) -> ReplayResult:
+                      steps_per_epoch: int | None = None, correct=None, ratio: float = float("nan"),
+                      n_trainable: int | None = None) -> ReplayResult:
     """Accounting of any per-weight freeze steps (a replay's or a live run's) against the record steps.
 
     Frozen fraction at record r: share with 0 ≤ freeze step ≤ steps[r]. Updates eliminated: Σ_w (E − f_w) /
@@ -315,6 +402,7 @@ def freeze_accounting(freeze_steps, steps, layer_sizes=None, layer_flops=None, t
         ticket_precision=(n_correct / n_frozen if (n_frozen and corr is not None) else float("nan")),
         n_frozen=n_frozen, n_frozen_correct=n_correct if corr is not None else 0,
         layer_ticket_precision=(_safe_div(n_corr, n_froz) if corr is not None else np.full(nl, np.nan)),
+        n_weights=N, n_trainable=n_trainable,
     )
 
 
@@ -323,10 +411,11 @@ def freeze_accounting(freeze_steps, steps, layer_sizes=None, layer_flops=None, t
 class ReplayIndex:
     """Precomputed LTS replay for one (schedule, warm-up, decay): frozen fractions for any threshold ratio.
 
-    Idea: with g_t = `schedule_gain(t, …)`, the rule freezes at step t iff d_t ≤ fl32(ratio·g_t). For every
-    record the index computes, per weight, the smallest ratio-grid bin j with d_t ≤ fl32((j/B)·g_t) (B =
-    `bins_per_unit`; the same double product and float32 rounding as `ratio_at` + the rule's comparison, so
-    the result is exact, not an approximation of d/g), and its running minimum M_r over records. For the grid
+    Idea: with g_t = `schedule_gain(t, …)`, the rule freezes a weight of layer l at step t > W iff
+    d_t ≤ fl32(s_l·(ratio·g_t)), s_l = 1/(L_l−1). For every record the index computes, per weight, the smallest
+    ratio-grid bin j with d_t ≤ fl32(s_l·((j/B)·g_t)) (B = `bins_per_unit`; the same double products and float32
+    rounding as `ratio_at` + `threshold_norm` + the rule's comparison, so the result is exact, not an
+    approximation of d/g), and its running minimum M_r over records. For the grid
     ratio J/B a weight is frozen at record r iff M_r ≤ J. The index keeps, per layer and record, the histogram of
     M_r accumulated over bins: `cum[J, layer, r]` = weights frozen at record r for ratio J/B.
 
@@ -349,9 +438,11 @@ class ReplayIndex:
               schedule: str = "linear", warmup_steps: int | None = None, total_steps: int | None = None,
               decay: float = 0.99, device: str | torch.device = "auto", bins_per_unit: int = 1024,
               max_ratio: float = 2.0, *, steps_per_epoch: int | None = None,
-              layer_names: Sequence[str] | None = None) -> "ReplayIndex":
+              layer_names: Sequence[str] | None = None, layer_n_levels=None, raw_dists=None,
+              n_trainable: int | None = None) -> "ReplayIndex":
         """Build from arrays, or from a stored run passed as the first argument (`ReplayIndex.build(run,
-        schedule="linear", warmup_steps=…, decay=…)`)."""
+        schedule="linear", warmup_steps=…, decay=…)`). With a run, its exact raw distances are used when it
+        recorded them, and `n_trainable` (all trainable parameters) comes from its manifest."""
         if is_run(steps) or isinstance(steps, RunArrays):
             if levels is not None or dist_codes is not None:
                 raise ValueError("when building from a run, pass schedule=, warmup_steps=, decay= … as keywords")
@@ -364,8 +455,13 @@ class ReplayIndex:
             layer_names = arr.layer_names if layer_names is None else layer_names
             total_steps = arr.total_steps if total_steps is None else total_steps
             steps_per_epoch = arr.steps_per_epoch if steps_per_epoch is None else steps_per_epoch
+            layer_n_levels = arr.layer_n_levels if layer_n_levels is None else layer_n_levels
+            raw_dists = arr.raw_dists if raw_dists is None else raw_dists
+            n_trainable = arr.n_trainable if n_trainable is None else n_trainable
         _check_lts_args(schedule, decay, warmup_steps, total_steps)
-        R, N = _check_traj(levels, dist_codes)
+        schedule = canonical_schedule(schedule)
+        R, N = _check_traj(levels, None if raw_dists is not None else dist_codes)
+        _check_raw(raw_dists, R, N)
         steps = _check_steps(steps, R)
         sizes = check_layer_sizes(layer_sizes, N)
         B = int(bins_per_unit)
@@ -376,6 +472,7 @@ class ReplayIndex:
         OV = J + 1
         nl = len(sizes)
         dev = resolve_device(device)
+        units = _units(sizes, layer_n_levels, N, dev)
         W, T = int(warmup_steps), int(total_steps)
 
         self = cls()
@@ -388,6 +485,8 @@ class ReplayIndex:
         self.layer_names = list(layer_names) if layer_names is not None else [f"layer{i}" for i in range(nl)]
         self.layer_flops = _effective_flops(layer_flops, sizes)
         self.n_weights = N
+        self.n_trainable = None if n_trainable is None else int(n_trainable)
+        self.exact_distances = raw_dists is not None
         self.record_weights = _record_weights(steps, T)
         self.end_step = _end_step(steps, T)
         self.device = str(dev)
@@ -402,10 +501,13 @@ class ReplayIndex:
         final = np.array(levels[R - 1], copy=True)
         counts = np.empty((R, nl * NB), dtype=np.int32)
         with torch.no_grad():
-            for r, t, lv_np, _, d in _ema_stream(steps, levels, dist_codes, float(decay), dev):
-                if t >= W:
+            for r, t, lv_np, _, d in _ema_stream(steps, levels, dist_codes, float(decay), dev, units, raw_dists):
+                if d is not None and eligible(t, W):
                     g = schedule_gain(t, schedule, W, T)
-                    jt = grid_bins(d.cpu().numpy(), g, B, J)
+                    d_np = d.cpu().numpy()
+                    jt = np.empty(N, dtype=np.int64)
+                    for sl, L in units.slices():
+                        jt[sl] = grid_bins(d_np[sl], g, B, J, scale=1 / (L - 1))
                     idx = np.flatnonzero(jt < M)
                     if idx.size:
                         lb = layer_base[idx]
@@ -466,6 +568,7 @@ class ReplayIndex:
             ticket_precision=(n_correct / n_frozen) if n_frozen else float("nan"),
             n_frozen=n_frozen, n_frozen_correct=n_correct,
             layer_ticket_precision=_safe_div(correct_l, n_frozen_l),
+            n_weights=self.n_weights, n_trainable=self.n_trainable,
         )
 
     def _totals(self) -> np.ndarray:
@@ -485,7 +588,9 @@ class ReplayIndex:
         return _safe_div(self.cum[js, layer, :], float(self.layer_sizes[layer]))
 
     def sweep(self) -> dict[str, np.ndarray]:
-        """Whole-run figures for every grid ratio (arrays of length max_bin+1): ratio, updates_eliminated,
+        """Whole-run figures for every grid ratio (arrays of length max_bin+1): ratio, updates_eliminated (over
+        the watched quantized weights), updates_eliminated_all_params (over all trainable parameters; nan when
+        unknown),
         backward_flops_saved, ticket_precision, final_frozen_fraction."""
         J = self.max_bin + 1
         tot = self._totals()[:J]
@@ -497,7 +602,9 @@ class ReplayIndex:
         flops = np.einsum("jlr,l,r->j", self.cum[:J].astype(np.float64), per_w, w) / E
         n_frozen = tot[:, -1]
         correct = self.tick_cum[:, :J].sum(axis=0)
-        return {"ratio": self.ratio_grid, "updates_eliminated": tot @ w / (max(self.n_weights, 1) * E),
+        upd = tot @ w / (max(self.n_weights, 1) * E)
+        upd_all = upd * self.n_weights / self.n_trainable if self.n_trainable else np.full_like(upd, np.nan)
+        return {"ratio": self.ratio_grid, "updates_eliminated": upd, "updates_eliminated_all_params": upd_all,
                 "backward_flops_saved": flops, "ticket_precision": _safe_div(correct, n_frozen),
                 "final_frozen_fraction": n_frozen / max(self.n_weights, 1)}
 

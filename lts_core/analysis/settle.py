@@ -38,6 +38,8 @@ class RunArrays:
     steps_per_epoch: int | None
     layer_n_levels: list[int] = field(default_factory=list)
     layer_bits: list[int] = field(default_factory=list)
+    raw_dists: Any = None             # float32 [R, N] exact raw distances (normalised units), when recorded
+    n_trainable: int | None = None    # all trainable parameters of the model (the reference's denominator)
 
 
 def is_run(obj) -> bool:
@@ -68,6 +70,8 @@ def arrays_from_run(run, with_dists: bool = True) -> RunArrays:
         steps_per_epoch=manifest.get("steps_per_epoch"),
         layer_n_levels=[int(lay.get("n_levels") or 0) for lay in layers],
         layer_bits=[int(lay.get("bits") or 0) for lay in layers],
+        raw_dists=run.raw_dists() if (with_dists and getattr(run, "has_raw_dists", False)) else None,
+        n_trainable=manifest.get("n_trainable_params"),
     )
 
 
