@@ -46,6 +46,9 @@ def check_out(out: Path) -> None:
 
 @app.command()
 def train(
+    preset: Optional[str] = typer.Option(None, help="default | reference: train as the LTS reference code does "
+                                         "(all layers quantized at --bits, 2q−1 output, partial last batch "
+                                         "kept, SGD 0.9/1e-4 for weights, Adam 1e-4 for bounds)"),
     model: Optional[str] = typer.Option(None, help="mlp | cnn1d | cnn2d | resnet20"),
     dataset: Optional[str] = typer.Option(None, help="digits | mnist1d | mnist | fashion-mnist | cifar10"),
     data_root: Optional[str] = typer.Option(None, help="folder holding MNIST IDX files or CIFAR-10 batches"),
@@ -100,7 +103,8 @@ def train(
         np.save(f"{dump_frozen}.rank{dist_info()[0]}.npy", res.frozen_mask.numpy())
     last = res.metrics[-1] if res.metrics else {}
     typer.echo(json.dumps({"run_dir": str(res.run_dir) if res.run_dir else None, "fp_test_acc": res.fp_test_acc,
-                           **{k: last.get(k) for k in ("test_acc", "updates_eliminated", "backward_flops_saved")}}))
+                           **{k: last.get(k) for k in ("test_acc", "updates_eliminated",
+                                                       "updates_eliminated_all_params", "backward_flops_saved")}}))
 
 
 def _parse_list(text: Optional[str], cast) -> list:
@@ -196,8 +200,11 @@ def runs(folder: Optional[Path] = typer.Option(None, help="runs folder to list (
             continue
         m = e.run.metrics
         last = m.iloc[-1] if len(m) else None
-        figs = (f"acc {last['test_acc']:.1f}%  updates eliminated {last['updates_eliminated']:.0%}"
-                if last is not None else "no epoch yet")
+        figs = "no epoch yet"
+        if last is not None:
+            figs = f"acc {last['test_acc']:.1f}%  updates eliminated {last['updates_eliminated']:.0%} of q-weights"
+            if "updates_eliminated_all_params" in m.columns:
+                figs += f" ({last['updates_eliminated_all_params']:.0%} of all params)"
         typer.echo(f"{e.run_id:50s} {e.status:11s} {figs}")
 
 

@@ -16,10 +16,31 @@ class ConfigError(ValueError):
     """An invalid training configuration (message is one line, suitable for a CLI)."""
 
 
+PRESETS = ("default", "reference")
+
+# What `preset="reference"` sets (unless given explicitly): training as the LTS reference code's main_fixed.py.
+REFERENCE_PRESET = {
+    "first_last_bits": "bits",   # every conv/linear layer quantized at the same bits, first and last included
+    "weight_output": "unit",     # the quantizer's 2q − 1 output everywhere
+    "drop_last": False,          # steps per epoch count the partial last batch
+    "optimizer": "sgd", "momentum": 0.9, "weight_decay": 1e-4,   # weights and biases
+    "bound_lr": 1e-4,            # Adam over the quantizer bounds
+}
+
+
 class TrainConfig(BaseModel):
-    """Everything that defines a run. Epoch counts are QAT epochs unless prefixed fp_."""
+    """Everything that defines a run. Epoch counts are QAT epochs unless prefixed fp_.
+
+    `preset="reference"` sets up QAT as the LTS reference code does (`REFERENCE_PRESET`); any field given
+    explicitly still wins. Example::
+
+        cfg = TrainConfig(preset="reference", model="resnet20", dataset="cifar10", bits=2, schedule="linear")
+        cfg.first_last_bits, cfg.weight_output, cfg.drop_last, cfg.bound_lr   # (2, 'unit', False, 0.0001)
+    """
 
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+    preset: Literal["default", "reference"] = "default"
 
     model: str = "mlp"
     dataset: str = "digits"
@@ -32,6 +53,8 @@ class TrainConfig(BaseModel):
     quantizer: Literal["liq", "lsq", "binary", "ternary"] = "liq"
     act_bits: int | None = Field(None, ge=1, le=8)
     first_last_bits: int | None = Field(None, ge=1, le=8, description="None keeps first/last layers in FP")
+    weight_output: Literal["denorm", "unit"] = Field(
+        "denorm", description="quantized weight as l + q·(u − l) (denorm) or the reference's 2q − 1 (unit)")
 
     rule: Literal["none", "lts", "osc"] = "lts"
     schedule: Literal["fixed", "linear", "sine"] = "linear"
@@ -44,6 +67,7 @@ class TrainConfig(BaseModel):
     epochs: int = Field(30, ge=1, description="QAT epochs")
     fp_epochs: int = Field(20, ge=0, description="full-precision pre-training epochs")
     batch_size: int = Field(128, ge=1)
+    drop_last: bool = Field(True, description="QAT epochs drop the partial last batch (the reference keeps it)")
     optimizer: Literal["sgd", "adam"] = "sgd"
     lr: float = Field(0.05, gt=0)
     fp_lr: float = Field(0.1, gt=0)
@@ -56,6 +80,17 @@ class TrainConfig(BaseModel):
 
     record: bool = True
     record_every: int | None = Field(None, ge=1, description="steps between records; default once per epoch")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _apply_preset(cls, data):
+        """Fill the preset's settings into the fields not given explicitly."""
+        if isinstance(data, dict) and data.get("preset") == "reference":
+            data = dict(data)
+            for key, value in REFERENCE_PRESET.items():
+                if data.get(key) is None:
+                    data[key] = data.get("bits", cls.model_fields["bits"].default) if value == "bits" else value
+        return data
 
     @model_validator(mode="after")
     def _check(self) -> "TrainConfig":
@@ -84,7 +119,8 @@ class TrainConfig(BaseModel):
     def label(self) -> str:
         """A short human name, e.g. 'mlp-digits-2b-lts-linear-r1'."""
         tail = {"none": "baseline", "osc": "osc", "lts": f"lts-{self.schedule}-r{self.ratio:g}"}[self.rule]
-        return f"{self.model}-{self.dataset}-{self.bits}b-{tail}"
+        ref = "-ref" if self.preset == "reference" else ""
+        return f"{self.model}-{self.dataset}-{self.bits}b{ref}-{tail}"
 
 
 def format_validation_error(err: ValidationError) -> str:

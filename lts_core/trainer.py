@@ -82,16 +82,17 @@ def epoch_order(n: int, seed: int, epoch: int, phase: str) -> torch.Tensor:
     return torch.randperm(n, generator=g)
 
 
-def batches(order: torch.Tensor, batch_size: int, rank: int = 0, world: int = 1):
-    """Index batches of one epoch (the last partial batch is dropped); under DDP each rank takes its
-    slice of every global batch."""
-    for b in range(steps_per_epoch(len(order), batch_size)):
+def batches(order: torch.Tensor, batch_size: int, rank: int = 0, world: int = 1, drop_last: bool = True):
+    """Index batches of one epoch (the last partial batch is dropped unless `drop_last` is False); under DDP
+    each rank takes its slice of every global batch."""
+    for b in range(steps_per_epoch(len(order), batch_size, drop_last)):
         idx = order[b * batch_size:(b + 1) * batch_size]
         yield idx[rank::world]
 
 
-def steps_per_epoch(n_train: int, batch_size: int) -> int:
-    return max(1, n_train // batch_size)
+def steps_per_epoch(n_train: int, batch_size: int, drop_last: bool = True) -> int:
+    """Optimizer steps per epoch: full batches only, or (drop_last=False, as the reference) every batch."""
+    return max(1, n_train // batch_size if drop_last else -(-n_train // batch_size))
 
 
 # ---- evaluation and loops -----------------------------------------------------------------------------
@@ -156,6 +157,18 @@ def pretrain_fp(cfg: TrainConfig, data: DatasetSplit, device: torch.device) -> n
     return model
 
 
+def epoch_line(row: dict, epochs: int, has_rule: bool) -> str:
+    """One log line per epoch, every figure labelled with its denominator."""
+    line = (f"epoch {row['epoch']}/{epochs}  loss {row['train_loss']:.4f}  acc {row['test_acc']:.2f}%  "
+            f"{row['seconds']:.1f} s")
+    if has_rule:
+        line += (f"  frozen {row['frozen_fraction']:.1%} of quantized weights  updates eliminated so far "
+                 f"{row['updates_eliminated']:.1%} of quantized weights = "
+                 f"{row['updates_eliminated_all_params']:.1%} of all trainable params (the paper's denominator)"
+                 f"  backward FLOPs saved (accounted) {row['backward_flops_saved']:.1%}")
+    return line
+
+
 def make_rule(cfg: TrainConfig, model: nn.Module, opt, total_steps: int, spe: int) -> FreezingRule | None:
     if cfg.rule == "lts":
         return LTSRule(model, opt, total_steps, warmup_steps=int(round(cfg.warmup * spe)), schedule=cfg.schedule,
@@ -204,7 +217,8 @@ def train(cfg: TrainConfig, run_dir: str | Path | None = None, progress: bool = 
     fp_acc = evaluate(model, data.x_test, data.y_test, device)
 
     quantize_model(model, bits=cfg.bits, method=cfg.quantizer, act_bits=cfg.act_bits,
-                   first_last_bits=cfg.first_last_bits, example_input=data.x_test[:2].to(device))
+                   first_last_bits=cfg.first_last_bits, output=cfg.weight_output,
+                   example_input=data.x_test[:2].to(device))
     model.train()
     qparams = [p for n, p in model.named_parameters() if "quantizer" in n]
     wparams = [p for n, p in model.named_parameters() if "quantizer" not in n]
@@ -215,7 +229,7 @@ def train(cfg: TrainConfig, run_dir: str | Path | None = None, progress: bool = 
     bound_opt = torch.optim.Adam(qparams, lr=cfg.bound_lr) if qparams else None
 
     n = len(data.x_train)
-    spe = steps_per_epoch(n, cfg.batch_size)
+    spe = steps_per_epoch(n, cfg.batch_size, cfg.drop_last)
     total = spe * cfg.epochs
     rule = make_rule(cfg, model, opt, total, spe)
     net = model
@@ -244,7 +258,8 @@ def train(cfg: TrainConfig, run_dir: str | Path | None = None, progress: bool = 
                 t0 = time.perf_counter()
                 loss_sum = torch.zeros((), device=device)
                 n_b = 0
-                for idx in batches(epoch_order(n, cfg.seed, epoch, "qat"), cfg.batch_size, rank, world):
+                for idx in batches(epoch_order(n, cfg.seed, epoch, "qat"), cfg.batch_size, rank, world,
+                                   cfg.drop_last):
                     lr = cfg.lr * lr_factor(cfg.lr_schedule, t, total)
                     for g in opt.param_groups:
                         g["lr"] = lr
@@ -276,7 +291,8 @@ def train(cfg: TrainConfig, run_dir: str | Path | None = None, progress: bool = 
                        "frozen_fraction": rule.frozen_fraction() if rule else 0.0,
                        "updates_eliminated": rule.updates_eliminated() if rule else 0.0,
                        "backward_flops_saved": rule.backward_flops_saved() if rule else 0.0,
-                       "seconds": time.perf_counter() - t0, "lr": lr}
+                       "seconds": time.perf_counter() - t0, "lr": lr,
+                       "updates_eliminated_all_params": rule.updates_eliminated_all_params() if rule else 0.0}
                 result.metrics.append(row)
                 if rec is not None:
                     rec.log_epoch(row)
@@ -287,6 +303,7 @@ def train(cfg: TrainConfig, run_dir: str | Path | None = None, progress: bool = 
                     on_epoch(row)
                 if bar is not None:
                     bar.update(1)
+                    bar.write(epoch_line(row, cfg.epochs, rule is not None))
                     bar.set_postfix(acc=f"{acc:.1f}%", frozen=f"{row['frozen_fraction']:.0%}")
     except KeyboardInterrupt:
         result.status = "interrupted"

@@ -11,32 +11,36 @@ from probe import probe
 
 
 def drive(rule, layer, seq):
-    """Feed a [T, n] sequence of weight values, one per step; returns the EMA after each step."""
+    """Feed a [T, n] sequence of weight values, one per step; returns the EMA (Δ units) after each step."""
     emas = []
     for row in seq:
         with torch.no_grad():
             layer.weight.copy_(torch.tensor(row, dtype=torch.float32)[:, None])
         rule.step()
-        emas.append(rule.ema[0].flatten().tolist())
+        emas.append(rule.ema_steps(0).flatten().tolist())
     return emas
 
 
-def test_ema_step_by_step_and_reset():
+def test_ema_step_by_step_reference_start_and_reset():
+    """Step 0 is discarded, d_1 = r_1 with no reset even if the level changed, then EMA + reset to 1 Δ."""
     model, layer = probe(2)
     rule = LTSRule(model, None, total_steps=10, warmup_steps=9, schedule="fixed", ratio=0.0, decay=0.5)
-    # weight 0: distances 0.25, 0.25, 0.125, 0.4375 (same level 1) -> d = .25, .25, .1875, .3125
-    # weight 1: level 1 (0.25) then level 2 (1.75 -> dist .25): transition resets to 1 Δ, then decays
-    seq = [[1.25, 1.25], [1.25, 1.75], [1.125, 1.75], [1.4375, 2.0]]
+    # weight 0: distances 0.25, 0.25, 0.125, 0.4375 (same level 1) -> d = (none), .25, .1875, .3125
+    # weight 1: levels 1, 2, 2, 3 at distance .25: the change at t = 1 does not reset, the one at t = 3 does
+    seq = [[1.25, 1.25], [1.25, 1.75], [1.125, 1.75], [1.4375, 2.75]]
     emas = drive(rule, layer, seq)
-    assert [e[0] for e in emas] == [0.25, 0.25, 0.1875, 0.3125]
-    assert [e[1] for e in emas] == [0.25, 1.0, 0.625, 0.3125]
+    assert [e[0] for e in emas] == pytest.approx([0.0, 0.25, 0.1875, 0.3125], abs=1e-6)
+    assert [e[1] for e in emas] == pytest.approx([0.0, 0.25, 0.25, 1.0], abs=1e-6)
+    # in the rule's own (normalised) units the reset is exactly one step, 1/(L−1)
+    assert rule.ema[0].flatten()[1].item() == torch.tensor(1 / 3, dtype=torch.float32).item()
 
 
 @pytest.mark.parametrize("schedule,warmup,total,dist,expected", [
-    # fixed ρ = 0.3, weight sits exactly on its level: freezes the first step after warm-up, not before
-    ("fixed", 3, 10, 0.0, 3),
-    # linear: ρ_t = (t-2)/8 ≥ 0.25 first at t = 4
-    ("linear", 2, 10, 0.25, 4),
+    # fixed ρ = 0.3, weight sits exactly on its level: freezes the first step strictly after warm-up (t > W)
+    ("fixed", 3, 10, 0.0, 4),
+    ("fixed", 0, 10, 0.0, 1),  # W = 0: step 0 has no EMA yet, step 1 is the first eligible
+    # linear: ρ_t = (t-2)/8 ≥ 0.2 first at t = 4
+    ("linear", 2, 10, 0.2, 4),
     # sine: sin((t-1)/10·π/2) ≥ 0.25 first at t = 3 (t=2: sin(π/20)=0.156)
     ("sine", 1, 11, 0.25, 3),
 ])
@@ -55,7 +59,7 @@ def test_never_frozen_above_fixed_threshold_and_never_unfrozen():
     # weight 0 at 0.25 Δ forever: never freezes under 0.2; weight 1 settles at 0 then moves away
     seq = [[1.25, 2.0]] * 5 + [[1.25, 2.4]] * 15
     drive(rule, layer, seq)
-    assert rule.freeze_step[0].flatten().tolist() == [-1, 2]
+    assert rule.freeze_step[0].flatten().tolist() == [-1, 3]
     assert rule.frozen[0].flatten().tolist() == [False, True]
 
 
@@ -66,6 +70,25 @@ def test_freeze_step_matches_rule_computation_with_expected_values():
     drive(rule, layer, [[1.375]] * 4)
     assert rule.freeze_step[0].item() == 2
     assert rule.threshold(2) == 0.5
+
+
+def test_default_ratio_is_the_reference_s():
+    """ρ defaults to 0.1 in fixed mode (it must not freeze everything at once) and to 1 for the growth curves."""
+    model, layer = probe(3)
+    rule = LTSRule(model, None, total_steps=10, warmup_steps=0, schedule="fixed")
+    assert rule.ratio == 0.1 and rule.threshold(1) == 0.1
+    drive(rule, layer, [[1.05, 1.25, 2.45]] * 10)  # distances .05, .25, .45 Δ
+    assert rule.freeze_step[0].flatten().tolist() == [1, -1, -1]
+    for sched in ("linear", "sine"):
+        assert LTSRule(model, None, total_steps=10, warmup_steps=0, schedule=sched).ratio == 1.0
+
+
+def test_reference_schedule_names_are_aliases_and_unknown_names_fail():
+    model, _ = probe(1)
+    for ref, ours in (("fixing", "fixed"), ("linear-growth", "linear"), ("sine-growth", "sine")):
+        assert LTSRule(model, None, 10, 2, schedule=ref).schedule == ours
+    with pytest.raises(ValueError, match="unknown schedule 'linear_growth'"):
+        LTSRule(model, None, 10, 2, schedule="linear_growth")
 
 
 def make_mlp():

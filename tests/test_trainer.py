@@ -33,6 +33,40 @@ def test_digits_mlp_2bit_headline():
     assert none.metrics[-1]["updates_eliminated"] == 0.0
 
 
+def test_reference_preset_trains_as_the_reference_and_counts_both_ways(tmp_path):
+    """preset="reference": every layer quantized at --bits with the 2q−1 output, the partial last batch kept,
+    the reference's optimizers; both "updates eliminated" figures equal a hand computation from the freeze steps."""
+    import math
+
+    from lts_core.store import open_run
+    cfg = make_config(preset="reference", model="mlp", dataset="digits", width=32, bits=2, epochs=3, fp_epochs=1,
+                      batch_size=100, rule="lts", schedule="fixed", warmup_epochs=1, device="cpu", record_every=1)
+    assert (cfg.first_last_bits, cfg.weight_output, cfg.drop_last, cfg.bound_lr) == (2, "unit", False, 1e-4)
+    assert cfg.ratio == 0.1  # the reference's fixed ratio
+    res = train(cfg, run_dir=tmp_path / "ref", progress=False)
+    run = open_run(tmp_path / "ref")
+    n_train = run.manifest["dataset_sizes"][0]
+    spe = math.ceil(n_train / 100)
+    assert n_train % 100 != 0 and run.manifest["steps_per_epoch"] == spe   # the partial batch is a step
+    T = run.manifest["total_steps"]
+    assert T == 3 * spe and run.n_records == T
+    # all three Linear layers of the MLP are quantized at 2 bits and watched, first and last included
+    assert [la["bits"] for la in run.layers] == [2, 2, 2] and run.manifest["rule"]["layers"] == run.layer_names
+    # all trainable parameters: weights and biases of the three layers, plus two bounds per layer
+    shapes = [la["shape"] for la in run.layers]
+    n_params = sum(o * i + o + 2 for o, i in shapes)
+    assert run.manifest["n_trainable_params"] == n_params
+    fs = run.freeze_steps()
+    counts = np.array([((fs >= 0) & (fs <= t)).sum() for t in range(T)])
+    assert counts[-1] > 0 and fs[fs >= 0].min() > spe   # nothing freezes during the warm-up epoch (t > W)
+    last = res.metrics[-1]
+    assert last["updates_eliminated"] == pytest.approx(counts.sum() / (fs.size * T), rel=1e-12)
+    assert last["updates_eliminated_all_params"] == pytest.approx(counts.sum() / (n_params * T), rel=1e-12)
+    assert last["updates_eliminated_all_params"] < last["updates_eliminated"]
+    # the quantized layers output the reference's 2q − 1 values
+    assert [la["output"] for la in run.layers] == ["unit"] * 3
+
+
 def test_deterministic_and_same_data_order_for_all_rules():
     base = dict(epochs=4, fp_epochs=2, device="cpu", record=False, warmup_epochs=1)
     a = train(make_config(**base, rule="lts"), progress=False)
