@@ -11,6 +11,7 @@ import math
 import os
 import signal
 import time
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
@@ -216,6 +217,11 @@ def train(cfg: TrainConfig, run_dir: str | Path | None = None, progress: bool = 
     model = pretrain_fp(cfg, data, device)
     fp_acc = evaluate(model, data.x_test, data.y_test, device)
 
+    if cfg.weight_output == "unit" and not any(isinstance(m, nn.modules.batchnorm._BatchNorm)
+                                               for m in model.modules()):
+        warnings.warn(f"weight_output='unit' (the reference's 2q − 1) relies on a BatchNorm after each layer for "
+                      f"scale, and model {cfg.model!r} has none: expect poor accuracy (the reference uses it with "
+                      "ResNets and MobileNets; e.g. cnn1d, cnn2d, resnet20 here)", UserWarning, stacklevel=2)
     quantize_model(model, bits=cfg.bits, method=cfg.quantizer, act_bits=cfg.act_bits,
                    first_last_bits=cfg.first_last_bits, output=cfg.weight_output,
                    example_input=data.x_test[:2].to(device))

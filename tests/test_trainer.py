@@ -43,7 +43,8 @@ def test_reference_preset_trains_as_the_reference_and_counts_both_ways(tmp_path)
                       batch_size=100, rule="lts", schedule="fixed", warmup_epochs=1, device="cpu", record_every=1)
     assert (cfg.first_last_bits, cfg.weight_output, cfg.drop_last, cfg.bound_lr) == (2, "unit", False, 1e-4)
     assert cfg.ratio == 0.1  # the reference's fixed ratio
-    res = train(cfg, run_dir=tmp_path / "ref", progress=False)
+    with pytest.warns(UserWarning, match="BatchNorm"):  # 2q − 1 has no scale without a BatchNorm: said so
+        res = train(cfg, run_dir=tmp_path / "ref", progress=False)
     run = open_run(tmp_path / "ref")
     n_train = run.manifest["dataset_sizes"][0]
     spe = math.ceil(n_train / 100)
