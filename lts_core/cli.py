@@ -19,6 +19,8 @@ import numpy as np
 import typer
 
 from .config import ConfigError, TrainConfig, load_config_file, make_config
+from .datasets import DATASETS
+from .models import MODELS
 from .store import runs_dir
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
@@ -49,9 +51,10 @@ def train(
     preset: Optional[str] = typer.Option(None, help="default | reference: train as the LTS reference code does "
                                          "(all layers quantized at --bits, 2q−1 output, partial last batch "
                                          "kept, SGD 0.9/1e-4 for weights, Adam 1e-4 for bounds)"),
-    model: Optional[str] = typer.Option(None, help="mlp | cnn1d | cnn2d | resnet20"),
-    dataset: Optional[str] = typer.Option(None, help="digits | mnist1d | mnist | fashion-mnist | cifar10"),
-    data_root: Optional[str] = typer.Option(None, help="folder holding MNIST IDX files or CIFAR-10 batches"),
+    model: Optional[str] = typer.Option(None, help=" | ".join(MODELS)),
+    dataset: Optional[str] = typer.Option(None, help=" | ".join(DATASETS)),
+    data_root: Optional[str] = typer.Option(None, help="folder holding MNIST IDX files or CIFAR-10/100 batches"),
+    width: Optional[int] = typer.Option(None, help="the model's base width (default: the model's own)"),
     bits: Optional[int] = typer.Option(None, help="weight bits (1..8)"),
     quantizer: Optional[str] = typer.Option(None, help="liq | lsq | binary | ternary"),
     act_bits: Optional[int] = typer.Option(None, help="activation bits (default: full precision)"),

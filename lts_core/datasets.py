@@ -4,11 +4,14 @@
 - mnist1d:       generated locally with the `mnist1d` package (canonical args, its seed 42), cached as
                  `<data_dir>/datasets/mnist1d.npz`, in_shape (1, 40).
 - mnist, fashion-mnist: the four IDX files (optionally .gz) in `root`, in_shape (1, 28, 28).
+- mnist1d-seq:   the same signals as sequences of 10 tokens × 4 samples, in_shape (10, 4) (tokens, features).
 - cifar10:       the python batches (`cifar-10-batches-py`) or binary batches (`cifar-10-batches-bin`)
                  under `root` (or `root` is that folder), in_shape (3, 32, 32).
+- cifar100:      `cifar-100-python/{train,test}` or `cifar-100-binary/{train,test}.bin` under `root` (or
+                 `root` is that folder); the 100 fine labels; in_shape (3, 32, 32).
 
 Inputs are standardized with statistics of the (possibly subsetted) training split: per feature for
-digits, one scalar for mnist1d / mnist / fashion-mnist, per channel for cifar10.
+digits, one scalar for mnist1d(-seq) / mnist / fashion-mnist, per channel for cifar10 / cifar100.
 """
 from __future__ import annotations
 
@@ -20,12 +23,14 @@ import random
 import struct
 import tempfile
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 
 import numpy as np
 import torch
 
-DATASETS = ("digits", "mnist1d", "mnist", "fashion-mnist", "cifar10")
+DATASETS = ("digits", "mnist1d", "mnist1d-seq", "mnist", "fashion-mnist", "cifar10", "cifar100")
+SEQ_TOKENS = 10  # mnist1d-seq: the 40-sample signal as 10 tokens of 4 consecutive samples
 
 
 class DatasetError(ValueError):
@@ -157,6 +162,15 @@ def _load_mnist1d(seed, max_train, max_test) -> DatasetSplit:
                    max_train, max_test)
 
 
+def _load_mnist1d_seq(seed, max_train, max_test) -> DatasetSplit:
+    """The same signals as a sequence task: each 40-sample signal cut into 10 tokens of 4 consecutive
+    samples, in_shape (tokens, features) = (10, 4), for sequence models (the Transformer encoder)."""
+    a = _mnist1d_arrays()
+    L = a["x"].shape[1]
+    return _finish("mnist1d-seq", a["x"], a["y"], a["x_test"], a["y_test"], (SEQ_TOKENS, L // SEQ_TOKENS),
+                   (0, 1, 2), seed, max_train, max_test)
+
+
 # ----------------------------------------------------------------------------- mnist / fashion-mnist (IDX)
 
 _IDX_FILES = {"train_x": "train-images-idx3-ubyte", "train_y": "train-labels-idx1-ubyte",
@@ -209,14 +223,43 @@ def _load_idx(name, root, seed, max_train, max_test) -> DatasetSplit:
                    max_train, max_test)
 
 
-# ----------------------------------------------------------------------------- cifar10
+# ----------------------------------------------------------------------------- cifar10 / cifar100
 
-_CIFAR_PY = [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"]
-_CIFAR_BIN = [f"data_batch_{i}.bin" for i in range(1, 6)] + ["test_batch.bin"]
 _PICKLE_OK = {("_codecs", "encode"), ("numpy", "ndarray"), ("numpy", "dtype"),
               ("numpy.core.multiarray", "_reconstruct"), ("numpy._core.multiarray", "_reconstruct"),
               ("numpy.core.multiarray", "scalar"), ("numpy._core.multiarray", "scalar"),
               ("numpy.core.numeric", "_frombuffer"), ("numpy._core.numeric", "_frombuffer")}
+
+
+@dataclass(frozen=True)
+class _CifarFormat:
+    """Where a CIFAR variant keeps its files and how its records hold the label."""
+    py_dir: str             # python-pickle version's folder
+    py_files: tuple         # ... its train files, then the test file
+    label_key: bytes        # ... the label list in each pickle
+    bin_dir: str            # binary version's folder
+    bin_files: tuple
+    label_bytes: int        # binary records: label bytes before the 3072 pixel bytes
+    label_at: int           # ... which of them is the label used
+    n_classes: int
+
+
+_CIFAR = {
+    "cifar10": _CifarFormat("cifar-10-batches-py", tuple(f"data_batch_{i}" for i in range(1, 6)) + ("test_batch",),
+                            b"labels", "cifar-10-batches-bin",
+                            tuple(f"data_batch_{i}.bin" for i in range(1, 6)) + ("test_batch.bin",), 1, 0, 10),
+    # CIFAR-100: 100 fine labels (the 20 coarse labels are not used); binary records are <coarse><fine><pixels>
+    "cifar100": _CifarFormat("cifar-100-python", ("train", "test"), b"fine_labels", "cifar-100-binary",
+                             ("train.bin", "test.bin"), 2, 1, 100),
+}
+
+
+def _files_doc(files: tuple) -> str:
+    """'data_batch_1..5, test_batch' for CIFAR-10's six files, else the names."""
+    if len(files) == 6:
+        first, ext = files[0].rsplit("_", 1)[0], ".bin" if files[0].endswith(".bin") else ""
+        return f"{first}_1..5{ext}, {files[-1]}"
+    return ", ".join(files)
 
 
 class _CifarUnpickler(pickle.Unpickler):
@@ -228,51 +271,54 @@ class _CifarUnpickler(pickle.Unpickler):
         return super().find_class(module, name)
 
 
-def _cifar_py_batch(folder: Path, fname: str) -> tuple[np.ndarray, np.ndarray]:
+def _cifar_py_batch(name: str, fmt: _CifarFormat, folder: Path, fname: str) -> tuple[np.ndarray, np.ndarray]:
     p = folder / fname
     if not p.is_file():
-        raise _fail("cifar10", fname, folder, "not found")
+        raise _fail(name, fname, folder, "not found")
     try:
         with open(p, "rb") as f:
             d = _CifarUnpickler(f, encoding="bytes").load()
-        x, y = np.asarray(d[b"data"]), np.asarray(d[b"labels"])
+        x, y = np.asarray(d[b"data"]), np.asarray(d[fmt.label_key])
     except Exception as e:  # truncated, not a pickle, wrong content
-        raise _fail("cifar10", fname, folder, f"malformed python batch ({type(e).__name__}: {e})") from None
+        raise _fail(name, fname, folder, f"malformed python batch ({type(e).__name__}: {e})") from None
     if x.dtype != np.uint8 or x.ndim != 2 or x.shape[1] != 3072 or y.shape != (len(x),) or len(x) == 0:
-        raise _fail("cifar10", fname, folder, f"malformed python batch (data {x.shape} {x.dtype}, "
-                                               f"labels {y.shape})")
+        raise _fail(name, fname, folder, f"malformed python batch (data {x.shape} {x.dtype}, labels {y.shape})")
     return x, y
 
 
-def _cifar_bin_batch(folder: Path, fname: str) -> tuple[np.ndarray, np.ndarray]:
+def _cifar_bin_batch(name: str, fmt: _CifarFormat, folder: Path, fname: str) -> tuple[np.ndarray, np.ndarray]:
     p = folder / fname
     if not p.is_file():
-        raise _fail("cifar10", fname, folder, "not found")
+        raise _fail(name, fname, folder, "not found")
+    size = 3072 + fmt.label_bytes
     buf = np.fromfile(p, dtype=np.uint8)
-    if buf.size == 0 or buf.size % 3073:
-        raise _fail("cifar10", fname, folder, f"wrong length: {buf.size} bytes is not a multiple of 3073")
-    rec = buf.reshape(-1, 3073)
-    return rec[:, 1:], rec[:, 0]
+    if buf.size == 0 or buf.size % size:
+        raise _fail(name, fname, folder, f"wrong length: {buf.size} bytes is not a multiple of {size}")
+    rec = buf.reshape(-1, size)
+    return rec[:, fmt.label_bytes:], rec[:, fmt.label_at]
 
 
-def _load_cifar10(root, seed, max_train, max_test) -> DatasetSplit:
-    root = _root_dir("cifar10", root)
-    for folder, files, read in ((root, _CIFAR_PY, _cifar_py_batch), (root, _CIFAR_BIN, _cifar_bin_batch),
-                                (root / "cifar-10-batches-py", _CIFAR_PY, _cifar_py_batch),
-                                (root / "cifar-10-batches-bin", _CIFAR_BIN, _cifar_bin_batch)):
+def _load_cifar(name: str, root, seed, max_train, max_test) -> DatasetSplit:
+    fmt = _CIFAR[name]
+    root = _root_dir(name, root)
+    py = partial(_cifar_py_batch, name, fmt)
+    binary = partial(_cifar_bin_batch, name, fmt)
+    for folder, files, read in ((root, fmt.py_files, py), (root, fmt.bin_files, binary),
+                                (root / fmt.py_dir, fmt.py_files, py), (root / fmt.bin_dir, fmt.bin_files, binary)):
         if folder.is_dir() and (folder != root or any((root / f).is_file() for f in files)):
             break
     else:
-        raise DatasetError(f"cifar10: expected 'cifar-10-batches-py/data_batch_1..5, test_batch' or "
-                           f"'cifar-10-batches-bin/data_batch_1..5.bin, test_batch.bin' in {root} — not found")
+        raise DatasetError(f"{name}: expected '{fmt.py_dir}/{_files_doc(fmt.py_files)}' or "
+                           f"'{fmt.bin_dir}/{_files_doc(fmt.bin_files)}' in {root} — not found")
     parts = [read(folder, f) for f in files]
     for f, (_, y) in zip(files, parts):
-        if not np.issubdtype(y.dtype, np.integer) or y.min() < 0 or y.max() > 9:
-            raise _fail("cifar10", f, folder, "labels must be integers in 0..9")
+        if not np.issubdtype(y.dtype, np.integer) or y.min() < 0 or y.max() >= fmt.n_classes:
+            raise _fail(name, f, folder, f"labels must be integers in 0..{fmt.n_classes - 1}")
     x_tr = np.concatenate([x for x, _ in parts[:-1]])
     y_tr = np.concatenate([y for _, y in parts[:-1]])
     x_te, y_te = parts[-1]
-    return _finish("cifar10", x_tr, y_tr, x_te, y_te, (3, 32, 32), (0, 2, 3), seed, max_train, max_test)
+    return _finish(name, x_tr, y_tr, x_te, y_te, (3, 32, 32), (0, 2, 3), seed, max_train, max_test,
+                   n_classes=fmt.n_classes)
 
 
 # ----------------------------------------------------------------------------- entry point
@@ -292,6 +338,8 @@ def load_dataset(name: str, root: str | Path | None = None, seed: int = 0, *,
         return _load_mnist1d(seed, max_train, max_test)
     if key in ("mnist", "fashion-mnist"):
         return _load_idx(key, root, seed, max_train, max_test)
-    if key == "cifar10":
-        return _load_cifar10(root, seed, max_train, max_test)
+    if key == "mnist1d-seq":
+        return _load_mnist1d_seq(seed, max_train, max_test)
+    if key in _CIFAR:
+        return _load_cifar(key, root, seed, max_train, max_test)
     raise DatasetError(f"unknown dataset {name!r}; valid names: {', '.join(DATASETS)}")

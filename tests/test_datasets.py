@@ -51,7 +51,7 @@ def test_unknown_dataset_lists_valid_names():
     with pytest.raises(DatasetError, match="unknown dataset 'imagenet'.*digits.*cifar10") as e:
         load_dataset("imagenet")
     assert isinstance(e.value, ValueError)
-    assert DATASETS == ("digits", "mnist1d", "mnist", "fashion-mnist", "cifar10")
+    assert DATASETS == ("digits", "mnist1d", "mnist1d-seq", "mnist", "fashion-mnist", "cifar10", "cifar100")
 
 
 # ----------------------------------------------------------------------------- mnist1d
@@ -85,6 +85,19 @@ def test_mnist1d_generated_and_cached(tmp_path, monkeypatch):
     d3 = load_dataset("mnist1d", max_train=64, max_test=32)
     assert d3.x_train.shape == (64, 1, 40) and d3.x_test.shape == (32, 1, 40)
     assert np.load(cache)["x"].shape == (160, 40)
+
+
+def test_mnist1d_seq_is_the_same_signals_as_token_sequences(tmp_path, monkeypatch):
+    monkeypatch.setenv("SCRATCHOFF_DATA", str(tmp_path))
+    import mnist1d.data
+    real_args = mnist1d.data.get_dataset_args
+    monkeypatch.setattr(mnist1d.data, "get_dataset_args",
+                        lambda as_dict=False: _with(real_args(as_dict), num_samples=200))  # small = fast
+    flat, seq = load_dataset("mnist1d"), load_dataset("mnist1d-seq")
+    assert seq.in_shape == (10, 4) and seq.n_classes == 10 and seq.x_train.shape == (160, 10, 4)
+    # token t holds samples 4t … 4t+3 of the signal, standardised with the same scalar statistics
+    assert torch.equal(seq.x_train.reshape(-1, 40), flat.x_train.reshape(-1, 40))
+    assert torch.equal(seq.y_test, flat.y_test)
 
 
 def _with(args, **kw):
@@ -243,6 +256,55 @@ def test_cifar_refuses_arbitrary_pickles(tmp_path):
     (sub / "test_batch").write_bytes(pickle.dumps({b"data": print, b"labels": []}))
     with pytest.raises(DatasetError, match="'test_batch'.*refusing to load builtins.print"):
         load_dataset("cifar10", root=tmp_path)
+
+
+def write_cifar100(folder, kind, n_train=6, n_test=3):
+    """CIFAR-100's layout: python pickles 'train'/'test' with fine and coarse labels, or binary records
+    <coarse><fine><3072 pixels>."""
+    rng = np.random.default_rng(2)
+    parts = {"train": (rng.integers(0, 256, (n_train, 3072), dtype=np.uint8), [(99 - 7 * i) % 100 for i in range(n_train)]),
+             "test": (rng.integers(0, 256, (n_test, 3072), dtype=np.uint8), [5 * i % 100 for i in range(n_test)])}
+    folder.mkdir(parents=True)
+    for name, (x, fine) in parts.items():
+        coarse = [f // 5 for f in fine]
+        if kind == "py":
+            with open(folder / name, "wb") as f:
+                pickle.dump({b"filenames": [b"a"] * len(x), b"fine_labels": fine, b"coarse_labels": coarse,
+                             b"data": x}, f, protocol=2)
+        else:
+            rec = np.concatenate([np.asarray(coarse, np.uint8)[:, None], np.asarray(fine, np.uint8)[:, None], x], 1)
+            (folder / f"{name}.bin").write_bytes(rec.tobytes())
+    return parts
+
+
+@pytest.mark.parametrize("kind", ["py", "bin"])
+def test_cifar100_python_and_binary(tmp_path, kind):
+    sub = tmp_path / ("cifar-100-python" if kind == "py" else "cifar-100-binary")
+    parts = write_cifar100(sub, kind)
+    for root in (tmp_path, sub):
+        d = load_dataset("cifar100", root=root)
+        assert d.name == "cifar100" and d.n_classes == 100 and d.in_shape == (3, 32, 32)
+        assert d.y_train.tolist() == parts["train"][1] and d.y_test.tolist() == [0, 5, 10]   # fine labels
+        x = parts["train"][0].reshape(-1, 3, 32, 32) / 255.0
+        m, s = x.mean((0, 2, 3), keepdims=True), x.std((0, 2, 3), keepdims=True)
+        np.testing.assert_allclose(d.x_train.numpy(), (x - m) / s, atol=1e-4)
+
+
+def test_cifar100_errors(tmp_path):
+    with pytest.raises(DatasetError) as e:
+        load_dataset("cifar100", root=tmp_path)
+    assert str(e.value) == (f"cifar100: expected 'cifar-100-python/train, test' or 'cifar-100-binary/train.bin, "
+                            f"test.bin' in {tmp_path} — not found")
+    sub = tmp_path / "cifar-100-binary"
+    write_cifar100(sub, "bin")
+    (sub / "test.bin").write_bytes(b"\x00" * 3073)
+    with pytest.raises(DatasetError, match="'test.bin' in .* wrong length: 3073 bytes is not a multiple of 3074"):
+        load_dataset("cifar100", root=tmp_path)
+    rec = np.zeros((1, 3074), np.uint8)
+    rec[0, 1] = 100                                    # fine label out of range
+    (sub / "test.bin").write_bytes(rec.tobytes())
+    with pytest.raises(DatasetError, match="'test.bin'.*labels must be integers in 0..99"):
+        load_dataset("cifar100", root=tmp_path)
 
 
 def test_cifar_binary_wrong_length(tmp_path):

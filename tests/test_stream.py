@@ -12,9 +12,8 @@ import pytest
 
 from lts_core import level_delta
 from lts_core.analysis import cache, settle as st
-from lts_core.analysis import (build_cache, cached_distributions, cached_level_stats, cached_settle_summary,
-                               settle_summary)
-from lts_core.analysis.level_stats import DistributionsPass, LevelStatsPass
+from lts_core.analysis import build_cache, cached_level_stats, cached_settle_summary, settle_summary
+from lts_core.analysis.level_stats import LevelStatsPass
 from lts_core.analysis.stream import (ArraySource, RunSource, changed_columns, bincount_u8, plan_tasks,
                                       run_passes, serial, thread_executor)
 from lts_core.store import RunWriter, open_run
@@ -46,14 +45,12 @@ def write_run(folder, lv, dist, ema=None, chunk=5, run_id="r", sizes=SIZES):
 def reference(lv, dist, sizes=SIZES):
     """Every statistic, computed in memory by lts_core.analysis.settle and numpy."""
     R = lv.shape[0]
-    occ, hist, off = [], [], 0
+    occ, off = [], 0
     for n in sizes:
         occ.append(st.level_occupancy(lv[:, off:off + n], 4) if n else np.zeros((R, 4), np.int64))
-        hist.append([np.bincount(dist[r, off:off + n], minlength=256) for r in range(R)])
         off += n
     return {"final_level": lv[-1], "settle_record": st.settle_records(lv), "flips": st.flips(lv),
-            "reversals": st.direction_reversals(lv), "occupancy": np.stack(occ, axis=1),
-            "dist_hist": np.array(hist).transpose(1, 0, 2)}
+            "reversals": st.direction_reversals(lv), "occupancy": np.stack(occ, axis=1)}
 
 
 def check_stats(stats, ref):
@@ -69,11 +66,9 @@ def check_stats(stats, ref):
 def test_streamed_equals_in_memory_on_arrays(chunk_records, task_cols, sub_cols, workers):
     lv, dist, _ = trajectories()
     src = ArraySource({"level": lv, "dist": dist}, SIZES, chunk_records)
-    stats, dists = run_passes(src, [LevelStatsPass(), DistributionsPass()], task_cols=task_cols,
-                              sub_cols=sub_cols, workers=workers)
+    (stats,) = run_passes(src, [LevelStatsPass()], task_cols=task_cols, sub_cols=sub_cols, workers=workers)
     ref = reference(lv, dist)
     check_stats(stats, ref)
-    np.testing.assert_array_equal(dists.hists["dist"], ref["dist_hist"])
     np.testing.assert_array_equal(stats.settle_histogram().sum(0), st.settle_histogram(ref["settle_record"], 23))
 
 
@@ -100,11 +95,8 @@ def test_streamed_equals_in_memory_on_a_stored_run(tmp_path, p_move):
     assert any(stored_as_changes) == (p_move < 0.01)
     ref = reference(lv, dist)
     for executor in (serial, thread_executor(2)):
-        stats, dists = run_passes(RunSource(run), [LevelStatsPass(), DistributionsPass(("dist", "ema"))],
-                                  executor, task_cols=101, sub_cols=17)
+        (stats,) = run_passes(RunSource(run), [LevelStatsPass()], executor, task_cols=101, sub_cols=17)
         check_stats(stats, ref)
-        np.testing.assert_array_equal(dists.hists["dist"], ref["dist_hist"])
-        assert dists.hists["ema"].sum(axis=(1, 2)).tolist() == [sum(SIZES)] * 23
     # the same through settle_summary(run), which streams
     a, b = settle_summary(lv, SIZES), settle_summary(run)
     np.testing.assert_array_equal(a.settle_records, b.settle_records)
@@ -189,9 +181,6 @@ def test_cache_is_built_once_then_read_memory_mapped(tmp_path):
     for s in (s1, s2):
         np.testing.assert_array_equal(s.settle_records, ref.settle_records)
         np.testing.assert_array_equal(s.layer_curves, ref.layer_curves)
-    d = cached_distributions(run)
-    assert set(d.hists) == {"dist", "ema"}
-    np.testing.assert_array_equal(d.hists["dist"], reference(lv, dist)["dist_hist"])
     # loading does not recompute: a damaged per-weight array would be read as is
     meta = json.loads((tmp_path / "r" / "cache" / "levels.json").read_text())
     np.save(tmp_path / "r" / "cache" / f"levels.{meta['key']}.flips.npy", np.full(sum(SIZES), 7, np.int32))

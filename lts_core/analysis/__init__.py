@@ -2,8 +2,8 @@
 from .settle import (RunArrays, SettleSummary, arrays_from_run, curve_from_settle_records, direction_reversals,
                      final_levels, flips, fraction_settled_curve, layer_fraction_settled_curves, level_occupancy,
                      never_moved, oscillation_frequency, settle_histogram, settle_records, settle_summary)
-from .summaries import build_cache, cached_distributions, cached_level_stats, cached_settle_summary
-from .level_stats import Distributions, LevelStats
+from .summaries import build_cache, cached_level_stats, cached_settle_summary
+from .level_stats import LevelStats
 from .replay import (OscReplay, ReplayIndex, ReplayResult, agreement, ema_trace, freeze_accounting,
                      osc_ema_update, osc_threshold_at, oscillation_summary, replay_freeze_steps,
                      replay_oscillation, resolve_device, ticket_correct, ticket_precision)
@@ -15,6 +15,5 @@ __all__ = [
     "OscReplay", "ReplayIndex", "ReplayResult", "agreement", "ema_trace", "freeze_accounting", "osc_ema_update",
     "osc_threshold_at", "oscillation_summary", "replay_freeze_steps", "replay_oscillation", "resolve_device",
     "ticket_correct", "ticket_precision",
-    "build_cache", "cached_distributions", "cached_level_stats", "cached_settle_summary", "Distributions",
-    "LevelStats",
+    "build_cache", "cached_level_stats", "cached_settle_summary", "LevelStats",
 ]

@@ -1,19 +1,17 @@
-"""Per-weight level statistics and per-record distributions of a run, in one streamed pass (`stream`).
+"""Per-weight level statistics of a run, in one streamed pass (`stream`).
 
 `LevelStatsPass` follows every weight's level through the records and gives, per weight: the final level, the
 settle record (the record of its last level change, 0 if it never moved: from there on it stays at its final
 level), the number of level changes (flips) and of direction reversals (a change opposite to the weight's
-previous change), plus the level occupancy per layer and record. `DistributionsPass` gives per layer and record
-the histogram of the stored uint8 codes of the distance (1/128 Δ per code) and of each rule-state array. Both
-can resume from an earlier result when records were appended (a live run): their state is the per-weight
-arrays themselves.
+previous change), plus the level occupancy per layer and record. It can resume from an earlier result when
+records were appended (a live run): its state is the per-weight arrays themselves.
 
 The same definitions as `lts_core.analysis.settle` (which computes them in memory); tests check that the two
 agree bit for bit.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import numpy as np
 
@@ -50,14 +48,6 @@ class LevelStats:
                 off += n
             self.settle_hist = out
         return self.settle_hist
-
-
-@dataclass
-class Distributions:
-    """Result of `DistributionsPass`: per record and layer, histograms of stored uint8 codes."""
-    n_records: int
-    layer_sizes: list[int]
-    hists: dict[str, np.ndarray] = field(default_factory=dict)   # name -> int64 [R, n_layers, 256]
 
 
 # ---- level statistics ---------------------------------------------------------------------------------------
@@ -163,60 +153,6 @@ class _LevelCollector:
                           self.reversals, self.last_dir, occ)
 
 
-# ---- distributions of the stored codes ----------------------------------------------------------------------
-
-class DistributionsPass(Pass):
-    """Per record and layer: histograms (256 bins) of the uint8 codes of the arrays `names` (default the
-    distance code 'dist'); `resume` (a `Distributions` of the first records) is extended."""
-
-    def __init__(self, names=("dist",), resume: Distributions | None = None):
-        self.needs = tuple(names)
-        self.resume = resume
-
-    def worker(self, src, task: Task, first_record: int):
-        return _HistWorker(self.needs, src, task, first_record)
-
-    def collector(self, src, first_record: int):
-        return _HistCollector(self, src, first_record)
-
-
-class _HistWorker:
-    def __init__(self, names, src, task: Task, first_record: int):
-        self.first = first_record
-        R_new = src.n_records - first_record
-        self.tables = {(name, layer): np.zeros((R_new, N_CODES), np.int64)
-                       for name in names for layer in task.layers()}
-
-    def feed(self, r0: int, data: dict, sub) -> None:
-        for name, arr in data.items():
-            table = self.tables.get((name, sub.layer))
-            if table is None:
-                continue
-            for i in range(arr.shape[0]):
-                table[r0 + i - self.first] += bincount_u8(arr[i])
-
-    def result(self):
-        return self.tables
-
-
-class _HistCollector:
-    def __init__(self, p: DistributionsPass, src, first_record: int):
-        self.names, self.src, self.first = p.needs, src, first_record
-        self.resume = p.resume if first_record > 0 else None
-        R_new, nl = src.n_records - first_record, len(src.layer_sizes)
-        self.hists = {name: np.zeros((R_new, nl, N_CODES), np.int64) for name in self.names}
-
-    def add(self, task: Task, res) -> None:
-        for (name, layer), table in res.items():
-            self.hists[name][:, layer] += table
-
-    def finish(self) -> Distributions:
-        hists = self.hists
-        if self.resume is not None:
-            hists = {name: np.concatenate([self.resume.hists[name], h]) for name, h in hists.items()}
-        return Distributions(self.src.n_records, list(self.src.layer_sizes), hists)
-
-
 def _pad_last(a: np.ndarray, width: int) -> np.ndarray:
     if a.shape[-1] >= width:
         return a
@@ -225,4 +161,4 @@ def _pad_last(a: np.ndarray, width: int) -> np.ndarray:
     return out
 
 
-__all__ = ["LevelStats", "Distributions", "LevelStatsPass", "DistributionsPass", "N_CODES"]
+__all__ = ["LevelStats", "LevelStatsPass", "N_CODES"]

@@ -2,7 +2,6 @@
 
     stats = cached_level_stats(run)          # per-weight final level, settle record, flips, reversals; occupancy
     s = cached_settle_summary(run)           # SettleSummary (curves, histogram, categories), from the above
-    d = cached_distributions(run)            # per record and layer: histograms of distance codes (and states)
     build_cache(run)                         # everything above in one scan (the recorder calls it at finish)
 
 Each loader returns the cached result when it matches the run (`lts_core.analysis.cache`), streams only the new
@@ -15,11 +14,11 @@ from __future__ import annotations
 import numpy as np
 
 from . import cache
-from .level_stats import Distributions, DistributionsPass, LevelStats, LevelStatsPass
+from .level_stats import LevelStats, LevelStatsPass
 from .settle import SettleSummary
 from .stream import Executor, RunSource, run_passes
 
-LEVELS, DISTS = "levels", "dists"
+LEVELS = "levels"
 _LEVEL_ARRAYS = ("final_level", "settle_record", "flips", "reversals", "last_dir")
 
 
@@ -62,33 +61,13 @@ class LevelsItem(Item):
                           c.tables.get("settle_hist"))
 
 
-class DistsItem(Item):
-    name = DISTS
-
-    def __init__(self, names):
-        self.names = tuple(names)
-
-    def settings(self) -> dict:
-        return {"names": list(self.names)}
-
-    def make_pass(self, resume):
-        return DistributionsPass(self.names, resume)
-
-    def store(self, d: Distributions):
-        return {}, d.hists, {"n_records": d.n_records}
-
-    def restore(self, c: cache.Cached, run) -> Distributions:
-        return Distributions(int(c.meta["n_records"]), _layer_sizes(run), dict(c.tables))
-
-
 def _layer_sizes(run) -> list[int]:
     return [int(lay["numel"]) for lay in run.layers]
 
 
-def default_items(run, dist_names=None) -> list[Item]:
+def default_items(run) -> list[Item]:
     """The items `build_cache` keeps up to date by default."""
-    names = ("dist", *run.state_arrays) if dist_names is None else tuple(dist_names)
-    return [LevelsItem(), DistsItem(names)]
+    return [LevelsItem()]
 
 
 # ---- loaders ----------------------------------------------------------------------------------------------------
@@ -127,12 +106,6 @@ def cached_level_stats(run, executor: Executor | None = None) -> LevelStats:
     return build_cache(run, [LevelsItem()], executor)[LEVELS]
 
 
-def cached_distributions(run, names=None, executor: Executor | None = None) -> Distributions:
-    """Per record and layer, histograms (256 codes) of the distance code and the rule-state arrays."""
-    (item,) = [it for it in default_items(run, names) if it.name == DISTS]
-    return build_cache(run, [item], executor)[DISTS]
-
-
 def _require_records(run) -> None:
     if not run.n_records:
         raise ValueError(f"run {run.run_id} has no record yet")
@@ -166,5 +139,5 @@ def cached_settle_summary(run, executor: Executor | None = None) -> SettleSummar
     return settle_summary_from_stats(stats, names, run.steps, run.steps_per_epoch)
 
 
-__all__ = ["Item", "LevelsItem", "DistsItem", "default_items", "build_cache", "cached_level_stats", "cached_distributions", "cached_settle_summary",
+__all__ = ["Item", "LevelsItem", "default_items", "build_cache", "cached_level_stats", "cached_settle_summary",
            "settle_summary_from_stats"]
