@@ -151,8 +151,8 @@ def load_run(row_or_path):
 
 @st.cache_resource(show_spinner="Computing when each weight settled…", max_entries=16)
 def _settle(path: str, stamp: tuple):
-    from lts_core.analysis import settle_summary
-    return settle_summary(_open(path, stamp))
+    from lts_core.analysis import cached_settle_summary   # kept beside the run: computed once, then read
+    return cached_settle_summary(_open(path, stamp))
 
 
 def settle(row) -> Any:
@@ -163,9 +163,8 @@ def settle(row) -> Any:
 @st.cache_resource(show_spinner="Precomputing the threshold replay (once per schedule, warm-up and decay)…",
                    max_entries=8)
 def _replay_index(path: str, stamp: tuple, schedule: str, warmup_steps: int, decay: float):
-    from lts_core.analysis import ReplayIndex
-    return ReplayIndex.build(_open(path, stamp), schedule=schedule, warmup_steps=int(warmup_steps),
-                             decay=float(decay))
+    from lts_core.analysis import cached_replay_index   # kept beside the run: computed once, then read
+    return cached_replay_index(_open(path, stamp), schedule, int(warmup_steps), float(decay))
 
 
 def replay_index(row, schedule: str, warmup_steps: int, decay: float):
@@ -175,8 +174,8 @@ def replay_index(row, schedule: str, warmup_steps: int, decay: float):
 
 @st.cache_resource(show_spinner="Replaying oscillation freezing…", max_entries=16)
 def _osc(path: str, stamp: tuple):
-    from lts_core.analysis import oscillation_summary
-    return oscillation_summary(_open(path, stamp), max_bits=4)
+    from lts_core.analysis import cached_oscillation_summary   # kept beside the run (layers ≤ 4 bits)
+    return cached_oscillation_summary(_open(path, stamp))
 
 
 def osc_replay(row):
@@ -198,10 +197,11 @@ def replay_freeze_steps_cached(row, schedule: str, ratio: float, warmup_steps: i
 
 @st.cache_data(show_spinner=False, max_entries=32)
 def _layer_stats(path: str, stamp: tuple, layer: int) -> dict:
-    from lts_core.analysis import flips, oscillation_frequency, settle_records
-    levels = _open(path, stamp).levels(layer)
-    return {"osc_freq": oscillation_frequency(levels), "settle_record": settle_records(levels),
-            "flips": flips(levels)}
+    from lts_core.analysis import cached_level_stats   # kept beside the run: no pass over the records
+    run = _open(path, stamp)
+    stats, sl = cached_level_stats(run), run.layer_slice(layer)
+    return {"osc_freq": stats.reversals[sl] / max(run.n_records - 1, 1), "settle_record": stats.settle_record[sl],
+            "flips": stats.flips[sl]}
 
 
 def layer_stats(row, layer: int) -> dict:

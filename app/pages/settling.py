@@ -115,7 +115,7 @@ def body() -> None:
     valid = flat < n
     flat_c = np.where(valid, flat, 0)
     sr = s.settle_records[off:off + n][flat_c]
-    final = run.levels(li)[-1][flat_c].astype(float)
+    final = s.final_levels[off:off + n][flat_c].astype(float)
     n_levels = int(lay.get("n_levels") or (int(final.max()) + 1))
     revealed = valid & (sr <= r)
     z = np.where(revealed, final, np.nan)
@@ -130,7 +130,7 @@ def body() -> None:
     c = st.columns(3)
     c[0].metric("Revealed cells", f"{n_rev:,} / {n_cells:,}")
     c[1].metric("Revealed in this layer (all weights)",
-                C.pct(float((s.settle_records[off:off + n] <= r).mean())))
+                C.pct(float(s.layer_curves[li][r])))
     c[2].metric("Shown", f"{len(ri)} × {len(ci)}" + (" (sample)" if len(ri) * len(ci) < n else ""))
     fig = go.Figure()
     fig.add_heatmap(z=coat, x=ci, y=ri, colorscale=[[0, COATING], [1, COATING]], showscale=False,

@@ -139,6 +139,25 @@ def _json_default(obj):
     raise TypeError(f"not JSON serialisable: {type(obj).__name__}")
 
 
+def prune(run, prefix: str, keep: int) -> None:
+    """Keep only the `keep` most recently written items whose name starts with `prefix`."""
+    d = cache_dir(run)
+
+    def mtime(p: Path) -> float:
+        try:
+            return p.stat().st_mtime
+        except OSError:
+            return 0.0
+    metas = sorted(d.glob(f"{prefix}*.json"), key=mtime, reverse=True) if d.is_dir() else []
+    for meta in metas[keep:]:
+        item = meta.name[:-5]
+        for p in d.glob(f"{item}.*"):
+            try:
+                p.unlink()
+            except OSError:
+                pass
+
+
 def clear(run) -> None:
     """Remove every cached result of `run` (they are rebuilt on demand)."""
     d = cache_dir(run)
@@ -150,4 +169,4 @@ def clear(run) -> None:
                 pass
 
 
-__all__ = ["CACHE_VERSION", "CACHE_DIR", "Cached", "run_stamp", "load", "save", "clear", "cache_dir"]
+__all__ = ["CACHE_VERSION", "CACHE_DIR", "Cached", "run_stamp", "load", "save", "prune", "clear", "cache_dir"]

@@ -208,6 +208,11 @@ def _from_run(run, warmup_steps, total_steps, layer_sizes, layer_n_levels, raw_d
             arr.raw_dists if raw_dists is None else raw_dists)
 
 
+def _streamable(run) -> bool:
+    """A stored run (`lts_core.store.Run`) whose records a streamed pass can read column block by block."""
+    return callable(getattr(run, "read_columns", None))
+
+
 def _check_raw(raw_dists, R: int, N: int) -> None:
     if raw_dists is not None and tuple(raw_dists.shape) != (R, N):
         raise ValueError(f"raw_dists shape {tuple(raw_dists.shape)} differs from levels shape {(R, N)}")
@@ -222,6 +227,9 @@ def replay_freeze_steps(steps, levels=None, dist_codes=None, schedule: str = "li
     `steps` may also be a stored run (then levels, distances, layers and total_steps come from it). See the
     module docstring for the record-resolution semantics. Results are identical on cpu and cuda.
     """
+    if is_run(steps) and _streamable(steps) and raw_dists is None:
+        return _stream_freeze_steps(steps, schedule, ratio, warmup_steps, total_steps, decay, layer_sizes,
+                                    layer_n_levels)
     if is_run(steps):
         steps, levels, dist_codes, warmup_steps, total_steps, layer_sizes, layer_n_levels, raw_dists = \
             _from_run(steps, warmup_steps, total_steps, layer_sizes, layer_n_levels, raw_dists)
@@ -246,6 +254,29 @@ def replay_freeze_steps(steps, levels=None, dist_codes=None, schedule: str = "li
                 frozen[sl] |= newly
                 freeze[sl].masked_fill_(newly, t)
     return freeze.cpu().numpy()
+
+
+def _stream_freeze_steps(run, schedule, ratio, warmup_steps, total_steps, decay, layer_sizes, layer_n_levels,
+                         executor=None) -> np.ndarray:
+    """`replay_freeze_steps` of a stored run, streamed (`replay_stream.FreezeStepsPass`)."""
+    from .replay_stream import RAW, FreezeStepsPass
+    from .stream import RunSource, run_passes
+    arr = arrays_from_run(run, with_levels=False)
+    W = _run_warmup(run) if warmup_steps is None else warmup_steps
+    T = arr.total_steps if total_steps is None else total_steps
+    _check_lts_args(schedule, decay, W, T)
+    if not float(ratio) >= 0:
+        raise ValueError(f"threshold ratio must be ≥ 0, got {ratio}")
+    if not run.n_records:
+        raise ValueError(f"run {run.run_id} has no record yet")
+    steps = _check_steps(arr.steps, run.n_records)
+    units = _units(arr.layer_sizes if layer_sizes is None else layer_sizes,
+                   arr.layer_n_levels if layer_n_levels is None else layer_n_levels, run.n_weights,
+                   torch.device("cpu"))
+    src = RunSource(run)
+    (fs,) = run_passes(src, [FreezeStepsPass(steps, units.n_levels, schedule, ratio, W, T, decay, src.has(RAW))],
+                       executor)
+    return fs
 
 
 def ema_trace(steps, levels, dist_codes, decay: float, weights: Sequence[int] | None = None,
@@ -370,7 +401,6 @@ def freeze_accounting(freeze_steps, steps, layer_sizes=None, layer_flops=None, t
     steps = np.asarray(steps, dtype=np.int64).ravel()
     R = steps.size
     sizes = check_layer_sizes(layer_sizes, N)
-    F = _effective_flops(layer_flops, sizes)
     E = _end_step(steps, steps[-1] + 1 if total_steps is None else total_steps)
     nl = len(sizes)
     counts = np.zeros((nl, R), dtype=np.int64)
@@ -389,24 +419,82 @@ def freeze_accounting(freeze_steps, steps, layer_sizes=None, layer_flops=None, t
         if corr is not None:
             n_corr[i] = int((corr[off:off + n] & fz).sum())
         off += n
+    return accounting_from_counts(counts, frozen_steps_sum, n_froz, n_corr if corr is not None else None, sizes,
+                                  layer_flops, steps, E, steps_per_epoch, ratio, n_trainable)
+
+
+def accounting_from_counts(counts, frozen_steps_sum, n_froz, n_corr, sizes, layer_flops, steps, E: int,
+                           steps_per_epoch=None, ratio: float = float("nan"), n_trainable: int | None = None
+                           ) -> ReplayResult:
+    """`ReplayResult` from per-layer tallies: counts int64 [n_layers, R] (weights frozen by each record),
+    frozen_steps_sum [n_layers] (Σ of E − freeze step), n_froz [n_layers], n_corr [n_layers] or None (no
+    precision); E = the run's end step. What `freeze_accounting` and the streamed replays both report."""
+    sizes = [int(x) for x in sizes]
+    N, nl = sum(sizes), len(sizes)
+    steps = np.asarray(steps, dtype=np.int64)
+    F = _effective_flops(layer_flops, sizes)
+    frozen_steps_sum = np.asarray(frozen_steps_sum, dtype=np.float64)
+    n_froz = np.asarray(n_froz, dtype=np.int64)
     sz = np.asarray(sizes, dtype=np.float64)
     layer_frac = _safe_div(counts, sz[:, None])
     layer_upd = np.nan_to_num(_safe_div(frozen_steps_sum, sz * E))
     n_frozen = int(n_froz.sum())
-    n_correct = int(n_corr.sum())
+    n_correct = int(np.sum(n_corr)) if n_corr is not None else 0
     return ReplayResult(
         ratio=float(ratio), steps=steps, epochs=_epochs(steps, steps_per_epoch),
-        frozen_fraction=counts.sum(0) / max(N, 1), layer_frozen_fraction=layer_frac,
+        frozen_fraction=np.asarray(counts).sum(0) / max(N, 1), layer_frozen_fraction=layer_frac,
         updates_eliminated=float(frozen_steps_sum.sum() / (max(N, 1) * E)),
         backward_flops_saved=float((layer_upd * F).sum() / (2 * F.sum())) if F.sum() > 0 else 0.0,
-        ticket_precision=(n_correct / n_frozen if (n_frozen and corr is not None) else float("nan")),
-        n_frozen=n_frozen, n_frozen_correct=n_correct if corr is not None else 0,
-        layer_ticket_precision=(_safe_div(n_corr, n_froz) if corr is not None else np.full(nl, np.nan)),
+        ticket_precision=(n_correct / n_frozen if (n_frozen and n_corr is not None) else float("nan")),
+        n_frozen=n_frozen, n_frozen_correct=n_correct,
+        layer_ticket_precision=(_safe_div(n_corr, n_froz) if n_corr is not None else np.full(nl, np.nan)),
         n_weights=N, n_trainable=n_trainable,
     )
 
 
 # ---- fast path: precompute once, answer any ratio ---------------------------------------------------------
+
+def _index_tables(steps, levels, dist_codes, raw_dists, units: _Units, schedule: str, W: int, T: int,
+                  decay: float, B: int, J: int, dev: torch.device) -> tuple[np.ndarray, np.ndarray]:
+    """The in-memory build of `ReplayIndex` (records [R, N] in memory): (cum int32 [NB, n_layers, R],
+    tick_cum int64 [n_layers, NB]). `replay_stream.IndexPass` computes the same tables streamed."""
+    R = len(steps)
+    N = int(levels.shape[1])
+    sizes = units.sizes
+    nl = len(sizes)
+    NB, OV = J + 2, J + 1     # bins 0 … J, plus J+1 = "not frozen for any ratio ≤ max_ratio"
+    # The EMA runs on `dev` (torch float32, the rule's ops); the bookkeeping on the host in numpy, so the
+    # index is identical whatever the device.
+    layer_base = np.repeat(np.arange(nl, dtype=np.int64) * NB, sizes)
+    M = np.full(N, OV, dtype=np.int64)                       # running-minimum bin per weight
+    hist = np.zeros(nl * NB, dtype=np.int64)                 # histogram of M over (layer, bin)
+    hist[np.arange(nl) * NB + OV] = sizes
+    tick = np.zeros(nl * NB, dtype=np.int64)                 # telescoped ticket-correct weights
+    final = np.array(levels[R - 1], copy=True)
+    counts = np.empty((R, nl * NB), dtype=np.int32)
+    with torch.no_grad():
+        for r, t, lv_np, _, d in _ema_stream(steps, levels, dist_codes, decay, dev, units, raw_dists):
+            if d is not None and eligible(t, W):
+                g = schedule_gain(t, schedule, W, T)
+                d_np = d.cpu().numpy()
+                jt = np.empty(N, dtype=np.int64)
+                for sl, L in units.slices():
+                    jt[sl] = grid_bins(d_np[sl], g, B, J, scale=1 / (L - 1))
+                idx = np.flatnonzero(jt < M)
+                if idx.size:
+                    lb = layer_base[idx]
+                    new = lb + jt[idx]
+                    old = lb + M[idx]
+                    hist += np.bincount(new, minlength=nl * NB)
+                    hist -= np.bincount(old, minlength=nl * NB)
+                    ok = lv_np[idx] == final[idx]
+                    tick += np.bincount(new[ok], minlength=nl * NB)
+                    tick -= np.bincount(old[ok], minlength=nl * NB)
+                    M[idx] = jt[idx]
+            counts[r] = hist
+    cum = np.cumsum(counts.reshape(R, nl, NB), axis=2, dtype=np.int32)
+    return np.ascontiguousarray(cum.transpose(2, 1, 0)), np.cumsum(tick.reshape(nl, NB), axis=1)
+
 
 class ReplayIndex:
     """Precomputed LTS replay for one (schedule, warm-up, decay): frozen fractions for any threshold ratio.
@@ -439,16 +527,24 @@ class ReplayIndex:
               decay: float = 0.99, device: str | torch.device = "auto", bins_per_unit: int = 1024,
               max_ratio: float = 2.0, *, steps_per_epoch: int | None = None,
               layer_names: Sequence[str] | None = None, layer_n_levels=None, raw_dists=None,
-              n_trainable: int | None = None) -> "ReplayIndex":
+              n_trainable: int | None = None, executor=None, plan_only: bool = False) -> "ReplayIndex":
         """Build from arrays, or from a stored run passed as the first argument (`ReplayIndex.build(run,
         schedule="linear", warmup_steps=…, decay=…)`). With a run, its exact raw distances are used when it
-        recorded them, and `n_trainable` (all trainable parameters) comes from its manifest."""
+        recorded them, `n_trainable` (all trainable parameters) comes from its manifest, and the records are
+        streamed (`replay_stream.IndexPass`: one pass over the chunks on the CPU's cores, with `executor`, memory
+        O(weights) plus one chunk; the same numbers as the in-memory build, bit for bit). `plan_only` (a stored
+        run) returns (index without its tables, the `IndexPass` that computes them; `attach` them after)."""
+        run = None
         if is_run(steps) or isinstance(steps, RunArrays):
             if levels is not None or dist_codes is not None:
                 raise ValueError("when building from a run, pass schedule=, warmup_steps=, decay= … as keywords")
-            arr = steps if isinstance(steps, RunArrays) else arrays_from_run(steps)
-            if warmup_steps is None and not isinstance(steps, RunArrays):
-                warmup_steps = _run_warmup(steps)
+            if isinstance(steps, RunArrays):
+                arr = steps
+            else:
+                if warmup_steps is None:
+                    warmup_steps = _run_warmup(steps)
+                run = steps if _streamable(steps) else None
+                arr = arrays_from_run(steps, with_levels=run is None)
             steps, levels, dist_codes = arr.steps, arr.levels, arr.dist_codes
             layer_sizes = arr.layer_sizes if layer_sizes is None else layer_sizes
             layer_flops = arr.layer_flops if layer_flops is None else layer_flops
@@ -460,17 +556,19 @@ class ReplayIndex:
             n_trainable = arr.n_trainable if n_trainable is None else n_trainable
         _check_lts_args(schedule, decay, warmup_steps, total_steps)
         schedule = canonical_schedule(schedule)
-        R, N = _check_traj(levels, None if raw_dists is not None else dist_codes)
-        _check_raw(raw_dists, R, N)
+        if run is not None:
+            if not run.n_records:
+                raise ValueError(f"run {run.run_id} has no record yet")
+            R, N = run.n_records, run.n_weights
+        else:
+            R, N = _check_traj(levels, None if raw_dists is not None else dist_codes)
+            _check_raw(raw_dists, R, N)
         steps = _check_steps(steps, R)
         sizes = check_layer_sizes(layer_sizes, N)
         B = int(bins_per_unit)
         if B < 1 or not max_ratio > 0:
             raise ValueError("bins_per_unit must be ≥ 1 and max_ratio > 0")
         J = int(math.floor(float(max_ratio) * B + 0.5))
-        NB = J + 2            # bins 0 … J, plus J+1 = "not frozen for any ratio ≤ max_ratio"
-        OV = J + 1
-        nl = len(sizes)
         dev = resolve_device(device)
         units = _units(sizes, layer_n_levels, N, dev)
         W, T = int(warmup_steps), int(total_steps)
@@ -482,49 +580,56 @@ class ReplayIndex:
         self.epochs = _epochs(steps, steps_per_epoch)
         self.steps_per_epoch = steps_per_epoch
         self.layer_sizes = np.asarray(sizes, dtype=np.int64)
-        self.layer_names = list(layer_names) if layer_names is not None else [f"layer{i}" for i in range(nl)]
+        self.layer_names = list(layer_names) if layer_names is not None else [f"layer{i}" for i in range(len(sizes))]
         self.layer_flops = _effective_flops(layer_flops, sizes)
+        self.layer_n_levels = list(units.n_levels)
         self.n_weights = N
         self.n_trainable = None if n_trainable is None else int(n_trainable)
-        self.exact_distances = raw_dists is not None
         self.record_weights = _record_weights(steps, T)
         self.end_step = _end_step(steps, T)
-        self.device = str(dev)
-
-        # The EMA runs on `dev` (torch float32, the rule's ops); the bookkeeping on the host in numpy, so the
-        # index is identical whatever the device.
-        layer_base = np.repeat(np.arange(nl, dtype=np.int64) * NB, sizes)
-        M = np.full(N, OV, dtype=np.int64)                       # running-minimum bin per weight
-        hist = np.zeros(nl * NB, dtype=np.int64)                 # histogram of M over (layer, bin)
-        hist[np.arange(nl) * NB + OV] = sizes
-        tick = np.zeros(nl * NB, dtype=np.int64)                 # telescoped ticket-correct weights
-        final = np.array(levels[R - 1], copy=True)
-        counts = np.empty((R, nl * NB), dtype=np.int32)
-        with torch.no_grad():
-            for r, t, lv_np, _, d in _ema_stream(steps, levels, dist_codes, float(decay), dev, units, raw_dists):
-                if d is not None and eligible(t, W):
-                    g = schedule_gain(t, schedule, W, T)
-                    d_np = d.cpu().numpy()
-                    jt = np.empty(N, dtype=np.int64)
-                    for sl, L in units.slices():
-                        jt[sl] = grid_bins(d_np[sl], g, B, J, scale=1 / (L - 1))
-                    idx = np.flatnonzero(jt < M)
-                    if idx.size:
-                        lb = layer_base[idx]
-                        new = lb + jt[idx]
-                        old = lb + M[idx]
-                        hist += np.bincount(new, minlength=nl * NB)
-                        hist -= np.bincount(old, minlength=nl * NB)
-                        ok = lv_np[idx] == final[idx]
-                        tick += np.bincount(new[ok], minlength=nl * NB)
-                        tick -= np.bincount(old[ok], minlength=nl * NB)
-                        M[idx] = jt[idx]
-                counts[r] = hist
-        cum = np.cumsum(counts.reshape(R, nl, NB), axis=2, dtype=np.int32)
-        self.cum = np.ascontiguousarray(cum.transpose(2, 1, 0))            # int32 [NB, n_layers, R]
-        self.tick_cum = np.cumsum(tick.reshape(nl, NB), axis=1)            # int64 [n_layers, NB]
+        if run is not None:
+            from .replay_stream import IndexPass, RAW
+            from .stream import RunSource, run_passes
+            src = RunSource(run)
+            self.exact_distances = src.has(RAW)
+            self.device = "cpu"
+            p = IndexPass(steps, units.n_levels, schedule, W, T, decay, B, J, self.exact_distances)
+            if plan_only:
+                return self, p
+            (tables,) = run_passes(src, [p], executor)
+            self.cum, self.tick_cum = tables
+        else:
+            self.exact_distances = raw_dists is not None
+            self.device = str(dev)
+            self.cum, self.tick_cum = _index_tables(steps, levels, dist_codes, raw_dists, units, schedule, W, T,
+                                                    float(decay), B, J, dev)
         self._total_cum = None
         return self
+
+    def attach(self, tables: tuple[np.ndarray, np.ndarray]) -> "ReplayIndex":
+        """Set the tables an `IndexPass` computed for this (planned) index; returns the index."""
+        self.cum, self.tick_cum = tables
+        self._total_cum = None
+        return self
+
+    @classmethod
+    def from_tables(cls, meta: dict, cum: np.ndarray, tick_cum: np.ndarray) -> "ReplayIndex":
+        """An index from `meta` (the attributes `tables()` returned) and its two tables (e.g. from a cache)."""
+        self = cls()
+        for k, v in meta.items():
+            setattr(self, k, v)
+        for k in ("steps", "epochs", "layer_sizes", "layer_flops", "record_weights"):
+            setattr(self, k, np.asarray(getattr(self, k)))
+        self.cum, self.tick_cum, self._total_cum = cum, tick_cum, None
+        return self
+
+    def tables(self) -> tuple[dict, np.ndarray, np.ndarray]:
+        """(meta, cum, tick_cum): everything `from_tables` needs to rebuild this index."""
+        keys = ("schedule", "warmup_steps", "total_steps", "decay", "bins_per_unit", "max_bin", "max_ratio",
+                "steps", "epochs", "steps_per_epoch", "layer_sizes", "layer_names", "layer_flops",
+                "layer_n_levels", "n_weights", "n_trainable", "record_weights", "end_step", "exact_distances",
+                "device")
+        return {k: getattr(self, k) for k in keys}, self.cum, self.tick_cum
 
     # ---- grid ---------------------------------------------------------------------------------------------
     @property
@@ -640,6 +745,8 @@ def replay_oscillation(steps, levels=None, total_steps: int | None = None, decay
     records are invisible), so with a record every step it equals `OscillationRule`, and with coarse records it
     measures reversals per record. `watch` (bool [N]) restricts freezing to watched weights (e.g. ≤ 4 bits).
     """
+    if is_run(steps) and _streamable(steps) and watch is None:
+        return _stream_oscillation(steps, total_steps, decay, start_frac, thr_start, thr_end)[1]
     if is_run(steps):
         arr = arrays_from_run(steps, with_dists=False)
         steps, levels = arr.steps, arr.levels
@@ -696,7 +803,16 @@ def oscillation_summary(steps, levels=None, layer_sizes=None, layer_flops=None, 
     backward FLOPs saved). `ticket_precision` here = share of frozen weights whose frozen level (rounded level
     EMA) equals the final recorded level. With `max_bits` and per-layer `layer_bits`, only layers of ≤ max_bits
     bits are watched (default 4, as `OscillationRule`; layers of unknown width (0) are watched); unwatched
-    weights count as never frozen. Returns (accounting, per-weight replay)."""
+    weights count as never frozen. Returns (accounting, per-weight replay). A stored run is streamed
+    (`replay_stream.OscPass`; the frozen level then comes as int16)."""
+    if is_run(steps) and _streamable(steps) and levels is None and layer_sizes is None:
+        run = steps
+        arr = arrays_from_run(run, with_levels=False)
+        bits = (arr.layer_bits or None) if layer_bits is None else layer_bits
+        watch = None if max_bits is None or bits is None else [int(b) <= max_bits for b in bits]
+        return _stream_oscillation(run, total_steps, decay, start_frac, thr_start, thr_end, watch,
+                                   arr.layer_flops if layer_flops is None else layer_flops,
+                                   arr.steps_per_epoch if steps_per_epoch is None else steps_per_epoch)
     if is_run(steps):
         arr = arrays_from_run(steps, with_dists=False)
         steps, levels = arr.steps, arr.levels
@@ -716,6 +832,43 @@ def oscillation_summary(steps, levels=None, layer_sizes=None, layer_flops=None, 
     correct = (rep.frozen_level >= 0) & (rep.frozen_level == np.asarray(levels[-1]).astype(np.int64))
     res = freeze_accounting(rep.freeze_steps, steps, sizes, layer_flops, total_steps, steps_per_epoch, correct)
     return res, rep
+
+
+def _stream_oscillation(run, total_steps, decay, start_frac, thr_start, thr_end, watch_layers=None,
+                        layer_flops=None, steps_per_epoch=None, executor=None) -> tuple[ReplayResult, OscReplay]:
+    """`oscillation_summary` of a stored run, streamed (`replay_stream.OscPass`)."""
+    from .stream import RunSource, run_passes
+    p, finish = oscillation_plan(run, total_steps, decay, start_frac, thr_start, thr_end, watch_layers,
+                                 layer_flops, steps_per_epoch)
+    (o,) = run_passes(RunSource(run), [p], executor)
+    return finish(o)
+
+
+def oscillation_plan(run, total_steps=None, decay: float = 0.01, start_frac: float = 0.25, thr_start: float = 0.1,
+                     thr_end: float = 0.01, watch_layers=None, layer_flops=None, steps_per_epoch=None):
+    """(the `OscPass` of a stored run, finish(pass result) -> (ReplayResult, OscReplay))."""
+    from .replay_stream import OscPass
+    if not run.n_records:
+        raise ValueError(f"run {run.run_id} has no record yet")
+    arr = arrays_from_run(run, with_levels=False)
+    T = arr.total_steps if total_steps is None else total_steps
+    if T is None or int(T) < 1:
+        raise ValueError("total_steps (≥ 1) is required")
+    if not 0.0 < float(decay) < 1.0:
+        raise ValueError(f"oscillation EMA factor must be in (0, 1), got {decay}")
+    steps = _check_steps(arr.steps, run.n_records)
+    sizes = arr.layer_sizes
+    if watch_layers is not None and len(watch_layers) != len(sizes):
+        raise ValueError(f"{len(watch_layers)} layer bit widths for {len(sizes)} layers")
+    flops = arr.layer_flops if layer_flops is None else layer_flops
+    spe = arr.steps_per_epoch if steps_per_epoch is None else steps_per_epoch
+    E = _end_step(steps, T)
+
+    def finish(o: dict) -> tuple[ReplayResult, OscReplay]:
+        res = accounting_from_counts(o["frozen_by_record"], o["n_frozen"] * E - o["sum_freeze_steps"],
+                                     o["n_frozen"], o["n_correct"], sizes, flops, steps, E, spe)
+        return res, OscReplay(o["freeze_steps"], o["frozen_level"], o["freq"])
+    return OscPass(steps, T, decay, start_frac, thr_start, thr_end, watch_layers), finish
 
 
 # ---- comparing two sets of freeze steps ------------------------------------------------------------------

@@ -47,11 +47,13 @@ def is_run(obj) -> bool:
     return hasattr(obj, "steps") and callable(getattr(obj, "levels", None))
 
 
-def arrays_from_run(run, with_dists: bool = True) -> RunArrays:
+def arrays_from_run(run, with_dists: bool = True, with_levels: bool = True) -> RunArrays:
     """Adapter: `Run` (from `lts_core.store.open_run`) → `RunArrays`.
 
     Uses `run.steps`, `run.levels()`, `run.dist_codes()`, `run.layers` (dicts with `numel`, `flops`, `name`,
     optionally `n_levels`, `bits`) and `run.manifest["total_steps"]`, `run.manifest["steps_per_epoch"]`.
+    `with_levels=False` reads no trajectory (levels and distances None): the run's description only, for the
+    streamed analyses.
     """
     layers = list(run.layers)
     manifest = getattr(run, "manifest", {}) or {}
@@ -61,8 +63,8 @@ def arrays_from_run(run, with_dists: bool = True) -> RunArrays:
         total = int(steps[-1]) + 1 if len(steps) else 0
     return RunArrays(
         steps=steps,
-        levels=run.levels(),
-        dist_codes=run.dist_codes() if with_dists else None,
+        levels=run.levels() if with_levels else None,
+        dist_codes=run.dist_codes() if with_dists and with_levels else None,
         layer_sizes=[int(lay["numel"]) for lay in layers],
         layer_flops=[int(lay.get("flops") or 0) for lay in layers],
         layer_names=[str(lay.get("name", f"layer{i}")) for i, lay in enumerate(layers)],
@@ -70,7 +72,8 @@ def arrays_from_run(run, with_dists: bool = True) -> RunArrays:
         steps_per_epoch=manifest.get("steps_per_epoch"),
         layer_n_levels=[int(lay.get("n_levels") or 0) for lay in layers],
         layer_bits=[int(lay.get("bits") or 0) for lay in layers],
-        raw_dists=run.raw_dists() if (with_dists and getattr(run, "has_raw_dists", False)) else None,
+        raw_dists=run.raw_dists() if (with_dists and with_levels and getattr(run, "has_raw_dists", False))
+        else None,
         n_trainable=manifest.get("n_trainable_params"),
     )
 

@@ -28,7 +28,9 @@ from typing import Any, Callable, Iterable, Sequence
 
 import numpy as np
 
-SUB_COLS = 1 << 16          # weights per sub-block (fits the CPU cache with the workers' state)
+SUB_COLS = 1 << 15          # weights per sub-block: fits the CPU cache with the workers' state, and is torch's
+                            # grain size, so torch runs a sub-block's ops in the calling thread (no intra-op
+                            # thread team per call, which under load costs 10x)
 TASK_COLS = 1 << 22         # at most this many weights per task (bounds a task's chunk buffers)
 
 Executor = Callable[[Callable[[Any], Any], Sequence[Any]], Iterable[Any]]

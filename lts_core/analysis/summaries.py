@@ -2,7 +2,10 @@
 
     stats = cached_level_stats(run)          # per-weight final level, settle record, flips, reversals; occupancy
     s = cached_settle_summary(run)           # SettleSummary (curves, histogram, categories), from the above
-    build_cache(run)                         # everything above in one scan (the recorder calls it at finish)
+    idx = cached_replay_index(run, "linear", warmup_steps=200, decay=0.99)   # ReplayIndex of these settings
+    res, rep = cached_oscillation_summary(run)   # oscillation freezing replayed (rule defaults)
+    build_cache(run)                         # levels, the run's own replay index and oscillation freezing in
+                                             # one scan (the recorder calls it at finish)
 
 Each loader returns the cached result when it matches the run (`lts_core.analysis.cache`), streams only the new
 chunks of a run that grew, and otherwise streams the whole run (`lts_core.analysis.stream`: memory O(weights),
@@ -12,6 +15,9 @@ by reading a few small tables.
 from __future__ import annotations
 
 import numpy as np
+
+import hashlib
+import json
 
 from . import cache
 from .level_stats import LevelStats, LevelStatsPass
@@ -33,8 +39,14 @@ class Item:
     def settings(self) -> dict:
         return {}
 
-    def make_pass(self, resume):  # pragma: no cover - interface
+    resumable = False   # whether make_pass can continue from an earlier result (else: rebuilt from record 0)
+
+    def make_pass(self, run, resume):  # pragma: no cover - interface
         raise NotImplementedError
+
+    def finish(self, result):
+        """The item's value from its pass's result (default: the result itself)."""
+        return result
 
     def store(self, result) -> tuple[dict, dict, dict]:  # (arrays, tables, extra meta)  # pragma: no cover
         raise NotImplementedError
@@ -45,8 +57,9 @@ class Item:
 
 class LevelsItem(Item):
     name = LEVELS
+    resumable = True
 
-    def make_pass(self, resume):
+    def make_pass(self, run, resume):
         return LevelStatsPass(resume)
 
     def store(self, stats: LevelStats):
@@ -65,9 +78,102 @@ def _layer_sizes(run) -> list[int]:
     return [int(lay["numel"]) for lay in run.layers]
 
 
+class IndexItem(Item):
+    """The `ReplayIndex` of one (schedule, warm-up, decay) setting (name `replay-<hash of the settings>`)."""
+
+    def __init__(self, schedule: str, warmup_steps: int, decay: float, bins_per_unit: int = 1024,
+                 max_ratio: float = 2.0):
+        from ..schedules import canonical_schedule
+        self._settings = {"schedule": canonical_schedule(schedule), "warmup_steps": int(warmup_steps),
+                          "decay": float(decay), "bins_per_unit": int(bins_per_unit), "max_ratio": float(max_ratio)}
+        self.name = "replay-" + hashlib.sha1(json.dumps(self._settings, sort_keys=True).encode()).hexdigest()[:10]
+        self._planned = None
+
+    def settings(self) -> dict:
+        return dict(self._settings)
+
+    def make_pass(self, run, resume):
+        from .replay import ReplayIndex
+        self._planned, p = ReplayIndex.build(run, **self._settings, plan_only=True)
+        return p
+
+    def finish(self, tables):
+        return self._planned.attach(tables)
+
+    def store(self, index):
+        meta, cum, tick = index.tables()
+        return {}, {"cum": cum, "tick_cum": tick}, {"index": meta}
+
+    def restore(self, c: cache.Cached, run):
+        from .replay import ReplayIndex
+        return ReplayIndex.from_tables(c.meta["index"], c.tables["cum"], c.tables["tick_cum"])
+
+
+class OscItem(Item):
+    """Oscillation freezing replayed with the rule's defaults (`oscillation_summary(run)`)."""
+
+    name = "osc"
+
+    def __init__(self, max_bits: int | None = 4):
+        self.max_bits = max_bits
+        self._finish = None
+
+    def settings(self) -> dict:
+        return {"max_bits": self.max_bits}
+
+    def make_pass(self, run, resume):
+        from .replay import oscillation_plan
+        bits = [int(lay.get("bits") or 0) for lay in run.layers]
+        watch = None if self.max_bits is None else [b <= self.max_bits for b in bits]
+        p, self._finish = oscillation_plan(run, watch_layers=watch)
+        return p
+
+    def finish(self, o):
+        res, rep = self._finish(o)
+        return res, rep, o
+
+    def store(self, value):
+        _, _, o = value
+        arrays = {k: o[k] for k in ("freeze_steps", "frozen_level", "freq")}
+        tables = {k: o[k] for k in ("frozen_by_record", "sum_freeze_steps", "n_frozen", "n_correct")}
+        return arrays, tables, {}
+
+    def restore(self, c: cache.Cached, run):
+        from .replay import oscillation_plan
+        bits = [int(lay.get("bits") or 0) for lay in run.layers]
+        watch = None if self.max_bits is None else [b <= self.max_bits for b in bits]
+        _, finish = oscillation_plan(run, watch_layers=watch)
+        o = {**c.arrays, **c.tables}
+        res, rep = finish(o)
+        return res, rep, o
+
+
+def run_settings(run) -> dict:
+    """The replay settings a page opens a run with: its own LTS settings (schedule, warm-up, decay) or, for
+    other rules, linear growth, the trainer's planned warm-up and m = 0.99."""
+    manifest = run.manifest or {}
+    rule = manifest.get("rule") or {}
+    settings = (rule.get("settings") or {}) if isinstance(rule, dict) else {}
+    warm = settings.get("warmup_steps", manifest.get("warmup_steps"))
+    if warm is None:
+        warm = int(round(0.2 * int(manifest.get("total_steps") or 0)))
+    if (rule.get("name") if isinstance(rule, dict) else None) == "lts" and settings.get("schedule"):
+        return {"schedule": settings["schedule"], "warmup_steps": int(warm), "decay": float(settings.get("decay", 0.99))}
+    return {"schedule": "linear", "warmup_steps": int(warm), "decay": 0.99}
+
+
+AUTO_INDEX_BYTES = 256 << 20   # default_items skips the replay index when its table would be larger
+
+
 def default_items(run) -> list[Item]:
-    """The items `build_cache` keeps up to date by default."""
-    return [LevelsItem()]
+    """The items `build_cache` keeps up to date by default: level statistics, the replay index of the run's
+    own settings (`run_settings`; unless its table would exceed AUTO_INDEX_BYTES, e.g. a long run recorded at
+    every step: it is then built when asked for) and oscillation freezing."""
+    from .replay_stream import index_nbytes
+    items: list[Item] = [LevelsItem()]
+    if index_nbytes(run.n_records, len(run.layers)) <= AUTO_INDEX_BYTES:
+        items.append(IndexItem(**run_settings(run)))
+    return items + [OscItem()]
 
 
 # ---- loaders ----------------------------------------------------------------------------------------------------
@@ -85,20 +191,37 @@ def build_cache(run, items: list[Item] | None = None, executor: Executor | None 
         if c is not None and c.status == "fresh":
             out[it.name] = it.restore(c, run)
         else:
-            todo.append((it, c if c is not None and c.status == "prefix" else None))
+            todo.append((it, c if c is not None and c.status == "prefix" and it.resumable else None))
     if todo:
         _require_records(run)
         # one scan from the earliest record any item needs; an item that could resume later restarts there
         first = min(c.n_chunks if c is not None else 0 for _, c in todo)
-        passes = [it.make_pass(it.restore(c, run) if c is not None and c.n_chunks == first else None)
+        passes = [it.make_pass(run, it.restore(c, run) if c is not None and c.n_chunks == first else None)
                   for it, c in todo]
         results = run_passes(RunSource(run), passes, executor, first, workers=workers)
         for (it, _), result in zip(todo, results):
+            result = it.finish(result)
             if save:
                 arrays, tables, extra = it.store(result)
                 cache.save(run, it.name, it.settings(), arrays, tables, extra, stamp)
             out[it.name] = result
     return out
+
+
+def cached_replay_index(run, schedule: str, warmup_steps: int, decay: float, executor: Executor | None = None):
+    """`ReplayIndex.build(run, schedule=…, warmup_steps=…, decay=…)`, kept beside the run (the 8 most recently
+    built settings are kept)."""
+    item = IndexItem(schedule, warmup_steps, decay)
+    out = build_cache(run, [item], executor)[item.name]
+    cache.prune(run, "replay-", keep=8)
+    return out
+
+
+def cached_oscillation_summary(run, executor: Executor | None = None):
+    """`oscillation_summary(run)` (rule defaults, layers ≤ 4 bits), kept beside the run: (ReplayResult,
+    OscReplay) with the per-weight arrays memory-mapped."""
+    res, rep, _ = build_cache(run, [OscItem()], executor)["osc"]
+    return res, rep
 
 
 def cached_level_stats(run, executor: Executor | None = None) -> LevelStats:
@@ -139,5 +262,6 @@ def cached_settle_summary(run, executor: Executor | None = None) -> SettleSummar
     return settle_summary_from_stats(stats, names, run.steps, run.steps_per_epoch)
 
 
-__all__ = ["Item", "LevelsItem", "default_items", "build_cache", "cached_level_stats", "cached_settle_summary",
+__all__ = ["Item", "LevelsItem", "IndexItem", "OscItem", "run_settings", "default_items", "cached_replay_index",
+           "cached_oscillation_summary", "build_cache", "cached_level_stats", "cached_settle_summary",
            "settle_summary_from_stats"]
