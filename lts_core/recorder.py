@@ -110,8 +110,9 @@ class Recorder:
     def __init__(self, writer: RunWriter, layers: list[tuple[str, Any]], rule, every: int,
                  steps_per_epoch: int, total_steps: int | None, chunk_bytes: int,
                  state_names: list[str], rule_map: list[int | None] | None, background: bool = True,
-                 raw_distances: bool = False):
+                 raw_distances: bool = False, record_side: bool = False):
         self.writer = writer
+        self.record_side = bool(record_side)
         self._layers = layers
         self.rule = rule
         self.every = every
@@ -124,7 +125,7 @@ class Recorder:
         self.n_weights = sum(self.numels)
         self.n_layers = len(layers)
         self.raw_distances = bool(raw_distances)
-        n_u8 = 2 + len(state_names)
+        n_u8 = 2 + len(state_names) + self.record_side
         self.bytes_per_record = (8 + n_u8 * self.n_weights + 8 * self.n_layers
                                  + (4 * self.n_weights if self.raw_distances else 0))
         self.background = bool(background)
@@ -157,7 +158,7 @@ class Recorder:
         # Page-aligned, so that the store can write a chunk's leading rows with O_DIRECT.
         buf = {"step": np.empty(c, np.int64), "level": aligned_empty((c, self.n_weights), np.uint8),
                "dist": aligned_empty((c, self.n_weights), np.uint8)}
-        for name in self.state_names:
+        for name in self.state_names + (["side"] if self.record_side else []):
             buf[name] = aligned_empty((c, self.n_weights), np.uint8)
         if self.raw_distances:
             buf[RAW_DIST] = aligned_empty((c, self.n_weights), np.float32)
@@ -174,11 +175,13 @@ class Recorder:
                steps_per_epoch: int, total_steps: int | None = None, run_id: str | None = None,
                chunk_bytes: int = 32 << 20, extra_manifest: dict | None = None,
                layers: list[tuple[str, Any]] | None = None, background: bool = True,
-               raw_distances: bool | None = None) -> "Recorder":
+               raw_distances: bool | None = None, record_side: bool = False) -> "Recorder":
         """Create the run folder and its manifest. `layers` overrides `quantized_layers(model)`;
         `background=False` writes chunks synchronously from `step()`. `raw_distances` also stores the exact
         float32 raw distance of every weight per record (4 bytes more per weight; exact replays); None (the
-        default) stores them when recording every step (`every == 1`)."""
+        default) stores them when recording every step (`every == 1`). `record_side=True` also records the
+        optional array `side` (uint8 [r, N], 1 where the weight's position is at or above its level), which
+        makes the app's weight histogram exact (`analysis.distributions`); one byte per weight per record."""
         if not isinstance(every, int) or every < 1:
             raise ValueError(f"record every must be an integer ≥ 1, got {every!r}")
         if not isinstance(steps_per_epoch, int) or steps_per_epoch < 1:
@@ -244,12 +247,12 @@ class Recorder:
             "raw_distances": raw_distances,
             "seed": config.get("seed"), "layers": layer_meta, "steps_per_epoch": steps_per_epoch,
             "total_steps": total_steps, "record_every": every, "rule": rule_info,
-            "state_arrays": state_names, "chunk_bytes": int(chunk_bytes),
+            "state_arrays": state_names + (["side"] if record_side else []), "chunk_bytes": int(chunk_bytes),
         }
         fields.update(extra_manifest or {})
         writer = RunWriter.create(runs_dir, run_id or default_run_id(config), fields)
         return cls(writer, layers, rule, every, steps_per_epoch, total_steps, chunk_bytes, state_names, rule_map,
-                   background, raw_distances)
+                   background, raw_distances, record_side)
 
     # ---- properties -----------------------------------------------------------------------------------
     @property
@@ -369,6 +372,9 @@ class Recorder:
                     raise RuntimeError(f"rule state {name!r} of layer {lname!r} has {st.numel()} values, "
                                        f"expected {n_i}")
                 _copy_u8(dst[name][sl], st)
+            if self.record_side:  # optional: which side of its level each weight lies (sign of position − level)
+                side = m.weight_quantizer.position(m.weight.detach()).float() >= lev.float()
+                _copy_u8(torch.from_numpy(buf["side"][row])[sl], side)
         buf["step"][row] = t
         for i, (_, m) in enumerate(self._layers):
             buf["bounds"][row, i] = _bounds_pair(m.weight_quantizer.bounds())

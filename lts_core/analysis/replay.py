@@ -37,8 +37,8 @@ from ..schedules import canonical_schedule, eligible, osc_threshold_at, ratio_at
 from .settle import RunArrays, arrays_from_run, check_layer_sizes, is_run
 
 __all__ = [
-    "replay_freeze_steps", "ema_trace", "ReplayIndex", "ReplayResult", "freeze_accounting", "ticket_correct",
-    "ticket_precision", "replay_oscillation", "OscReplay", "oscillation_summary", "osc_threshold_at",
+    "replay_freeze_steps", "ema_trace", "ema_records", "ReplayIndex", "ReplayResult", "freeze_accounting",
+    "ticket_correct", "ticket_precision", "replay_oscillation", "OscReplay", "oscillation_summary", "osc_threshold_at",
     "osc_ema_update", "agreement", "resolve_device", "grid_bins",
 ]
 
@@ -302,6 +302,18 @@ def ema_trace(steps, levels, dist_codes, decay: float, weights: Sequence[int] | 
             e = units.to_steps(d)
             out.append((e if idx is None else e[idx]).cpu().numpy().copy())
     return np.stack(out).astype(np.float32)
+
+
+def ema_records(run, decay: float, device: str | torch.device = "cpu"):
+    """Yield, record by record, the replayed EMA distance of every weight of a stored run, in Δ units (float32
+    numpy [N]; None before the EMA starts, i.e. at a record of step 0): the loop of `replay_freeze_steps`,
+    one record at a time, for streamed consumers (`analysis.distributions`)."""
+    steps, levels, dist_codes, _, _, sizes, n_levels, raw = _from_run(run, 0, 1, None, None, None)
+    dev = resolve_device(device)
+    units = _units(sizes, n_levels, int(levels.shape[1]), dev)
+    with torch.no_grad():
+        for _, _, _, _, d in _ema_stream(steps, levels, dist_codes, float(decay), dev, units, raw):
+            yield None if d is None else units.to_steps(d).cpu().numpy()
 
 
 # ---- accounting -------------------------------------------------------------------------------------------
