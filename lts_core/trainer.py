@@ -25,6 +25,7 @@ from .config import TrainConfig
 from .datasets import DatasetSplit, data_dir, load_dataset
 from .layers import quantize_model, quantized_layers
 from .models import ARCH_VERSION, build_model
+from .progress import report as report_progress
 from .rules import FreezingRule, LTSRule, OscillationRule
 
 
@@ -126,14 +127,17 @@ def fp_cache_path(cfg: TrainConfig) -> Path:
     return data_dir() / "cache" / "fp" / f"{cfg.model}-{cfg.dataset}-{digest}.pt"
 
 
-def pretrain_fp(cfg: TrainConfig, data: DatasetSplit, device: torch.device) -> nn.Module:
-    """Full-precision pre-training (cached on disk by config and seed, so every rule starts identical)."""
+def pretrain_fp(cfg: TrainConfig, data: DatasetSplit, device: torch.device, run: str | None = None) -> nn.Module:
+    """Full-precision pre-training (cached on disk by config and seed, so every rule starts identical).
+    `run` names the run in progress reports (`lts_core.progress`)."""
     torch.manual_seed(cfg.seed)
     model = build_model(cfg.model, data.in_shape, data.n_classes, width=cfg.width).to(device)
     path = fp_cache_path(cfg)
     if path.is_file():
         model.load_state_dict(torch.load(path, map_location=device, weights_only=True))
+        report_progress("fp", cfg.fp_epochs, cfg.fp_epochs, run)
         return model
+    report_progress("fp", 0, cfg.fp_epochs, run)
     opt = torch.optim.SGD(model.parameters(), lr=cfg.fp_lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
     n = len(data.x_train)
     spe = steps_per_epoch(n, cfg.batch_size)
@@ -150,6 +154,7 @@ def pretrain_fp(cfg: TrainConfig, data: DatasetSplit, device: torch.device) -> n
             loss.backward()
             opt.step()
             t += 1
+        report_progress("fp", epoch + 1, cfg.fp_epochs, run)
     if dist_info()[0] == 0:
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_suffix(f".tmp-{os.getpid()}")
@@ -214,7 +219,8 @@ def train(cfg: TrainConfig, run_dir: str | Path | None = None, progress: bool = 
     seed_everything(cfg.seed)
     data = load_dataset(cfg.dataset, root=cfg.data_root, seed=cfg.seed, max_train=cfg.max_train,
                         max_test=cfg.max_test)
-    model = pretrain_fp(cfg, data, device)
+    run_name = Path(run_dir).name if run_dir is not None else None
+    model = pretrain_fp(cfg, data, device, run=run_name)
     fp_acc = evaluate(model, data.x_test, data.y_test, device)
 
     if cfg.weight_output == "unit" and not any(isinstance(m, nn.modules.batchnorm._BatchNorm)
@@ -247,7 +253,7 @@ def train(cfg: TrainConfig, run_dir: str | Path | None = None, progress: bool = 
         run_dir = Path(run_dir)
         rec = Recorder.create(run_dir.parent, model, config=cfg.model_dump(), rule=rule,
                               every=cfg.record_every or spe, steps_per_epoch=spe, total_steps=total,
-                              run_id=run_dir.name,
+                              run_id=run_dir.name, record_side=True,
                               extra_manifest={"device": str(device), "fp_test_acc": fp_acc, "world_size": world,
                                               "warmup_steps": int(round(cfg.warmup * spe)),
                                               "label": cfg.label(), "dataset_sizes": [n, len(data.x_test)]})
@@ -258,6 +264,7 @@ def train(cfg: TrainConfig, run_dir: str | Path | None = None, progress: bool = 
         bar = tqdm(total=cfg.epochs, desc=cfg.label(), unit="epoch")
     t = 0
     last_flush = time.monotonic()
+    report_progress("qat", 0, cfg.epochs, run_name)
     try:
         with _SigtermAsInterrupt():
             for epoch in range(cfg.epochs):
@@ -305,6 +312,7 @@ def train(cfg: TrainConfig, run_dir: str | Path | None = None, progress: bool = 
                     if time.monotonic() - last_flush > FLUSH_SECONDS:  # live views see records as they come
                         rec.flush()
                         last_flush = time.monotonic()
+                report_progress("qat", epoch + 1, cfg.epochs, run_name)
                 if on_epoch is not None:
                     on_epoch(row)
                 if bar is not None:
