@@ -1,12 +1,18 @@
-"""Shared helpers of the scratchoff app: runs-folder discovery, cached loaders, plot helpers, run picker.
+"""Shared helpers of the scratchoff app: safety checks, runs-folder scan, cached loaders, plain-text rendering of
+names read from disk, URL-bound controls, theme-aware plot helpers, run picker.
 
 Everything here is glue between Streamlit and the engine's public API (`lts_core.store`,
 `lts_core.analysis`, `lts_core.schedules`, `lts_core.config`); no training or analysis logic lives here.
+The engine is called only from the small loader functions of the "loaders" section, so that they can be
+swapped for cached summaries without touching the pages.
 """
 from __future__ import annotations
 
 import math
+import numbers
 import os
+import re
+import sys
 import traceback
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,10 +30,64 @@ MANIFEST = "manifest.json"
 METRICS = "metrics.parquet"
 SCHEDULE_NAMES = {"fixed": "fixed", "linear": "linear-growth", "sine": "sine-growth"}
 DECAYS = [0.9, 0.95, 0.98, 0.99, 0.995, 0.999, 0.9999]
+RATIO_MAX = 2.0        # ρ range offered by the controls (Δ)
+RATIO_STEP = 1 / 1024  # the replay's ratio grid: what the controls accept is what the replay uses
 SETUP_KEYS = ("model", "dataset", "bits", "quantizer", "width", "seed", "epochs", "fp_epochs", "batch_size",
               "max_train", "act_bits", "first_last_bits")
-PALETTE = ["#1f77b4", "#d62728", "#2ca02c", "#9467bd", "#ff7f0e", "#17becf", "#8c564b", "#e377c2",
-           "#7f7f7f", "#bcbd22"]
+# 20 colours (tab20-like, dark then light of each hue) readable on light and dark backgrounds
+PALETTE = ["#1f77b4", "#d62728", "#2ca02c", "#9467bd", "#ff7f0e", "#17becf", "#8c564b", "#e377c2", "#bcbd22",
+           "#7f7f7f", "#aec7e8", "#ff9896", "#98df8a", "#c5b0d5", "#ffbb78", "#9edae5", "#c49c94", "#f7b6d2",
+           "#dbdb8d", "#c7c7c7"]
+INK = "#888888"        # reference lines and "all layers" curves: visible on white and on near-black
+WEIGHT_CLASS_COLORS = {"active": "#1f77b4", "frozen": "#2ca02c", "moved": "#d62728"}
+LOOPBACK = ("localhost", "127.0.0.1", "::1")
+
+
+# ---- where the app listens and what it sends (issue: the app's exposure) ---------------------------------
+def exposure_problem() -> str | None:
+    """A one-line reason to refuse serving, or None.
+
+    app/.streamlit/config.toml binds localhost and turns usage statistics off whatever the current folder
+    (Streamlit reads a config folder beside the main script). This check catches the rest: a Streamlit that
+    ignored that file, or statistics switched on elsewhere. An address chosen explicitly (command line or
+    STREAMLIT_SERVER_ADDRESS, as the README's "Sharing on a network" does) is the user's decision.
+    """
+    from streamlit import config as st_config
+    if st.get_option("browser.gatherUsageStats"):
+        return ("usage statistics are switched on (browser.gatherUsageStats); start the app with "
+                "`--browser.gatherUsageStats false`")
+    address = st.get_option("server.address")
+    if address in LOOPBACK:
+        return None
+    if address and st_config.get_where_defined("server.address") not in (st_config.ConfigOption.DEFAULT_DEFINITION,):
+        return None  # explicitly chosen
+    return (f"the app would listen on every network interface (server.address={address!r}); start it with "
+            "`streamlit run app/scratchoff_app.py` (it binds localhost) or choose an address explicitly with "
+            "`--server.address`")
+
+
+def refuse_if_exposed() -> None:
+    problem = exposure_problem()
+    if problem:
+        print(f"scratchoff: refusing to serve: {problem}", file=sys.stderr, flush=True)
+        st.error(f"scratchoff refuses to serve: {problem}")
+        st.stop()
+
+
+# ---- names from disk are plain text ------------------------------------------------------------------------
+_MD_PUNCT = re.compile(r"([!-/:-@\[-`{-~])")   # every ASCII punctuation character
+
+
+def plain(text: Any) -> str:
+    """`text` (a name or message read from disk) made safe inside Streamlit markdown: every ASCII punctuation
+    character backslash-escaped (CommonMark), so `![x](http://host/t.png)` shows as typed and fetches nothing;
+    line breaks become spaces."""
+    return _MD_PUNCT.sub(r"\\\1", " ".join(str(text).split()))
+
+
+def plot_text(text: Any) -> str:
+    """`text` made safe inside Plotly titles, legends and hover labels (which read a little HTML)."""
+    return str(text).replace("&", "&amp;").replace("<", "&lt;").replace(">", "&gt;")
 
 
 # ---- the runs folder ----------------------------------------------------------------------------------------
@@ -56,69 +116,128 @@ def fingerprint(folder: Path) -> tuple:
                  if p.is_dir() and not p.name.startswith(".") and not p.parent.name.startswith("."))
 
 
-def _fmt_float(x) -> float | None:
-    try:
-        x = float(x)
-    except (TypeError, ValueError):
+def _num(x) -> float | None:
+    """A finite real number, else None (strings, lists, booleans, NaN from a hand-edited manifest)."""
+    if isinstance(x, bool) or not isinstance(x, numbers.Real):
         return None
-    return None if math.isnan(x) else x
+    x = float(x)
+    return x if math.isfinite(x) else None
 
 
-def _row_for(entry, group: str | None) -> dict:
-    display = f"{group}/{entry.run_id}" if group else entry.run_id
-    row: dict[str, Any] = {"path": str(entry.path), "run_id": display, "group": group, "ok": entry.ok,
-                           "error": entry.error, "status": entry.status, "created": entry.created}
-    manifest = entry.manifest or {}
-    cfg = manifest.get("config") or {}
-    rule = manifest.get("rule") or {}
-    settings = rule.get("settings") or {} if isinstance(rule, dict) else {}
-    rule_name = cfg.get("rule") or (rule.get("name") if isinstance(rule, dict) else None) or \
-        ("none" if manifest else None)
-    epochs = cfg.get("epochs")
-    spe = manifest.get("steps_per_epoch")
-    warm = cfg.get("warmup_epochs")
-    warm_steps = settings.get("warmup_steps", manifest.get("warmup_steps"))  # the engine's, for every rule
+def _int(x) -> int | None:
+    v = _num(x)
+    return int(v) if v is not None and v == int(v) else None
+
+
+def _str(x) -> str | None:
+    return x if isinstance(x, str) else None
+
+
+def _dict(x) -> dict:
+    return x if isinstance(x, dict) else {}
+
+
+class BadManifest(ValueError):
+    """A manifest that parses but whose fields have the wrong types."""
+
+
+def _check_manifest_types(manifest: dict) -> None:
+    for key in ("config", "rule"):
+        if key in manifest and manifest[key] is not None and not isinstance(manifest[key], dict):
+            raise BadManifest(f"manifest field {key!r} is a {type(manifest[key]).__name__}, not an object")
+    for key in ("steps_per_epoch", "total_steps", "record_every", "n_weights", "warmup_steps"):
+        v = manifest.get(key)
+        if v is not None and _int(v) is None:
+            raise BadManifest(f"manifest field {key!r} is {v!r}, not a whole number")
+    cfg = _dict(manifest.get("config"))
+    for key in ("threshold", "decay", "warmup_epochs", "epochs", "bits", "fp_epochs", "seed"):
+        v = cfg.get(key)
+        if v is not None and _num(v) is None:
+            raise BadManifest(f"config field {key!r} is {v!r}, not a number")
+    settings = _dict(_dict(manifest.get("rule")).get("settings"))
+    for key in ("ratio", "decay", "warmup_steps"):
+        v = settings.get(key)
+        if v is not None and _num(v) is None:
+            raise BadManifest(f"rule setting {key!r} is {v!r}, not a number")
+
+
+def _display_id(path: Path, folder: Path) -> str:
+    """A run is named by its folder (relative to the runs folder, e.g. 'sweep-1/lts-0.1'), never by the
+    run id written in its manifest: a copied folder keeps the original's id."""
+    try:
+        return Path(path).relative_to(folder).as_posix()
+    except ValueError:
+        return Path(path).name
+
+
+def _row_for(entry, folder: Path) -> dict:
+    """One run as a flat dict of plain values; a run that cannot be described is a broken row with a reason."""
+    row: dict[str, Any] = {"path": str(entry.path), "run_id": _display_id(entry.path, folder), "group": entry.group,
+                           "ok": bool(entry.ok), "error": entry.error, "status": entry.status,
+                           "created": _num(entry.created), "manifest_id": None}
+    try:
+        _describe_row(row, entry)
+    except (BadManifest, RunError, TypeError, ValueError, AttributeError, KeyError) as e:
+        where = Path(entry.path) / MANIFEST
+        row.update(ok=False, status="broken", error=str(e) if isinstance(e, RunError) else
+                   f"{where}: {e}" if isinstance(e, BadManifest) else
+                   f"{where}: unreadable field ({type(e).__name__}: {e})")
+    return row
+
+
+def _describe_row(row: dict, entry) -> None:
+    manifest = entry.manifest if isinstance(entry.manifest, dict) else {}
+    _check_manifest_types(manifest)
+    cfg = _dict(manifest.get("config"))
+    rule = _dict(manifest.get("rule"))
+    settings = _dict(rule.get("settings"))
+    mid = manifest.get("run_id")
+    row["manifest_id"] = str(mid) if mid is not None and str(mid) != Path(entry.path).name else None
+    rule_name = _str(cfg.get("rule")) or _str(rule.get("name")) or ("none" if manifest else None)
+    epochs = _int(cfg.get("epochs"))
+    spe = _int(manifest.get("steps_per_epoch"))
+    warm = _num(cfg.get("warmup_epochs"))
+    warm_steps = _num(settings.get("warmup_steps", manifest.get("warmup_steps")))  # the engine's, every rule
     if warm_steps is not None and spe:
         warm = warm_steps / spe
     elif warm is None and epochs:
         warm = 0.2 * epochs
-    threshold = settings.get("ratio", cfg.get("threshold"))
-    if threshold is None and rule_name == "lts":
-        threshold = 0.1 if cfg.get("schedule") == "fixed" else 1.0
+    lts = rule_name == "lts"
+    schedule = (_str(settings.get("schedule")) or _str(cfg.get("schedule"))) if lts else None
+    threshold = _num(settings.get("ratio", cfg.get("threshold"))) if lts else None
+    if lts and threshold is None:
+        threshold = 0.1 if schedule == "fixed" else 1.0
     row.update(
-        label=manifest.get("label"), model=cfg.get("model"), dataset=cfg.get("dataset"), bits=cfg.get("bits"),
-        quantizer=cfg.get("quantizer"), rule=rule_name,
-        schedule=(settings.get("schedule") or cfg.get("schedule")) if rule_name == "lts" else None,
-        threshold=threshold if rule_name == "lts" else None,
-        decay=(settings.get("decay", cfg.get("decay")) if rule_name == "lts" else None),
-        warmup_epochs=warm, epochs=epochs, fp_epochs=cfg.get("fp_epochs"), seed=cfg.get("seed"),
-        steps_per_epoch=spe, total_steps=manifest.get("total_steps"), record_every=manifest.get("record_every"),
-        n_weights=manifest.get("n_weights"), device=manifest.get("device"),
-        fp_acc=_fmt_float(manifest.get("fp_test_acc")), reason=None, epochs_done=0, test_acc=None,
-        updates_eliminated=None, backward_flops_saved=None, setup=tuple(cfg.get(k) for k in SETUP_KEYS),
+        label=_str(manifest.get("label")), model=_str(cfg.get("model")), dataset=_str(cfg.get("dataset")),
+        bits=_int(cfg.get("bits")), quantizer=_str(cfg.get("quantizer")), rule=rule_name,
+        schedule=schedule, threshold=threshold,
+        decay=_num(settings.get("decay", cfg.get("decay"))) if lts else None,
+        warmup_epochs=warm, epochs=epochs, fp_epochs=_int(cfg.get("fp_epochs")), seed=_int(cfg.get("seed")),
+        steps_per_epoch=spe, total_steps=_int(manifest.get("total_steps")),
+        record_every=_int(manifest.get("record_every")), n_weights=_int(manifest.get("n_weights")),
+        device=_str(manifest.get("device")), fp_acc=_num(manifest.get("fp_test_acc")), reason=None, epochs_done=0,
+        test_acc=None, updates_eliminated=None, backward_flops_saved=None, n_records=0, n_layers=0,
+        setup=tuple(cfg.get(k) if isinstance(cfg.get(k), (str, int, float, type(None))) else str(cfg.get(k))
+                    for k in SETUP_KEYS),
     )
-    if entry.ok:
-        run = entry.run
-        row["reason"] = run.reason
-        row["n_records"] = run.n_records
-        try:
-            m = run.metrics
-        except RunError as e:
-            row.update(ok=False, status="broken", error=str(e))
-            return row
-        if len(m):
-            last = m.iloc[-1]
-            row.update(epochs_done=int(len(m)), test_acc=_fmt_float(last.get("test_acc")),
-                       updates_eliminated=_fmt_float(last.get("updates_eliminated")),
-                       backward_flops_saved=_fmt_float(last.get("backward_flops_saved")))
-    return row
+    if not entry.ok:
+        return
+    run = entry.run
+    row["reason"] = _str(run.reason) or (None if run.reason is None else str(run.reason))
+    row["n_records"] = int(run.n_records)
+    row["n_layers"] = len(run.layers)
+    m = run.metrics
+    if len(m):
+        last = m.iloc[-1]
+        row.update(epochs_done=int(len(m)), test_acc=_num(last.get("test_acc")),
+                   updates_eliminated=_num(last.get("updates_eliminated")),
+                   backward_flops_saved=_num(last.get("backward_flops_saved")))
 
 
 @st.cache_data(show_spinner=False, max_entries=16, ttl=5)
 def _scan(folder: str, fp: tuple) -> list[dict]:
-    rows = [_row_for(e, e.group) for e in list_runs(folder)]
-    rows.sort(key=lambda r: (r["created"] if r["created"] is not None else -math.inf, r["run_id"]),
-              reverse=True)
+    rows = [_row_for(e, Path(folder)) for e in list_runs(folder)]
+    rows.sort(key=lambda r: (r["created"] if r["created"] is not None else -math.inf, r["run_id"]), reverse=True)
     return rows
 
 
@@ -137,7 +256,7 @@ def refresh_runs() -> None:
     _scan.clear()
 
 
-# ---- cached loaders ---------------------------------------------------------------------------------------
+# ---- loaders: every engine call of the pages goes through one of these -------------------------------------
 @st.cache_resource(show_spinner=False, max_entries=32)
 def _open(path: str, stamp: tuple):
     return open_run(path)
@@ -209,6 +328,44 @@ def layer_stats(row, layer: int) -> dict:
     return _layer_stats(row["path"], run_stamp(row["path"]), int(layer))
 
 
+@st.cache_resource(show_spinner="Counting the distributions of every record (one pass over the run)…",
+                   max_entries=8)
+def _distributions(path: str, stamp: tuple, layer: int | None, replay: tuple | None):
+    from lts_core.analysis import distributions
+    run = _open(path, stamp)
+    if replay is not None:
+        keys = ("schedule", "ratio", "warmup_steps", "decay")
+        return distributions(run, layer=layer, replay=dict(zip(keys, replay)))
+    return distributions(run, layer=layer, freeze_steps=run.freeze_steps(layer))
+
+
+def distributions_of(row, layer: int | None, replay: "ReplaySettings | None" = None):
+    """`analysis.Distributions` of a run's layer (None = all layers): the run's own freezing (an LTS run's
+    recorded freeze steps), or LTS replayed with `replay` settings."""
+    rp = None
+    if replay is not None:
+        rp = (replay.schedule, float(replay.ratio), epochs_to_steps(row, replay.warmup_epochs), float(replay.decay))
+    return _distributions(row["path"], run_stamp(row["path"]), None if layer is None else int(layer), rp)
+
+
+@st.cache_data(show_spinner=False, max_entries=32)
+def _frozen_moved(path: str, stamp: tuple, replay: tuple | None) -> dict:
+    """Frozen weights and those among them on another level than the one they froze on, at the last record."""
+    d = _distributions(path, stamp, None, replay)
+    totals = d.class_totals()[-1]
+    return {"frozen": int(totals[1] + totals[2]), "moved": int(totals[2]), "n": int(d.n_weights),
+            "moved_curve": d.class_totals()[:, 2].astype(float), "frozen_curve": d.frozen_by.astype(float)}
+
+
+def frozen_moved(row, replay: "ReplaySettings | None" = None) -> dict:
+    """{'frozen', 'moved', 'n', 'moved_curve', 'frozen_curve'}: how many frozen weights sit on another level
+    than the one they froze on (the learned bounds moved under them), at the last record and per record."""
+    rp = None
+    if replay is not None:
+        rp = (replay.schedule, float(replay.ratio), epochs_to_steps(row, replay.warmup_epochs), float(replay.decay))
+    return _frozen_moved(row["path"], run_stamp(row["path"]), rp)
+
+
 # ---- run facts --------------------------------------------------------------------------------------------
 def warmup_epochs_of(row) -> float:
     w = row.get("warmup_epochs")
@@ -234,20 +391,24 @@ def same_setup(a: dict, b: dict) -> bool:
     return a.get("setup") == b.get("setup") and a.get("n_weights") == b.get("n_weights")
 
 
-def describe(row) -> str:
-    """A short config summary: 'mlp · digits · 2 bit · LTS linear-growth ρ=1 · 10 ep'."""
-    if not row.get("ok") and not row.get("model"):
-        return "—"
+RULE_NAMES = {"none": "baseline QAT", "lts": "LTS", "osc": "oscillation freezing"}
+
+
+def rule_text(row) -> str:
     rule = row.get("rule") or "none"
     if rule == "lts":
-        r = f"LTS {SCHEDULE_NAMES.get(row.get('schedule'), row.get('schedule'))} ρ={_g(row.get('threshold'))}"
-    elif rule == "osc":
-        r = "oscillation freezing"
-    else:
-        r = "baseline QAT"
+        return f"LTS {SCHEDULE_NAMES.get(row.get('schedule'), row.get('schedule'))} ρ={_g(row.get('threshold'))}"
+    return RULE_NAMES.get(rule, str(rule))
+
+
+def describe(row) -> str:
+    """A short config summary: 'mlp · digits · 2 bit · LTS linear-growth ρ=1 · 10 ep' (raw text: pass it
+    through `plain` before markdown)."""
+    if not row.get("ok") and not row.get("model"):
+        return "—"
     bits = f"{row.get('bits')} bit" if row.get("bits") is not None else "? bit"
     ep = f"{row.get('epochs')} ep" if row.get("epochs") else ""
-    return " · ".join(x for x in (row.get("model"), row.get("dataset"), bits, r, ep) if x)
+    return " · ".join(str(x) for x in (row.get("model"), row.get("dataset"), bits, rule_text(row), ep) if x)
 
 
 def _g(x) -> str:
@@ -259,35 +420,106 @@ def run_label(row) -> str:
 
 
 def pct(x, digits: int = 1) -> str:
-    x = _fmt_float(x)
+    x = _num(x)
     return "—" if x is None else f"{100 * x:.{digits}f}%"
 
 
+def epoch_label(e: float) -> str:
+    """Epochs as the app writes them everywhere: optimizer steps taken / steps per epoch, two decimals."""
+    return f"{float(e):.2f}"
+
+
+def record_labels(epochs: np.ndarray, steps: np.ndarray) -> list[str]:
+    """Unique, short labels of the records (slider options, URL values): the epoch with as few decimals as
+    tell them apart, else with the step."""
+    for digits in (2, 3, 4):
+        labels = [f"{e:.{digits}f}" for e in epochs]
+        if len(set(labels)) == len(labels):
+            return labels
+    return [f"{e:.2f} (step {int(t)})" for e, t in zip(epochs, steps)]
+
+
+EPOCH_HELP = ("Epoch = optimizer steps taken ÷ steps per epoch, on every chart. Metrics are measured after each "
+              "epoch (1, 2, …); a record is taken during a step, before that step's update, so the last record "
+              "of a 20-epoch run sits at 19.97 (its last step).")
+
+
+# ---- URL-bound controls -----------------------------------------------------------------------------------
+URL = "query-params"   # bind=URL: the control's value lives in the page's URL (key = parameter name)
+# Streamlit leaves a bound control out of the URL while it shows its default. That suits controls whose default
+# depends only on the chosen run (layer, record, replay settings). Controls whose default depends on the
+# runs folder's content (which run, which run to overlay or compare) are written to the URL always
+# (`url_selectbox`), so a shared URL reopens the same view after new runs appear.
+
+
+def url_selectbox(label: str, options: list, key: str, default, container=st, **kwargs):
+    """A selectbox whose value is always in the URL (`?key=value`); a value in the URL wins when a session
+    starts (a shared link)."""
+    options = list(options)
+    _from_url(key, options)
+    keep_valid(key, options)
+    value = container.selectbox(label, options, index=options.index(default) if default in options else 0,
+                                key=key, **kwargs)
+    if st.query_params.get(key) != str(value):  # write only changes: a write resends the whole query string
+        st.query_params[key] = str(value)
+    return value
+
+
+def url_multiselect(label: str, options: list, key: str, default: list, container=st, **kwargs) -> list:
+    """A multiselect whose values are always in the URL (`?key=a&key=b`)."""
+    options = list(options)
+    if key not in st.session_state and key in st.query_params:
+        given = [v for v in st.query_params.get_all(key) if v in options]
+        if given:
+            st.session_state[key] = given
+    if key in st.session_state:
+        st.session_state[key] = [v for v in st.session_state[key] if v in options]
+    value = container.multiselect(label, options, default=[d for d in default if d in options]
+                                  if key not in st.session_state else None, key=key, **kwargs)
+    if st.query_params.get_all(key) != [str(v) for v in value]:
+        st.query_params[key] = [str(v) for v in value]
+    return value
+
+
+def _from_url(key: str, options: list) -> None:
+    if key not in st.session_state and st.query_params.get(key) in options:
+        st.session_state[key] = st.query_params[key]
+
+
 # ---- run picker -------------------------------------------------------------------------------------------
-def run_picker(label: str, key: str, rows: list[dict] | None = None, prefer: Callable[[dict], bool] | None = None,
-               help: str | None = None, container=st) -> dict | None:
-    """A selectbox of runs (kept across pages); returns the chosen row or None when there is none."""
+def run_picker(label: str, key: str = "run", rows: list[dict] | None = None,
+               prefer: Callable[[dict], bool] | None = None, help: str | None = None,
+               container=st) -> dict | None:
+    """A selectbox of runs by folder name, always in the URL (`?run=<folder>`); returns the chosen row (its
+    settings are shown under it)."""
     rows = ok_runs() if rows is None else rows
     if not rows:
         return None
-    paths = [r["path"] for r in rows]
-    by_path = {r["path"]: r for r in rows}
-    if key in st.session_state and st.session_state[key] not in by_path:
-        del st.session_state[key]
-    index = 0
-    if prefer is not None:
-        index = next((i for i, r in enumerate(rows) if prefer(r)), 0)
-    if key in st.session_state:
-        index = paths.index(st.session_state[key])
-    chosen = container.selectbox(label, paths, index=index, key=key, help=help,
-                                 format_func=lambda p: run_label(by_path[p]) if p in by_path else p)
-    return by_path.get(chosen)
+    ids = [r["run_id"] for r in rows]
+    by_id = {r["run_id"]: r for r in rows}
+    default = next((r["run_id"] for r in rows if prefer(r)), ids[0]) if prefer else ids[0]
+    chosen = url_selectbox(label, ids, key, default, container=container, help=help)
+    row = by_id.get(chosen, by_id[default])
+    container.caption(f"{plain(describe(row))} · {plain(row['status'])}")
+    return row
 
 
-def run_key(prefix: str, row: dict) -> str:
-    """A widget key tied to one run, so that a widget whose options depend on the run (epochs, layers,
-    matching runs) is created afresh when another run is picked instead of showing a stale choice."""
-    return f"{prefix}@{row['path']}"
+def layer_picker(run, key: str = "layer", all_layers: bool = False, container=st) -> int | None:
+    """A selectbox of the run's quantized layers by module path, bound to the URL (`?layer=fc2`);
+    returns the layer index (None = all layers when offered)."""
+    names = [str(lay["name"]) for lay in run.layers]
+    options = (["all layers"] if all_layers else []) + names
+    keep_valid(key, options)
+    # one layer by default (its weights can be drawn on their grid); "all layers" is the first option
+    chosen = container.selectbox("Layer", options, index=1 if all_layers else 0, key=key, bind=URL)
+    if chosen == "all layers":
+        container.caption(f"{len(names)} quantized layers, {run.n_weights:,} weights")
+        return None
+    i = names.index(chosen)
+    lay = run.layers[i]
+    container.caption(f"shape {tuple(lay['shape'])} · {int(lay['numel']):,} weights · {lay.get('bits', '?')} bit "
+                      f"· {plain(lay.get('kind', ''))}")
+    return i
 
 
 def keep_valid(key: str, options) -> None:
@@ -303,7 +535,7 @@ def prefer_baseline(row) -> bool:
 def no_runs_message() -> None:
     folder = runs_folder()
     st.info(
-        f"No run in **{folder}** yet. Train one on the **Train** page, or from a terminal:\n\n"
+        f"No run in **{plain(folder)}** yet. Train one on the **Train** page, or from a terminal:\n\n"
         f"```\npython -m lts_core train --model mlp --dataset digits --bits 2 --rule lts --epochs 30 "
         f"--out {folder}/my-first-run\n```\n"
         "(`--rule none` records a baseline QAT run that the Sweep page can replay any threshold on). "
@@ -311,23 +543,6 @@ def no_runs_message() -> None:
 
 
 # ---- navigation -------------------------------------------------------------------------------------------
-def leave_mpa_v1() -> None:
-    """Make sure the entry point's st.navigation is in charge.
-
-    Streamlit still treats `app/pages/` as a v1 "pages directory" on a fresh server until the entry point has
-    called st.navigation once, so a first visit straight to e.g. /sweep would run the page without the app's
-    navigation. Switching that flag off and rerunning runs the entry point (v2), which then shows the
-    requested page. Harmless (a no-op) when the page runs standalone or under st.navigation already.
-    """
-    try:
-        from streamlit.runtime.pages_manager import PagesManager
-    except ImportError:  # pragma: no cover - other Streamlit versions
-        return
-    if getattr(PagesManager, "uses_pages_directory", False):
-        PagesManager.uses_pages_directory = False
-        st.rerun()
-
-
 def register_pages(pages: dict) -> None:
     """Called by the entry point: page key -> st.Page, so pages can link to each other."""
     st.session_state["_scratchoff_pages"] = pages
@@ -343,22 +558,22 @@ def page_link(key: str, label: str, icon: str | None = None) -> None:
 
 # ---- errors -----------------------------------------------------------------------------------------------
 def guard(body: Callable[[], None]) -> None:
-    """Run a page body: engine/run errors become a clear st.error, never a traceback."""
+    """Run a page body: engine/run errors become a clear st.error (plain text), never a traceback."""
     from lts_core.config import ConfigError
     try:
         body()
     except RunError as e:
-        st.error(f"This run cannot be read: {e}")
+        st.error(f"This run cannot be read: {plain(e)}")
     except ConfigError as e:
-        st.error(str(e))
+        st.error(plain(e))
     except (ValueError, KeyError, IndexError, OSError) as e:
         if os.environ.get("SCRATCHOFF_DEBUG"):
             raise
-        st.error(f"Cannot show this view: {e}")
+        st.error(f"Cannot show this view: {plain(e)}")
     except Exception as e:  # last resort: a message, not a traceback
         if os.environ.get("SCRATCHOFF_DEBUG"):
             raise
-        st.error(f"Unexpected error ({type(e).__name__}): {e}")
+        st.error(f"Unexpected error ({type(e).__name__}): {plain(e)}")
         with st.expander("details for a bug report"):
             st.code("".join(traceback.format_exception_only(type(e), e)))
 
@@ -370,8 +585,8 @@ def figure(title: str | None = None, x: str | None = None, y: str | None = None,
     fig.update_layout(
         title=dict(text=title) if title else None, height=height, hovermode=hovermode,
         margin=dict(l=10, r=10, t=40 if title else 20, b=10),
-        legend=dict(orientation="h", yanchor="top", y=-0.2, xanchor="left", x=0),
-        xaxis_title=x, yaxis_title=y)
+        legend=dict(orientation="h", yanchor="top", y=-0.25, xanchor="left", x=0),
+        xaxis_title=dict(text=x, standoff=4) if x else None, yaxis_title=y)
     return fig
 
 
@@ -381,6 +596,21 @@ def show(fig: go.Figure, key: str | None = None) -> None:
 
 def color(i: int) -> str:
     return PALETTE[i % len(PALETTE)]
+
+
+def series_controls(key: str, container=st) -> tuple[int, bool]:
+    """Smoothing (EMA window in points, 1 = off) and log-scale toggles for a time-series chart."""
+    c1, c2 = container.columns([3, 1])
+    smooth = c1.select_slider("Smoothing (points)", [1, 2, 3, 5, 8, 13], value=1, key=f"{key}_smooth",
+                              help="exponential moving average over about this many points; 1 = raw values")
+    log = c2.toggle("log y", key=f"{key}_log")
+    return int(smooth), bool(log)
+
+
+def smoothed(y, window: int) -> np.ndarray:
+    """Exponential moving average with span `window` (1 = unchanged); NaNs are carried through."""
+    s = pd.Series(np.asarray(y, dtype=float))
+    return s.to_numpy() if window <= 1 else s.ewm(span=window, adjust=True, ignore_na=True).mean().to_numpy()
 
 
 def record_epochs(run) -> np.ndarray:
@@ -411,6 +641,10 @@ def sample_grid(rows: int, cols: int, max_side: int = 64) -> tuple[np.ndarray, n
     return r, c
 
 
+# ---- replay settings shared by the Sweep, Distributions and Trajectories pages ------------------------------
+K_SCHED, K_RATIO, K_WARM, K_DECAY = "schedule", "rho", "warmup", "decay"
+
+
 @dataclass
 class ReplaySettings:
     schedule: str
@@ -418,16 +652,92 @@ class ReplaySettings:
     warmup_epochs: float
     decay: float
 
+    def text(self) -> str:
+        return (f"{SCHEDULE_NAMES.get(self.schedule, self.schedule)}, ρ={self.ratio:.4g}, warm-up "
+                f"{self.warmup_epochs:.2f} epochs, m={self.decay:g}")
+
+
+def own_settings(row) -> ReplaySettings:
+    """The settings an LTS run trained with."""
+    return ReplaySettings(row.get("schedule") or "linear", float(row.get("threshold") or 1.0),
+                          warmup_epochs_of(row), float(row.get("decay") or 0.99))
+
+
+def snap_ratio(x: float) -> float:
+    """ρ on the replay's grid of 1/1024 Δ, within the offered range."""
+    return float(min(max(round(float(x) / RATIO_STEP) * RATIO_STEP, 0.0), RATIO_MAX))
+
+
+def max_warmup(row) -> float:
+    return max(float(row.get("epochs") or 1) - 1.0, 0.0)
+
+
+def snap_warmup(row, epochs: float) -> float:
+    """Warm-up in epochs on the run's step grid (what the replay uses), within the offered range."""
+    spe = float(row.get("steps_per_epoch") or 1)
+    return float(min(max(round(float(epochs) * spe) / spe, 0.0), max_warmup(row)))
+
 
 def replay_settings(row) -> ReplaySettings:
-    """The sweep page's current settings (shared with Trajectories), else the run's own/default settings."""
-    s = st.session_state.get("replay_settings")
+    """The replay settings last used for this run (Sweep/Distributions controls), else the run's own settings
+    for an LTS run, else the LTS paper's defaults (linear growth to ρ = 1, 20% warm-up, m = 0.99)."""
+    s = st.session_state.get("_replay_settings")
     if isinstance(s, dict) and s.get("path") == row["path"]:
         return ReplaySettings(s["schedule"], s["ratio"], s["warmup_epochs"], s["decay"])
     if is_lts(row):
-        return ReplaySettings(row.get("schedule") or "linear", float(row.get("threshold") or 1.0),
-                              warmup_epochs_of(row), float(row.get("decay") or 0.99))
-    if isinstance(s, dict):
-        return ReplaySettings(s["schedule"], s["ratio"], min(s["warmup_epochs"], float(row.get("epochs") or 1)),
-                              s["decay"])
+        return own_settings(row)
     return ReplaySettings("linear", 1.0, warmup_epochs_of(row), 0.99)
+
+
+def use_settings(s: ReplaySettings, row: dict) -> None:
+    """Set the replay controls (before they are drawn in a run, or from a callback)."""
+    ss = st.session_state
+    ss[K_SCHED] = s.schedule if s.schedule in SCHEDULE_NAMES else "linear"
+    ss[K_RATIO] = snap_ratio(s.ratio)
+    ss[K_WARM] = snap_warmup(row, s.warmup_epochs)
+    ss[K_DECAY] = float(s.decay) if float(s.decay) in DECAYS else 0.99
+
+
+def _snap_controls(row: dict) -> None:
+    """on_change: typed values go onto the grids the replay uses, so the controls show what is used."""
+    ss = st.session_state
+    if ss.get(K_RATIO) is not None:
+        ss[K_RATIO] = snap_ratio(ss[K_RATIO])
+    if ss.get(K_WARM) is not None:
+        ss[K_WARM] = snap_warmup(row, ss[K_WARM])
+
+
+def replay_controls(row: dict, start: ReplaySettings | None = None, container=st) -> ReplaySettings:
+    """Schedule, ρ (typed, on the replay's 1/1024 Δ grid), warm-up (on the step grid) and decay, in the URL.
+
+    Defaults: `start` (e.g. the overlaid actual LTS run's settings), else `replay_settings(row)`. Picking
+    another run in the session resets the controls to its defaults; a shared URL's values win otherwise.
+    """
+    ss = st.session_state
+    start = start or replay_settings(row)
+    start = ReplaySettings(start.schedule if start.schedule in SCHEDULE_NAMES else "linear", snap_ratio(start.ratio),
+                           snap_warmup(row, start.warmup_epochs),
+                           float(start.decay) if float(start.decay) in DECAYS else 0.99)
+    if ss.get("_replay_for") != row["path"]:
+        if "_replay_for" in ss:       # another run picked in this session: start from its settings
+            use_settings(start, row)
+        ss["_replay_for"] = row["path"]
+    c = container.columns(4)
+    names = list(SCHEDULE_NAMES)
+    schedule = c[0].selectbox("Schedule", names, index=names.index(start.schedule), key=K_SCHED, bind=URL,
+                              format_func=lambda s: SCHEDULE_NAMES[s],
+                              help="fixed: ρ_t = ρ; linear/sine-growth: ρ_t grows from 0 to ρ after warm-up")
+    ratio = c[1].number_input("Threshold ratio ρ (Δ)", 0.0, RATIO_MAX, value=start.ratio, step=1 / 64,
+                              format="%.4f", key=K_RATIO, bind=URL, on_change=_snap_controls, args=(row,),
+                              help="freeze when the EMA distance ≤ ρ_t·Δ; for the growth schedules ρ is the final "
+                                   "value (the paper uses 1). Type any value: it snaps to the replay's grid of "
+                                   "1/1024 Δ, so this box shows the ρ actually used.")
+    spe = float(row.get("steps_per_epoch") or 1)
+    warm = c[2].number_input("Warm-up (epochs)", 0.0, max(max_warmup(row), 0.0), value=start.warmup_epochs,
+                             step=1.0, format="%.2f", key=K_WARM, bind=URL, on_change=_snap_controls, args=(row,),
+                             help=f"no weight freezes during the warm-up; snaps to whole steps ({spe:g} per epoch)")
+    decay = c[3].select_slider("EMA decay m", DECAYS, value=start.decay, key=K_DECAY, bind=URL)
+    s = ReplaySettings(schedule, snap_ratio(ratio), snap_warmup(row, warm), float(decay))
+    ss["_replay_settings"] = {"path": row["path"], "schedule": s.schedule, "ratio": s.ratio,
+                              "warmup_epochs": s.warmup_epochs, "decay": s.decay}
+    return s

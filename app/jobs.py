@@ -2,26 +2,41 @@
 
 A job is started with subprocess.Popen (stdout/stderr to a log file in `<runs>/.logs/`, a hidden folder that
 run listings skip) and kept in a process-wide registry so every browser session sees it. The app only polls
-the run store; it never trains in its own process.
+the run store and the jobs' progress files (`lts_core.progress`); it never trains in its own process.
+
+Limits: at most `max_jobs()` jobs run at once (SCRATCHOFF_MAX_JOBS, default 1); more are refused with a message.
+Sizes are capped (`LIMITS`). Every job gets a unique id, and its run folder is reserved under a lock before
+the process starts, so two browser tabs asking for the same run name cannot both get it.
 """
 from __future__ import annotations
 
 import json
 import os
 import re
+import secrets
 import signal
 import subprocess
 import sys
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import streamlit as st
 
+from lts_core.progress import ENV as PROGRESS_ENV, read_reports
 from lts_core.store import RunError, open_run
 
 LOG_DIR = ".logs"
-_RUN_ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._+=-]*$")
+_RUN_ID_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._+=-]*")
+MAX_JOBS_ENV = "SCRATCHOFF_MAX_JOBS"
+DEFAULT_MAX_JOBS = 1
+LIMITS = {"epochs": 1000, "fp_epochs": 1000, "sweep_runs": 25, "name_length": 120}
+_LOCK = threading.Lock()
+
+
+class JobRefused(Exception):
+    """A job that is not started (limit reached, name taken, size too large); the message says why."""
 
 
 @dataclass
@@ -33,6 +48,7 @@ class Job:
     log: Path
     cmd: list[str]
     config: dict                    # TrainConfig fields (base settings for a sweep)
+    progress_dir: Path | None = None
     started: float = field(default_factory=time.time)
     thresholds: list[float] = field(default_factory=list)
     schedules: list[str] = field(default_factory=list)
@@ -60,6 +76,18 @@ def registry() -> dict[str, Job]:
     return {}
 
 
+def max_jobs() -> int:
+    """Concurrent background jobs allowed: $SCRATCHOFF_MAX_JOBS (≥ 1), default 1."""
+    try:
+        return max(1, int(os.environ.get(MAX_JOBS_ENV, DEFAULT_MAX_JOBS)))
+    except ValueError:
+        return DEFAULT_MAX_JOBS
+
+
+def running_jobs() -> list[Job]:
+    return [j for j in registry().values() if j.running]
+
+
 def cuda_device() -> str | None:
     """The CUDA device name when torch sees one, else None."""
     try:
@@ -73,25 +101,60 @@ def cuda_device() -> str | None:
 
 def check_run_name(name: str) -> str | None:
     """An error message for an invalid run folder name, else None."""
-    if not _RUN_ID_RE.match(name) or name in (".", ".."):
+    if len(name) > LIMITS["name_length"]:
+        return f"run name too long ({len(name)} characters; at most {LIMITS['name_length']})"
+    if not _RUN_ID_RE.fullmatch(name) or name in (".", ".."):
         return (f"invalid run name {name!r}: use letters, digits and . _ - + = "
                 "(starting with a letter or digit)")
     return None
 
 
-def unique_path(folder: Path, name: str) -> Path:
+def check_sizes(fields: dict) -> str | None:
+    """An error message when a size is beyond the app's limits (`LIMITS`), else None."""
+    for key in ("epochs", "fp_epochs"):
+        v = fields.get(key)
+        if v is not None and v > LIMITS[key]:
+            return f"{key.replace('_', ' ')} = {v:,} is more than this app starts (at most {LIMITS[key]:,})"
+    return None
+
+
+def _taken(folder: Path) -> set[Path]:
+    return {j.out for j in registry().values() if j.out.parent == folder}
+
+
+def _reserve(folder: Path, name: str, exact: bool) -> Path:
+    """A run folder name nobody has (on disk or being started by a job); `exact` refuses instead of adding
+    a suffix. Call under _LOCK."""
+    taken = _taken(folder)
     p, i = folder / name, 2
-    while p.exists():
+    while p.exists() or p in taken:
+        if exact:
+            raise JobRefused(f"a run named {name!r} already exists or is being started in {folder}; "
+                             "choose another name")
         p, i = folder / f"{name}-{i}", i + 1
     return p
+
+
+def _new_id(out: Path) -> str:
+    return f"{out.name}#{secrets.token_hex(3)}"
+
+
+def _check_capacity() -> None:
+    active = running_jobs()
+    if len(active) >= max_jobs():
+        names = ", ".join(j.out.name for j in active)
+        raise JobRefused(f"{len(active)} training job{'s' if len(active) > 1 else ''} already running ({names}); "
+                         f"this app runs at most {max_jobs()} at a time (set {MAX_JOBS_ENV} to change it). "
+                         "Stop it or wait until it ends.")
 
 
 def train_command(cfg, out: Path) -> list[str]:
     """`python -m lts_core train …` for a TrainConfig (only the options that differ from the defaults)."""
     from lts_core.config import TrainConfig
     default = TrainConfig()
-    opts = ["model", "dataset", "bits", "quantizer", "rule", "schedule", "threshold", "decay", "warmup_epochs",
-            "epochs", "fp_epochs", "batch_size", "lr", "seed", "device", "record_every", "max_train", "data_root"]
+    opts = ["model", "dataset", "data_root", "bits", "quantizer", "rule", "schedule", "threshold", "decay",
+            "warmup_epochs", "epochs", "fp_epochs", "batch_size", "lr", "seed", "device", "record_every",
+            "max_train"]
     cmd = [sys.executable, "-m", "lts_core", "train"]
     for name in opts:
         value = getattr(cfg, name)
@@ -102,9 +165,10 @@ def train_command(cfg, out: Path) -> list[str]:
     return cmd + ["--out", str(out), "--quiet"]
 
 
-def _popen(cmd: list[str], log: Path, new_session: bool) -> subprocess.Popen:
+def _popen(cmd: list[str], log: Path, new_session: bool, progress_dir: Path) -> subprocess.Popen:
     log.parent.mkdir(parents=True, exist_ok=True)
-    env = dict(os.environ, PYTHONUNBUFFERED="1")
+    progress_dir.mkdir(parents=True, exist_ok=True)
+    env = dict(os.environ, PYTHONUNBUFFERED="1", **{PROGRESS_ENV: str(progress_dir)})
     with open(log, "w") as f:
         f.write("$ " + " ".join(cmd) + "\n")
         f.flush()
@@ -113,36 +177,60 @@ def _popen(cmd: list[str], log: Path, new_session: bool) -> subprocess.Popen:
 
 
 def start_train(cfg, runs_dir: Path, name: str | None = None) -> Job:
-    """Launch one training run in the background; its run folder is `<runs_dir>/<name>`."""
+    """Launch one training run in the background; its run folder is `<runs_dir>/<name>`.
+    Raises JobRefused (limit reached, name taken, sizes too large)."""
     runs_dir = Path(runs_dir)
+    problem = check_sizes(cfg.model_dump()) or (check_run_name(name) if name else None)
+    if problem:
+        raise JobRefused(problem)
     runs_dir.mkdir(parents=True, exist_ok=True)
-    base = name or f"{time.strftime('%Y%m%d-%H%M%S')}-{cfg.label()}-s{cfg.seed}"
-    out = unique_path(runs_dir, base)
-    log = runs_dir / LOG_DIR / f"{out.name}.log"
-    cmd = train_command(cfg, out)
-    job = Job(id=out.name, kind="train", proc=_popen(cmd, log, new_session=False), out=out, log=log, cmd=cmd,
-              config=cfg.model_dump())
-    registry()[job.id] = job
+    with _LOCK:
+        _check_capacity()
+        out = _reserve(runs_dir, name or f"{time.strftime('%Y%m%d-%H%M%S')}-{cfg.label()}-s{cfg.seed}",
+                       exact=name is not None)
+        job_id = _new_id(out)
+        logs = runs_dir / LOG_DIR
+        log = logs / f"{out.name}.{job_id.rsplit('#', 1)[1]}.log"
+        progress = logs / f"{out.name}.{job_id.rsplit('#', 1)[1]}.progress"
+        cmd = train_command(cfg, out)
+        job = Job(id=job_id, kind="train", proc=_popen(cmd, log, False, progress), out=out, log=log, cmd=cmd,
+                  config=cfg.model_dump(), progress_dir=progress)
+        registry()[job.id] = job
     return job
 
 
 def start_sweep(base_fields: dict, thresholds: list[float], schedules: list[str], runs_dir: Path) -> Job:
-    """Launch `python -m lts_core sweep` (thresholds × schedules + a baseline, one run after another)."""
+    """Launch `python -m lts_core sweep` (thresholds × schedules + a baseline, one run after another).
+    Raises JobRefused (limit reached, too many runs, sizes too large)."""
     runs_dir = Path(runs_dir)
+    n_runs = len(thresholds) * len(schedules) + 1
+    if n_runs > LIMITS["sweep_runs"]:
+        raise JobRefused(f"this sweep trains {n_runs} runs; the app starts at most {LIMITS['sweep_runs']} in one "
+                         "sweep (use the command line for more)")
+    problem = check_sizes(base_fields)
+    if problem:
+        raise JobRefused(problem)
     runs_dir.mkdir(parents=True, exist_ok=True)
-    out = unique_path(runs_dir, f"sweep-{time.strftime('%Y%m%d-%H%M%S')}")
-    logs = runs_dir / LOG_DIR
-    logs.mkdir(parents=True, exist_ok=True)
-    cfg_path = logs / f"{out.name}.config.json"
-    fields = {k: v for k, v in base_fields.items() if k not in ("rule", "threshold", "schedule", "seed")}
-    cfg_path.write_text(json.dumps(fields, indent=1))
-    seed = int(base_fields.get("seed", 0))
-    cmd = [sys.executable, "-m", "lts_core", "sweep", "--thresholds", ",".join(f"{t:g}" for t in thresholds),
-           "--schedules", ",".join(schedules), "--seeds", str(seed), "--out", str(out), "--config", str(cfg_path)]
-    log = logs / f"{out.name}.log"
-    job = Job(id=out.name, kind="sweep", proc=_popen(cmd, log, new_session=True), out=out, log=log, cmd=cmd,
-              config=dict(base_fields), thresholds=list(thresholds), schedules=list(schedules))
-    registry()[job.id] = job
+    with _LOCK:
+        _check_capacity()
+        out = _reserve(runs_dir, f"sweep-{time.strftime('%Y%m%d-%H%M%S')}", exact=False)
+        job_id = _new_id(out)
+        suffix = job_id.rsplit("#", 1)[1]
+        logs = runs_dir / LOG_DIR
+        logs.mkdir(parents=True, exist_ok=True)
+        cfg_path = logs / f"{out.name}.{suffix}.config.json"
+        fields = {k: v for k, v in base_fields.items() if k not in ("rule", "threshold", "schedule", "seed")}
+        cfg_path.write_text(json.dumps(fields, indent=1))
+        seed = int(base_fields.get("seed", 0))
+        cmd = [sys.executable, "-m", "lts_core", "sweep", "--thresholds", ",".join(f"{t:g}" for t in thresholds),
+               "--schedules", ",".join(schedules), "--seeds", str(seed), "--out", str(out), "--config",
+               str(cfg_path)]
+        log = logs / f"{out.name}.{suffix}.log"
+        progress = logs / f"{out.name}.{suffix}.progress"
+        job = Job(id=job_id, kind="sweep", proc=_popen(cmd, log, True, progress), out=out, log=log, cmd=cmd,
+                  config=dict(base_fields), progress_dir=progress, thresholds=list(thresholds),
+                  schedules=list(schedules))
+        registry()[job.id] = job
     return job
 
 
@@ -228,3 +316,51 @@ def state(job: Job) -> tuple[str, str | None]:
         return "interrupted", (info.get("reason") or f"stopped by you{where}")
     reason = info.get("reason") if info.get("status") == "failed" else None
     return "failed", reason or reason_from_log(log_tail(job)) or f"the process exited with code {rc}"
+
+
+# ---- progress and ETA ---------------------------------------------------------------------------------------
+@dataclass
+class Progress:
+    run: str | None      # run folder name (None: a sweep's shared pre-training)
+    phase: str           # "fp" | "qat"
+    done: int
+    total: int
+    eta_s: float | None  # seconds left in this phase (None until one epoch is done)
+    live: bool           # its process still runs
+
+    @property
+    def text(self) -> str:
+        what = "pre-training (full precision)" if self.phase == "fp" else "QAT"
+        eta = "" if self.eta_s is None or self.done >= self.total else f", about {fmt_seconds(self.eta_s)} left"
+        return f"{what} epoch {self.done}/{self.total}{eta}"
+
+
+def fmt_seconds(s: float) -> str:
+    s = max(0, int(round(s)))
+    return f"{s // 60} min {s % 60:02d} s" if s >= 60 else f"{s} s"
+
+
+def _pid_alive(pid) -> bool:
+    try:
+        os.kill(int(pid), 0)
+        return True
+    except (ProcessLookupError, ValueError, TypeError):
+        return False
+    except PermissionError:
+        return True
+
+
+def progress(job: Job, now: float | None = None) -> list[Progress]:
+    """The job's processes' latest progress, one entry per (process, phase), oldest report first."""
+    if job.progress_dir is None or not job.progress_dir.is_dir():
+        return []
+    now = time.time() if now is None else now
+    out = []
+    for d in sorted(read_reports(job.progress_dir), key=lambda d: float(d.get("time", 0))):
+        done, total = int(d["done"]), int(d["total"])
+        eta = None
+        if 0 < done < total:
+            elapsed = float(d.get("time", now)) - float(d.get("phase_started", now))
+            eta = max(elapsed / done * (total - done) - (now - float(d.get("time", now))), 0.0)
+        out.append(Progress(d.get("run"), d["phase"], done, total, eta, _pid_alive(d.get("pid"))))
+    return out

@@ -1,6 +1,6 @@
 """scratchoff — interactive lab for quantization-aware training and the Lottery Ticket Scratcher.
 
-Run with:  streamlit run app/scratchoff_app.py
+Run with:  streamlit run app/scratchoff_app.py      (from any folder: app/.streamlit/config.toml binds localhost)
 """
 from __future__ import annotations
 
@@ -15,14 +15,15 @@ if str(APP_DIR) not in sys.path:
 
 import common as C  # noqa: E402
 
-C.leave_mpa_v1()
+st.set_page_config(page_title="scratchoff", page_icon=str(APP_DIR / "static" / "favicon.png"), layout="wide")
+C.refuse_if_exposed()
 
-st.set_page_config(page_title="scratchoff", page_icon=":material/confirmation_number:", layout="wide")
-
-PAGES_DIR = APP_DIR / "pages"
+PAGES_DIR = APP_DIR / "app_pages"
 pages = {
-    "runs": st.Page(PAGES_DIR / "runs.py", title="Runs", icon=":material/folder_open:", url_path="runs", default=True),
+    "runs": st.Page(PAGES_DIR / "runs.py", title="Runs", icon=":material/folder_open:", url_path="runs"),
     "settling": st.Page(PAGES_DIR / "settling.py", title="Settling", icon=":material/grid_view:", url_path="settling"),
+    "distributions": st.Page(PAGES_DIR / "distributions.py", title="Distributions", icon=":material/bar_chart:",
+                             url_path="distributions"),
     "sweep": st.Page(PAGES_DIR / "sweep.py", title="Threshold sweep", icon=":material/tune:", url_path="sweep"),
     "trajectories": st.Page(PAGES_DIR / "trajectories.py", title="Trajectories", icon=":material/show_chart:",
                             url_path="trajectories"),
@@ -30,13 +31,23 @@ pages = {
     "compare": st.Page(PAGES_DIR / "compare.py", title="Compare", icon=":material/compare_arrows:", url_path="compare"),
     "learn": st.Page(PAGES_DIR / "learn.py", title="Learn", icon=":material/school:", url_path="learn"),
 }
+
+
+def home() -> None:
+    """The root URL opens the Runs page at its own address (/runs), keeping any query parameters."""
+    st.switch_page(pages["runs"], query_params=st.query_params.to_dict())
+
+
 C.register_pages(pages)
-nav = st.navigation({"Explore": [pages[k] for k in ("runs", "settling", "sweep", "trajectories", "compare")],
+nav = st.navigation({"": [st.Page(home, title="Home", url_path="home", default=True, visibility="hidden")],
+                     "Explore": [pages[k] for k in ("runs", "settling", "distributions", "sweep", "trajectories",
+                                                    "compare")],
                      "Do": [pages["train"], pages["learn"]]})
 
 with st.sidebar:
-    st.caption(f"Runs folder: `{C.runs_folder()}`")
-    if st.button("Refresh run list", help="Re-read the runs folder (new runs also appear by themselves)"):
+    st.caption(f"Runs folder: {C.plain(C.runs_folder())}")
+    if st.button("Refresh run list", help="Re-read the runs folder now (the Runs page also checks it every few "
+                                          "seconds)"):
         C.refresh_runs()
 
 nav.run()

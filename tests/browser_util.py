@@ -29,6 +29,7 @@ CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networki
 PAGES = [
     ("runs", "Runs", True),
     ("settling", "Settling", True),
+    ("distributions", "Distributions", True),
     ("sweep", "Threshold sweep", True),
     ("trajectories", "Trajectories", True),
     ("compare", "Compare", True),
@@ -69,7 +70,9 @@ def copy_example_runs(dest: Path) -> Path:
 
 
 class Server:
-    """`streamlit run app/scratchoff_app.py` on 127.0.0.1:<port> (a subprocess; stop() always kills it)."""
+    """`streamlit run <repo>/app/scratchoff_app.py --server.port <port>`, started from another folder (the runs
+    folder's parent), so that the app's own config (app/.streamlit/config.toml: localhost, no usage statistics)
+    is what binds it. A subprocess; stop() always kills it."""
 
     def __init__(self, runs_dir: Path, data_dir: Path, port: int | None = None, log: Path | None = None):
         self.runs_dir, self.data_dir = Path(runs_dir), Path(data_dir)
@@ -83,14 +86,17 @@ class Server:
         env = dict(os.environ, SCRATCHOFF_RUNS=str(self.runs_dir), SCRATCHOFF_DATA=str(self.data_dir),
                    PYTHONUNBUFFERED="1")
         env.pop("SCRATCHOFF_DEBUG", None)
+        for k in [k for k in env if k.startswith("STREAMLIT_")]:
+            env.pop(k)
+        env["PYTHONPATH"] = str(REPO) + os.pathsep + env.get("PYTHONPATH", "")
         cmd = [sys.executable, "-m", "streamlit", "run", str(APP), "--server.port", str(self.port),
-               "--server.address", "127.0.0.1", "--server.headless", "true", "--browser.gatherUsageStats", "false",
                # no file watcher: edits to app/ during a test must not pop up "source changed" prompts
                "--server.fileWatcherType", "none"]
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
         self._log = open(self.log_path, "w")
         self.started_at = time.perf_counter()
-        self.proc = subprocess.Popen(cmd, cwd=str(REPO), env=env, stdout=self._log, stderr=subprocess.STDOUT,
+        self.proc = subprocess.Popen(cmd, cwd=str(self.runs_dir.parent), env=env, stdout=self._log,
+                                     stderr=subprocess.STDOUT,
                                      stdin=subprocess.DEVNULL, start_new_session=True)
         return self
 
@@ -150,9 +156,31 @@ def launch_browser(pw):
     return pw.chromium.launch(executable_path=CHROMIUM, headless=True, args=CHROMIUM_ARGS)
 
 
-def new_page(browser, width: int = 1400, height: int = 900):
-    ctx = browser.new_context(viewport={"width": width, "height": height})
+def new_page(browser, width: int = 1400, height: int = 900, dark: bool = False):
+    """A page in a fresh context; `dark` asks for the dark colour scheme (the app follows the browser)."""
+    ctx = browser.new_context(viewport={"width": width, "height": height},
+                              color_scheme="dark" if dark else "light")
     return ctx.new_page()
+
+
+def track_requests(page, base_url: str) -> list[str]:
+    """Collect the URLs the page requests outside `base_url` (data: and blob: URLs are local)."""
+    outside: list[str] = []
+
+    def seen(request):
+        url = request.url
+        if not url.startswith(base_url) and not url.startswith(("data:", "blob:", "about:")):
+            outside.append(url)
+
+    page.on("request", seen)
+    return outside
+
+
+def background_luminance(page) -> float:
+    """Relative luminance (0 black … 1 white) of the app's background colour."""
+    rgb = page.evaluate("""() => getComputedStyle(document.querySelector('[data-testid="stApp"]'))
+                                 .backgroundColor.match(/\\d+/g).slice(0, 3).map(Number)""")
+    return (0.2126 * rgb[0] + 0.7152 * rgb[1] + 0.0722 * rgb[2]) / 255
 
 
 def wait_idle(page, timeout: float = 60.0, settle_ms: int = 150) -> None:
@@ -245,18 +273,23 @@ def selectbox_value(page, label: str) -> str:
     return selectbox(page, label).input_value()
 
 
-def choose(page, label: str, option_text: str, timeout: float = 30.0) -> None:
-    """Pick the option containing `option_text` in the st.selectbox labelled `label` (no-op if chosen)."""
+def choose(page, label: str, option_text: str, timeout: float = 30.0, exact: bool = False) -> None:
+    """Pick the option containing `option_text` (equal to it with `exact`) in the st.selectbox labelled
+    `label` (no-op if chosen)."""
+    import re
+
     box = selectbox(page, label)
     box.wait_for(state="visible", timeout=timeout * 1000)
-    if option_text in box.input_value():
+    current = box.input_value()
+    if (current == option_text) if exact else (option_text in current):
         return
     box.click()
-    page.get_by_role("option").filter(has_text=option_text).first.click(timeout=timeout * 1000)
+    pattern = re.compile(rf"^\s*{re.escape(option_text)}\s*$") if exact else option_text
+    page.get_by_role("option").filter(has_text=pattern).first.click(timeout=timeout * 1000)
     page.wait_for_function(
-        """([label, text]) => [...document.querySelectorAll('input[role="combobox"]')]
-             .some(e => e.getAttribute('aria-label') === label && e.value.includes(text))""",
-        arg=[label, option_text], timeout=timeout * 1000)
+        """([label, text, exact]) => [...document.querySelectorAll('input[role="combobox"]')]
+             .some(e => e.getAttribute('aria-label') === label && (exact ? e.value === text : e.value.includes(text)))""",
+        arg=[label, option_text, exact], timeout=timeout * 1000)
     wait_idle(page, timeout)
 
 
@@ -285,3 +318,9 @@ def slider_value(thumb) -> str:
         if v:
             return v
     return thumb.input_value()
+
+
+def number_input(page, label: str):
+    """The <input> of the st.number_input whose label contains `label`."""
+    return page.locator("[data-testid='stNumberInput']").filter(
+        has=page.locator("[data-testid='stWidgetLabel']", has_text=label)).first.locator("input").first

@@ -1,8 +1,10 @@
 """End-to-end test of the scratchoff Streamlit app in a real headless Chromium.
 
-The app is started with `streamlit run` on a free port over a temporary copy of the shipped example runs
-($SCRATCHOFF_RUNS) and an empty data folder ($SCRATCHOFF_DATA; digits is generated offline), then driven
-through Playwright with Debian's Chromium (/usr/bin/chromium; `playwright install` is not needed).
+The app is started with `streamlit run` from another folder on a free port (its own config binds localhost)
+over a temporary copy of the shipped example runs ($SCRATCHOFF_RUNS) and an empty data folder
+($SCRATCHOFF_DATA; digits is generated offline), then driven through Playwright with Debian's Chromium
+(/usr/bin/chromium; `playwright install` is not needed). Every page checks that the browser requested nothing
+outside the app (no favicon, font or statistics from the internet), in the light and the dark theme.
 
 Screenshots of every step land in <repo>/screenshots/ (git-ignored).
 
@@ -12,7 +14,9 @@ from __future__ import annotations
 
 import json
 import re
+import shutil
 import time
+from urllib.parse import urlparse
 
 import pytest
 
@@ -50,18 +54,20 @@ def browser():
             br.close()
 
 
-@pytest.fixture
-def page(browser, server):
+@pytest.fixture(params=["light"])
+def page(browser, server, request):
+    """A fresh browser page; after the test, nothing may have been requested outside the app."""
     from playwright.sync_api import expect
 
     expect.set_options(timeout=30_000)
-    ctx = browser.new_context(viewport={"width": 1400, "height": 900})
-    pg = ctx.new_page()
+    pg = B.new_page(browser, dark=request.param == "dark")
+    outside = B.track_requests(pg, server.url)
     pg.set_default_timeout(30_000)
     try:
         yield pg
+        assert not outside, f"requests outside the app (no network at run time): {outside}"
     finally:
-        ctx.close()
+        pg.context.close()
 
 
 def assert_clean(page, server, where: str) -> None:
@@ -83,13 +89,24 @@ def open_page(page, server, url_path: str, title: str, plot: bool) -> None:
 
 
 # ---- every page -------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("page", ["light", "dark"], indirect=True)
 @pytest.mark.parametrize("url_path,title,plot", B.PAGES, ids=[p[0] for p in B.PAGES])
 def test_page_renders(page, server, url_path, title, plot):
-    """Each page opened by its URL path renders its title (and a chart) without a traceback."""
+    """Each page opened by its URL path renders its title (and a chart) without a traceback, in the light and
+    the dark theme (the app follows the browser's colour scheme)."""
     open_page(page, server, url_path, title, plot)
     assert_clean(page, server, url_path)
+    assert urlparse(page.url).path.rstrip("/") == "/" + url_path, f"{url_path} opened as {page.url}"
+    dark = page.evaluate("matchMedia('(prefers-color-scheme: dark)').matches")
+    lum = B.background_luminance(page)
+    assert (lum < 0.3) if dark else (lum > 0.7), f"{url_path}: background luminance {lum:.2f}, dark={dark}"
     i = [p[0] for p in B.PAGES].index(url_path)
-    B.screenshot(page, f"{i + 1:02d}-{url_path}")
+    B.screenshot(page, f"{i + 1:02d}-{url_path}{'-dark' if dark else ''}")
+
+
+def test_root_opens_the_runs_page_at_its_address(page, server):
+    open_page(page, server, "", "Runs", plot=True)
+    assert urlparse(page.url).path.rstrip("/") == "/runs", page.url
 
 
 def test_sidebar_navigation(page, server):
@@ -101,9 +118,7 @@ def test_sidebar_navigation(page, server):
         link = B.nav_link(page, title)
         expect(link).to_be_visible()
         link.click()
-        # the default page (st.Page(default=True)) lives at the root URL
-        path_re = rf"/({url_path})?/?$" if url_path == B.PAGES[0][0] else rf"/{url_path}/?$"
-        expect(page).to_have_url(re.compile(path_re))
+        expect(page).to_have_url(re.compile(rf"/{url_path}/?(\?.*)?$"))
         expect(page.locator("h1").filter(has_text=title).first).to_be_visible()
         B.wait_idle(page)
         if plot:
@@ -130,38 +145,87 @@ def test_learn_tabs(page, server):
         B.screenshot(page, f"learn-tab{i + 1}")
 
 
-# ---- threshold sweep: the slider drives the replay ---------------------------------------------------------
-def test_threshold_slider_updates_metric(page, server):
+# ---- threshold sweep: the typed threshold drives the replay ---------------------------------------------
+def test_threshold_input_updates_metric(page, server):
     from playwright.sync_api import expect
 
     open_page(page, server, "sweep", "Threshold sweep", plot=True)
     metric = B.metric_locator(page, "Updates eliminated")
     expect(metric).to_be_visible()
     before = metric.inner_text().strip()
-    thumb = B.slider_thumb(page, "Threshold ratio")
-    start = B.slider_value(thumb)
+    box = B.number_input(page, "Threshold ratio")
+    start = box.input_value()
     B.screenshot(page, "sweep-before")
-
-    thumb.focus()
-    for _ in range(10):
-        page.keyboard.press("ArrowRight")
+    box.fill("0.02")
+    box.press("Enter")
     expect(metric).not_to_have_text(before, timeout=30_000)
     B.wait_idle(page)
-    moved = B.slider_value(thumb)
+    assert box.input_value() == "0.0195", "the typed ρ shows as the value the replay uses (1/1024 Δ grid)"
+    legend = page.locator(".js-plotly-plot .legend").first.text_content()
+    assert "ρ=0.01953" in legend, legend
     after = metric.inner_text().strip()
-    assert moved != start, f"the threshold slider did not move ({start})"
-    assert after != before, f"'Updates eliminated' stayed {before} after moving ρ {start} → {moved}"
-    assert_clean(page, server, "sweep after the slider move")
+    assert after != before, f"'Updates eliminated' stayed {before} after ρ {start} → 0.0195"
+    assert "rho=0.01953125" in page.url
+    assert_clean(page, server, "sweep after typing ρ")
     B.screenshot(page, "sweep-after")
-
-    # the extreme: ρ = 0 freezes nothing at all
-    thumb.focus()
-    page.keyboard.press("Home")
+    box.fill("0")
+    box.press("Enter")
     expect(metric).to_have_text(re.compile(r"^0(\.0+)?%$"), timeout=30_000)
+    print(f"\nthreshold sweep: ρ {start} → 0.0195: updates eliminated {before} → {after}")
+
+
+# ---- distributions: record moves, a shared URL reopens the same view ----------------------------------------
+def test_distributions_record_move_and_shared_url(page, browser, server):
+    from playwright.sync_api import expect
+
+    open_page(page, server, "distributions?run=example-mnist1d-mlp-2b-lts", "Distributions", plot=True)
+    frozen = B.metric_locator(page, "Frozen")
+    expect(frozen).to_be_visible()
+    before = frozen.inner_text().strip()
+    thumb = B.slider_thumb(page, "Record (epoch)")
+    thumb.focus()
+    for _ in range(6):
+        page.keyboard.press("ArrowRight")
+    expect(frozen).not_to_have_text(before, timeout=30_000)
     B.wait_idle(page)
-    assert float(B.slider_value(thumb)) == 0.0
-    print(f"\nthreshold sweep: ρ {start} → {moved}: updates eliminated {before} → {after}; ρ 0 → "
-          f"{metric.inner_text().strip()}")
+    assert page.locator(".js-plotly-plot").count() >= 5, "heat map, histograms, weights, EMA, occupancy"
+    assert_clean(page, server, "distributions after a record move")
+    B.screenshot(page, "distributions-moved")
+    view = (frozen.inner_text().strip(), B.slider_value(thumb))
+    expect(page).to_have_url(re.compile(rf"record={re.escape(view[1])}"))  # the URL follows the control
+    shared = page.url
+    assert "run=example-mnist1d-mlp-2b-lts" in shared
+    # a teacher shares the URL: a fresh browser opens the same view
+    other = B.new_page(browser)
+    try:
+        other.goto(shared, wait_until="domcontentloaded")
+        other.locator("h1").filter(has_text="Distributions").first.wait_for()
+        B.wait_idle(other)
+        expect(B.metric_locator(other, "Frozen")).to_have_text(view[0])
+        assert B.slider_value(B.slider_thumb(other, "Record (epoch)")) == view[1]
+        assert "example-mnist1d-mlp-2b-lts" in B.selectbox_value(other, "Run")
+    finally:
+        other.context.close()
+
+
+# ---- the runs folder is polled; names from disk stay plain text ----------------------------------------------
+def test_new_runs_appear_by_themselves_and_names_are_text(page, server):
+    from playwright.sync_api import expect
+
+    open_page(page, server, "runs", "Runs", plot=True)
+    count = B.metric_locator(page, "Runs")
+    n = int(count.inner_text())
+    hostile = "![x](t.png)"
+    src = next(p for p in sorted(server.runs_dir.glob("example-*")) if p.is_dir())
+    shutil.copytree(src, server.runs_dir / hostile)
+    try:
+        expect(count).to_have_text(str(n + 1), timeout=20_000)   # no click: the page polls the folder
+        expect(page.get_by_text(hostile, exact=True).first).to_be_attached()  # a table cell, as typed
+        assert page.locator("img[src*='t.png']").count() == 0
+        B.screenshot(page, "runs-polled")
+    finally:
+        shutil.rmtree(server.runs_dir / hostile)
+    expect(count).to_have_text(str(n), timeout=20_000)
 
 
 # ---- train a short run, see it on the Runs page ----------------------------------------------------------
@@ -169,16 +233,28 @@ def test_train_short_run(page, server):
     from playwright.sync_api import expect
 
     open_page(page, server, "train", "Train", plot=False)
-    form = page.locator("[data-testid='stForm']").filter(has=page.get_by_role("button", name="Start training"))
-    expect(form).to_be_visible()
+    tab = page.locator("[role='tabpanel']:visible").first
+    # the data folder: asked for the datasets read from files, checked before anything starts
+    B.choose(page, "Dataset", "mnist", exact=True)
+    folder = tab.get_by_label("Data folder", exact=False).first
+    expect(folder).to_be_visible()
+    tab.get_by_role("button", name="Start training").click()
+    B.wait_idle(page)
+    expect(page.locator("[data-testid='stAlertContentError']").filter(has_text="needs a data folder")).to_be_visible()
+    B.screenshot(page, "train-data-folder")
+    B.choose(page, "Dataset", "digits", exact=True)
+    expect(folder).to_have_count(0)
     for label, value in (("QAT epochs", "2"), ("FP pre-training epochs", "1"), ("Run name", RUN_NAME)):
-        box = form.get_by_label(label, exact=False).first
+        box = tab.get_by_role("textbox", name=label) if label == "Run name" else B.number_input(page, label)
         expect(box).to_be_visible()
         box.fill(value)
-        box.blur()
+        box.press("Enter")
+        B.wait_idle(page)
+    expect(tab.locator("[data-testid='stCode']").first).to_contain_text(f"--epochs 2")
+    expect(tab.locator("[data-testid='stCode']").first).to_contain_text(RUN_NAME)
     B.screenshot(page, "train-form")
     t0 = time.perf_counter()
-    form.get_by_role("button", name="Start training").click()
+    tab.get_by_role("button", name="Start training").click()
 
     done = page.locator("[data-testid='stAlertContentSuccess']").filter(has_text=re.compile("complete", re.I))
     failed = page.locator("[data-testid='stAlertContentError']").or_(
@@ -200,7 +276,7 @@ def test_train_short_run(page, server):
     B.nav_link(page, "Runs").click()
     expect(page.locator("h1").filter(has_text="Runs").first).to_be_visible()
     B.wait_idle(page)
-    n_examples = len(list(B.EXAMPLE_RUNS.glob("example-*")))
+    n_examples = len([p for p in server.runs_dir.iterdir() if p.is_dir() and not p.name.startswith(".")]) - 1
     expect(B.metric_locator(page, "Runs")).to_have_text(str(n_examples + 1))
     # the run picker of "One run" offers it; choosing it shows its figures
     B.choose(page, "Run", RUN_NAME)

@@ -15,7 +15,6 @@ from plotly.subplots import make_subplots  # noqa: E402
 import common as C  # noqa: E402
 from lts_core import ratio_at  # noqa: E402
 
-C.leave_mpa_v1()
 
 MODES = ["random sample", "most oscillating", "latest settling", "by index"]
 
@@ -23,7 +22,8 @@ MODES = ["random sample", "most oscillating", "latest settling", "by index"]
 def choose(row, layer: int, n_layer: int) -> tuple[np.ndarray, str]:
     c = st.columns([2, 1, 2])
     mode = c[0].radio("Which weights", MODES, key="traj_mode", horizontal=True)
-    k = c[1].number_input("How many", 1, 20, 6, key="traj_k")
+    k = c[1].number_input("How many", 1, len(C.PALETTE), 6, key="traj_k",
+                          help=f"up to {len(C.PALETTE)}, one colour each")
     if mode == "random sample":
         seed = c[2].number_input("Sample seed", 0, 10_000, 0, key="traj_seed")
         rng = np.random.default_rng(int(seed))
@@ -36,11 +36,17 @@ def choose(row, layer: int, n_layer: int) -> tuple[np.ndarray, str]:
         except ValueError:
             st.error("Indices must be whole numbers separated by commas, e.g. `0, 17, 4095`.")
             return np.array([], dtype=np.int64), ""
+        if idx.size == 0:
+            st.info(f"Type the indices of the weights to show, e.g. `0, 17, {n_layer - 1}` "
+                    f"(this layer has {n_layer:,} weights, indexed 0 … {n_layer - 1}).")
+            return idx, ""
         bad = idx[(idx < 0) | (idx >= n_layer)]
         if bad.size:
             st.error(f"Index {int(bad[0])} is outside the layer (0 … {n_layer - 1}).")
             return np.array([], dtype=np.int64), ""
-        return idx[:20], "the weights you picked"
+        if idx.size > len(C.PALETTE):
+            st.caption(f"Showing the first {len(C.PALETTE)} of the {idx.size} indices (one colour each).")
+        return idx[:len(C.PALETTE)], "the weights you picked"
     stats = C.layer_stats(row, layer)
     if mode == "most oscillating":
         order = np.argsort(-stats["osc_freq"], kind="stable")[:int(k)]
@@ -57,16 +63,13 @@ def body() -> None:
     if not rows:
         C.no_runs_message()
         return
-    row = C.run_picker("Run", key="traj_run", rows=rows)
+    c1, c2 = st.columns([3, 2])
+    row = C.run_picker("Run", rows=rows, container=c1)
     run = C.load_run(row)
     if run.n_records < 2:
         st.warning("This run has fewer than two records so far.")
         return
-    names = [lay["name"] for lay in run.layers]
-    k_layer = C.run_key("traj_layer", row)
-    C.keep_valid(k_layer, range(len(names)))
-    layer = st.selectbox("Layer", list(range(len(names))), key=k_layer,
-                         format_func=lambda i: f"{names[i]}  {tuple(run.layers[i]['shape'])}")
+    layer = C.layer_picker(run, container=c2)
     n_layer = int(run.layers[layer]["numel"])
     idx, why = choose(row, layer, n_layer)
     if idx.size == 0:
@@ -81,15 +84,14 @@ def body() -> None:
         s = C.ReplaySettings(row.get("schedule") or "linear", float(row.get("threshold") or 1.0),
                              C.warmup_epochs_of(row), float(row.get("decay") or 0.99))
         fs = np.asarray(w["freeze_step"])
-        source = f"actual freeze steps of this LTS run ({C.SCHEDULE_NAMES.get(s.schedule)}, ρ={s.ratio:g})"
+        source = f"actual freeze steps of this LTS run ({C.plain(s.text())})"
     else:
         s = C.replay_settings(row)
         from lts_core.analysis import replay_freeze_steps
         W = C.epochs_to_steps(row, s.warmup_epochs)
         fs = replay_freeze_steps(steps, w["level"], w["dist_code"], schedule=s.schedule, ratio=s.ratio,
                                  warmup_steps=W, total_steps=total, decay=s.decay)
-        source = (f"replayed with the Sweep page's settings: {C.SCHEDULE_NAMES.get(s.schedule)}, ρ={s.ratio:g}, "
-                  f"warm-up {s.warmup_epochs:g} epochs, m={s.decay}")
+        source = f"replayed with the Sweep page's settings: {C.plain(s.text())}"
     W = C.epochs_to_steps(row, s.warmup_epochs)
     if "ema" in w:
         from lts_core.store import decode_codes
@@ -112,7 +114,14 @@ def body() -> None:
                     line=dict(width=0), showlegend=False, hoverinfo="skip", row=1, col=1)
     fig.add_scatter(x=g_ep, y=band, mode="lines", fill="tonexty", fillcolor="rgba(46,160,44,0.18)",
                     line=dict(color="rgba(46,160,44,0.9)", dash="dot"), name="threshold ρ_t·Δ (freeze below)",
-                    hovertemplate="ρ_t = %{y:.3f} Δ", row=1, col=1)
+                    legendgroup="_key", hovertemplate="ρ_t = %{y:.3f} Δ", row=1, col=1)
+    # the line styles, explained once in the legend
+    fig.add_scatter(x=[None], y=[None], mode="lines", line=dict(color=C.INK, width=1, dash="dot"),
+                    name="dotted: distance to the level", legendgroup="_key", row=1, col=1)
+    fig.add_scatter(x=[None], y=[None], mode="lines+markers", line=dict(color=C.INK, width=2.5),
+                    marker=dict(size=4), name="solid: its EMA (LTS watches this)", legendgroup="_key", row=1, col=1)
+    fig.add_scatter(x=[None], y=[None], mode="markers", marker=dict(symbol="x", size=11, color=C.INK),
+                    name="✕: freeze step", legendgroup="_key", row=1, col=1)
     dist = np.asarray(w["dist"], dtype=float)
     lev = np.asarray(w["level"], dtype=int)
     for j, wi in enumerate(idx):
@@ -143,7 +152,8 @@ def body() -> None:
     fig.update_yaxes(title_text="level index", tickvals=list(range(n_levels)), range=[-0.3, n_levels - 0.7],
                      row=2, col=1)
     fig.update_xaxes(title_text="epoch", row=2, col=1)
-    fig.update_layout(height=640, hovermode="x unified", margin=dict(l=10, r=10, t=40, b=10))
+    fig.update_layout(height=680, hovermode="x unified", margin=dict(l=10, r=10, t=40, b=10),
+                      legend=dict(orientation="h", yanchor="top", y=-0.08, xanchor="left", x=0))
     C.show(fig, key="traj_fig")
     frozen = int((fs >= 0).sum())
     st.caption(f"✕ marks the freeze step ({frozen} of {len(idx)} shown weights freeze; dashed lines in the level "

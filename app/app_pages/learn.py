@@ -15,8 +15,8 @@ import streamlit as st  # noqa: E402
 import common as C  # noqa: E402
 from lts_core import ratio_at  # noqa: E402
 
-C.leave_mpa_v1()
 
+START_POS = {1: 0.35, 2: 1.3, 3: 4.6}  # Learn step 1: the slider's first position per bit width (Δ)
 T_STEPS = 300          # steps of the toy weight's training
 STEPS_PER_EPOCH = 10   # the toy's "epochs"
 
@@ -38,7 +38,7 @@ def number_line(bits: int, pos: float, trail: np.ndarray | None = None) -> go.Fi
     L = 2 ** bits
     fig = go.Figure()
     fig.add_scatter(x=list(range(L)), y=[0] * L, mode="markers+text", marker=dict(size=18, symbol="line-ns",
-                    line=dict(width=3, color="black")), text=[f"level {k}" for k in range(L)],
+                    line=dict(width=3, color=C.INK)), text=[f"level {k}" for k in range(L)],
                     textposition="bottom center", name="levels", hovertemplate="level %{x}<extra></extra>")
     if trail is not None and len(trail):
         fig.add_scatter(x=trail, y=np.linspace(0.6, 0.1, len(trail)), mode="lines", name="path so far",
@@ -64,7 +64,8 @@ def step_levels() -> None:
     c1, c2 = st.columns([1, 3])
     bits = c1.radio("Bits", [1, 2, 3], index=1, key="learn_bits", horizontal=True)
     L = 2 ** bits
-    pos = c1.slider("Weight position (Δ)", 0.0, float(L - 1), 1.3, 0.01, key="learn_pos")
+    # one slider per bit width: its range is 0 … L−1, so a position never outlives a narrower range
+    pos = c1.slider("Weight position (Δ)", 0.0, float(L - 1), START_POS[bits], 0.01, key=f"learn_pos_{bits}")
     k = int(np.clip(round(pos), 0, L - 1))
     c1.metric("Rounded to level", k)
     c1.metric("Distance to its level", f"{abs(pos - k):.2f} Δ")
@@ -119,7 +120,7 @@ def step_ema() -> None:
                     showlegend=False, hoverinfo="skip")
     fig.add_scatter(x=w["step"], y=band, fill="tonexty", fillcolor="rgba(46,160,44,0.18)", name="threshold ρ_t·Δ",
                     line=dict(color="rgba(46,160,44,0.9)", dash="dot"), hovertemplate="%{y:.2f} Δ")
-    fig.add_scatter(x=w["step"], y=w["dist"], name="distance to level", line=dict(color="grey", width=1),
+    fig.add_scatter(x=w["step"], y=w["dist"], name="distance to level", line=dict(color=C.INK, width=1),
                     hovertemplate="%{y:.2f} Δ")
     fig.add_scatter(x=w["step"], y=ema, name="EMA of the distance", line=dict(color="#c0392b", width=3),
                     hovertemplate="%{y:.2f} Δ")
@@ -127,7 +128,7 @@ def step_ema() -> None:
         fig.add_vrect(x0=0, x1=warm, fillcolor="grey", opacity=0.1, line_width=0, annotation_text="warm-up",
                       annotation_position="bottom left")
     if fs >= 0:
-        fig.add_vline(x=fs, line_color="black", line_dash="dash", annotation_text=f"frozen at step {fs}")
+        fig.add_vline(x=fs, line_color=C.INK, line_dash="dash", annotation_text=f"frozen at step {fs}")
     fig.update_yaxes(range=[0, 1.05])
     C.show(fig, key="learn_ema")
     settled_at = int(np.flatnonzero(np.diff(w["level"].astype(int)))[-1]) + 1
@@ -169,8 +170,40 @@ def step_scratch() -> None:
     c2.caption("A toy layer: each weight's settle epoch is drawn at random, most of them early.")
 
 
+def step_flops() -> None:
+    st.markdown(
+        "**5 · Why freezing saves backward FLOPs — about half as much as it saves updates.** Take one layer "
+        "`Y = X·Wᵀ` on a batch. The forward pass is one matrix product, F multiply-adds. The backward pass is "
+        "*two* products of the same size: **dX = dY·W** (the gradient passed on to the layers below) and "
+        "**dW = dYᵀ·X** (the gradient of the weights, used by the optimizer). A frozen weight needs no entry of "
+        "dW and no update, but every layer below still needs the whole dX, frozen weights included. So "
+        "freezing a fraction f of the weights saves f of the dW product: f·F out of the 2F of the backward pass, "
+        "**f/2**. That is why a run that eliminates 60% of the weight updates saves about 30% of its backward "
+        "FLOPs (the app weights each layer by its own F).")
+    f = st.slider("Frozen fraction of the layer's weights", 0.0, 1.0, 0.6, 0.05, key="learn_flops_f")
+    parts = [("forward  Y = X·Wᵀ", 1.0, 0.0), ("backward dX = dY·W", 1.0, 0.0), ("backward dW = dYᵀ·X", 1 - f, f)]
+    fig = go.Figure()
+    fig.add_bar(y=[p[0] for p in parts], x=[p[1] for p in parts], orientation="h", name="computed",
+                marker_color=C.color(0), hovertemplate="%{x:.2f} F<extra>computed</extra>")
+    fig.add_bar(y=[p[0] for p in parts], x=[p[2] for p in parts], orientation="h", name="saved by freezing",
+                marker=dict(color="rgba(44,160,44,0.35)", line=dict(color=C.color(2), width=2),
+                            pattern=dict(shape="/", fgcolor=C.color(2))),
+                hovertemplate="%{x:.2f} F<extra>saved</extra>")
+    fig.update_layout(barmode="stack", height=260, margin=dict(l=10, r=10, t=10, b=10),
+                      xaxis=dict(title="multiply-adds, in units of F (one forward product)", range=[0, 1.05]),
+                      yaxis=dict(autorange="reversed"), legend=dict(orientation="h", y=-0.3))
+    C.show(fig, key="learn_flops")
+    c = st.columns(3)
+    c[0].metric("Weight updates eliminated", f"{100 * f:.0f}%")
+    c[1].metric("Backward FLOPs saved", f"{100 * f / 2:.0f}%", help="f·F saved of the 2F of the backward pass")
+    c[2].metric("Training FLOPs saved", f"{100 * f / 3:.0f}%", help="f·F of forward + backward = 3F")
+    st.caption("These are the multiply-adds that frozen weights no longer need. An ordinary dense matrix product "
+               "still computes them; turning them into time saved needs kernels that skip the frozen entries "
+               "(e.g. whole frozen rows).")
+
+
 def step_real() -> None:
-    st.markdown("**5 · The same idea on a real run.** Below is the share of weights at their final level in a "
+    st.markdown("**6 · The same idea on a real run.** Below is the share of weights at their final level in a "
                 "recorded run. The Settling page shows the scratch-off grid of a real layer; the Threshold sweep "
                 "page replays LTS on it for any threshold.")
     rows = C.ok_runs()
@@ -182,14 +215,14 @@ def step_real() -> None:
     run = C.load_run(row)
     if run.n_records >= 2:
         s = C.settle(row)
-        fig = C.figure(f"{row['run_id']} — weights at their final level", "epoch", "settled weights (%)",
+        fig = C.figure(f"{C.plot_text(row['run_id'])} — weights at their final level", "epoch", "settled weights (%)",
                        height=300)
         fig.add_scatter(x=C.record_epochs(run), y=100 * s.curve, mode="lines+markers", hovertemplate="%{y:.1f}%",
                         name="settled")
         fig.update_yaxes(range=[0, 101])
         C.show(fig, key="learn_real")
         i = min(int(np.searchsorted(C.record_epochs(run), 0.2 * float(row.get("epochs") or 1))), s.n_records - 1)
-        st.caption(f"{C.describe(row)}: {100 * s.curve[i]:.0f}% of the weights already sit at their final level "
+        st.caption(f"{C.plain(C.describe(row))}: {100 * s.curve[i]:.0f}% of the weights already sit at their final level "
                    f"after {C.record_epochs(run)[i]:.1f} epochs.")
     c1, c2 = st.columns(2)
     with c1:
@@ -200,10 +233,11 @@ def step_real() -> None:
 
 def body() -> None:
     st.title("Learn — the partly scratch-off lottery ticket")
-    st.caption("Five short steps, from a single weight to a real network. Based on Zhong et al., *Exploiting the "
+    st.caption("Six short steps, from a single weight to a real network. Based on Zhong et al., *Exploiting the "
                "Partly Scratch-off Lottery Ticket for Quantization-Aware Training* (arXiv 2211.08544).")
-    tabs = st.tabs(["1 · Levels", "2 · One weight", "3 · EMA & threshold", "4 · Scratch-off", "5 · Real run"])
-    for tab, step in zip(tabs, (step_levels, step_one_weight, step_ema, step_scratch, step_real)):
+    tabs = st.tabs(["1 · Levels", "2 · One weight", "3 · EMA & threshold", "4 · Scratch-off", "5 · Backward FLOPs",
+                    "6 · Real run"])
+    for tab, step in zip(tabs, (step_levels, step_one_weight, step_ema, step_scratch, step_flops, step_real)):
         with tab:
             C.guard(step)
 

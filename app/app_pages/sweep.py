@@ -15,54 +15,26 @@ import streamlit as st  # noqa: E402
 
 import common as C  # noqa: E402
 
-C.leave_mpa_v1()
-
-K_SCHED, K_RATIO, K_WARM, K_DECAY = "sw_schedule", "sw_ratio", "sw_warmup", "sw_decay"
-
-
-def _init_controls(row) -> None:
-    """Control values for a newly picked run: its own settings for an LTS run, else the last ones used."""
-    if st.session_state.get("_sw_path") == row["path"] and K_SCHED in st.session_state:
-        return
-    st.session_state["_sw_path"] = row["path"]
-    s = C.replay_settings(row)
-    st.session_state[K_SCHED] = s.schedule
-    st.session_state[K_RATIO] = float(min(max(s.ratio, 0.0), 2.0))
-    st.session_state[K_DECAY] = s.decay if s.decay in C.DECAYS else 0.99
-    st.session_state[K_WARM] = float(min(s.warmup_epochs, max_warmup(row)))
-
-
-def max_warmup(row) -> float:
-    return max(float(row.get("epochs") or 1) - 1.0, 0.0)
-
-
-def _use_settings(lts: dict) -> None:
-    st.session_state[K_SCHED] = lts.get("schedule") or "linear"
-    st.session_state[K_RATIO] = float(min(lts.get("threshold") or 1.0, 2.0))
-    st.session_state[K_WARM] = float(min(C.warmup_epochs_of(lts), max_warmup(lts)))
-    d = float(lts.get("decay") or 0.99)
-    st.session_state[K_DECAY] = d if d in C.DECAYS else 0.99
-
 
 def body() -> None:
     st.title("Threshold sweep — replay LTS on a recorded run")
     st.caption("LTS freezes a weight once the EMA of its distance to its quantization level drops below "
-               "ρ·Δ. Replaying the rule on the recorded distances of a run shows, for any threshold, which weights "
+               "ρ_t·Δ. Replaying the rule on the recorded distances of a run shows, for any threshold, which weights "
                "*would* have frozen and when — without retraining. A baseline run (no freezing) is the natural "
                "input.")
     rows = C.ok_runs()
     if not rows:
         C.no_runs_message()
         return
-    row = C.run_picker("Recorded run to replay on", key="sweep_run", rows=rows, prefer=C.prefer_baseline,
+    row = C.run_picker("Recorded run to replay on", rows=rows, prefer=C.prefer_baseline,
                        help="Any run works; a baseline run (rule none) shows the undisturbed dynamics.")
     run = C.load_run(row)
     if run.n_records < 2:
         st.warning("This run has fewer than two records: nothing to replay yet.")
         return
     if row.get("rule") != "none":
-        st.caption(f"Note: this run trained with rule **{row.get('rule')}**, so its recorded trajectories are "
-                   "already shaped by its own freezing.")
+        st.caption(f"Note: this run trained with rule **{C.plain(row.get('rule'))}**, so its recorded trajectories "
+                   "are already shaped by its own freezing.")
     every = int(row.get("record_every") or 1)
     if every > 1:
         spe = row.get("steps_per_epoch") or every
@@ -70,72 +42,63 @@ def body() -> None:
                 f"replay works at **record resolution** — the EMA decay is compounded between records "
                 f"(m^{every}), freezing is checked only at record steps, and level changes between records are "
                 "invisible. A run recorded with `--record-every 1` replays its own training exactly.")
-    _init_controls(row)
-    sweep_fragment(row)
+    # the real LTS runs of the same setup: the replay starts from the settings of the one overlaid
+    candidates = [r for r in C.ok_runs() if C.is_lts(r) and C.same_setup(r, row) and r["path"] != row["path"]]
+    lts = None
+    if candidates:
+        ids = [r["run_id"] for r in candidates]
+        a1, a2 = st.columns([3, 1])
+        chosen = C.url_selectbox("Actual LTS run with the same model, dataset, bits and seed (overlaid)", ids,
+                                 "actual", ids[0], container=a1,
+                                 help="the replay starts from the settings this run trained with")
+        lts = next(r for r in candidates if r["run_id"] == chosen)
+        a1.caption(C.plain(C.describe(lts)))
+        a2.button("Use its settings", on_click=C.use_settings, args=(C.own_settings(lts), row),
+                  help="set schedule, ρ, warm-up and decay back to the ones this run trained with")
+    sweep_fragment(row, lts)
 
 
 @st.fragment
-def sweep_fragment(row: dict) -> None:
-    C.guard(lambda: _sweep(row))
+def sweep_fragment(row: dict, lts: dict | None) -> None:
+    C.guard(lambda: _sweep(row, lts))
 
 
-def _sweep(row: dict) -> None:
+def _sweep(row: dict, lts: dict | None) -> None:
     run = C.load_run(row)
-    epochs_total = float(row.get("epochs") or 1)
-    c = st.columns(4)
-    schedule = c[0].selectbox("Schedule", ["fixed", "linear", "sine"], key=K_SCHED,
-                              format_func=lambda s: C.SCHEDULE_NAMES[s],
-                              help="fixed: ρ_t = ρ; linear/sine-growth: ρ_t grows from 0 to ρ after warm-up")
-    ratio = c[1].slider("Threshold ratio ρ (Δ)", 0.0, 2.0, step=0.01, key=K_RATIO,
-                        help="freeze when EMA distance ≤ ρ_t·Δ; for the growth schedules ρ is the final value "
-                             "(the paper uses 1)")
-    warm = c[2].slider("Warm-up (epochs)", 0.0, max(max_warmup(row), 0.5),
-                       step=0.5 if epochs_total <= 60 else 1.0, key=K_WARM,
-                       help="no weight freezes during the warm-up")
-    decay = c[3].select_slider("EMA decay m", C.DECAYS, key=K_DECAY)
-    st.session_state["replay_settings"] = {"path": row["path"], "schedule": schedule, "ratio": float(ratio),
-                                           "warmup_epochs": float(warm), "decay": float(decay)}
-    W = C.epochs_to_steps(row, warm)
-    idx = C.replay_index(row, schedule, W, decay)
-    res = idx.query(ratio)
+    # start from the overlaid real run's settings, unless this run was already replayed in the session
+    prev = st.session_state.get("_replay_settings")
+    replayed = isinstance(prev, dict) and prev.get("path") == row["path"]
+    s = C.replay_controls(row, start=None if replayed or lts is None else C.own_settings(lts))
+    W = C.epochs_to_steps(row, s.warmup_epochs)
+    idx = C.replay_index(row, s.schedule, W, s.decay)
+    res = idx.query(s.ratio)
     epochs = idx.epochs if np.all(np.isfinite(idx.epochs)) else C.record_epochs(run)
 
-    m = st.columns(4)
+    m = st.columns(5)
     m[0].metric("Updates eliminated", C.pct(res.updates_eliminated),
-                help="frozen fraction of all weights averaged over every training step")
+                help="frozen fraction of the watched quantized weights, averaged over every training step")
     m[1].metric("Backward FLOPs saved", C.pct(res.backward_flops_saved),
                 help="weight-gradient FLOPs of frozen weights, over the whole backward pass (≈ half)")
     m[2].metric("Ticket precision", C.pct(res.ticket_precision),
                 help="share of frozen weights already at their final level when they froze")
-    m[3].metric("Frozen at the end", C.pct(res.frozen_fraction[-1]), help=f"{res.n_frozen:,} weights")
-
-    # ---- matching real LTS runs ----
-    candidates = [r for r in C.ok_runs() if C.is_lts(r) and C.same_setup(r, row)]
-    lts = None
-    if candidates:
-        paths = [r["path"] for r in candidates]
-        by = {r["path"]: r for r in candidates}
-        k_actual = C.run_key("sw_actual", row)
-        C.keep_valid(k_actual, paths)
-        a1, a2 = st.columns([3, 1])
-        lts = by[a1.selectbox("Actual LTS run with the same model, dataset, bits and seed", paths,
-                              key=k_actual, format_func=lambda p: C.run_label(by[p]))]
-        a2.button("Use its settings", on_click=_use_settings, args=(lts,),
-                  help="set schedule, ρ, warm-up and decay to the ones this run trained with")
+    m[3].metric("Frozen, then changed level", C.pct(None if not res.n_frozen else
+                                                    1 - res.n_frozen_correct / res.n_frozen),
+                help=f"{res.n_frozen - res.n_frozen_correct:,} of the {res.n_frozen:,} replay-frozen weights end on "
+                     "another level than the one they froze on: frozen too early (1 − ticket precision)")
+    m[4].metric("Frozen at the end", C.pct(res.frozen_fraction[-1]), help=f"{res.n_frozen:,} weights")
 
     fig = C.figure("Frozen fraction vs epoch", "epoch", "frozen weights (%)")
     fig.add_scatter(x=epochs, y=100 * res.frozen_fraction, mode="lines+markers", line=dict(width=3),
-                    name=f"replay: {C.SCHEDULE_NAMES[schedule]} ρ={res.ratio:.3g}", hovertemplate="%{y:.1f}%")
+                    name=f"replay: {C.SCHEDULE_NAMES[s.schedule]} ρ={s.ratio:.4g}", hovertemplate="%{y:.1f}%")
     if lts is not None:
-        lrun = C.load_run(lts)
-        lm = lrun.metrics
+        lm = C.load_run(lts).metrics
         if len(lm):
             fig.add_scatter(x=lm["epoch"], y=100 * lm["frozen_fraction"], mode="lines+markers",
-                            line=dict(color="black", dash="dash"), hovertemplate="%{y:.1f}%",
-                            name=f"actual: {lts['run_id']} ({C.SCHEDULE_NAMES.get(lts.get('schedule'))} "
+                            line=dict(color=C.INK, dash="dash"), hovertemplate="%{y:.1f}%",
+                            name=f"actual: {C.plot_text(lts['run_id'])} ({C.SCHEDULE_NAMES.get(lts.get('schedule'))} "
                                  f"ρ={C._g(lts.get('threshold'))})")
-    if warm > 0:
-        fig.add_vrect(x0=0, x1=warm, fillcolor="grey", opacity=0.12, line_width=0,
+    if s.warmup_epochs > 0:
+        fig.add_vrect(x0=0, x1=s.warmup_epochs, fillcolor="grey", opacity=0.12, line_width=0,
                       annotation_text="warm-up", annotation_position="top left")
     fig.update_yaxes(range=[0, 101])
     C.show(fig, key="sweep_frozen")
@@ -148,13 +111,13 @@ def _sweep(row: dict) -> None:
     with left:
         sw = idx.sweep()
         fig = C.figure("Whole-run figures vs threshold", "threshold ratio ρ (Δ)", "%")
-        fig.add_scatter(x=sw["ratio"], y=100 * sw["updates_eliminated"], name="updates eliminated (%)",
-                        hovertemplate="%{y:.1f}%")
+        fig.add_scatter(x=sw["ratio"], y=100 * sw["updates_eliminated"],
+                        name="updates eliminated, over quantized weights (%)", hovertemplate="%{y:.1f}%")
         fig.add_scatter(x=sw["ratio"], y=100 * sw["backward_flops_saved"], name="backward FLOPs saved (%)",
                         hovertemplate="%{y:.1f}%")
         fig.add_scatter(x=sw["ratio"], y=100 * sw["ticket_precision"], name="ticket precision (%)",
                         hovertemplate="%{y:.1f}%")
-        fig.add_vline(x=res.ratio, line_dash="dot", line_color="grey")
+        fig.add_vline(x=s.ratio, line_dash="dot", line_color=C.INK)
         C.show(fig, key="sweep_curve")
     with right:
         ratios = np.linspace(0.0, idx.max_ratio, 81)
@@ -163,7 +126,7 @@ def _sweep(row: dict) -> None:
         fig.add_heatmap(z=100 * hm, x=epochs, y=ratios, colorscale="Viridis", zmin=0, zmax=100,
                         colorbar=dict(title="frozen %"),
                         hovertemplate="epoch %{x:.2f}<br>ρ = %{y:.3f} Δ<br>frozen %{z:.1f}%<extra></extra>")
-        fig.add_hline(y=res.ratio, line_color="white", line_dash="dot")
+        fig.add_hline(y=s.ratio, line_color="white", line_dash="dot")
         C.show(fig, key="sweep_heatmap")
 
     _oscillation(row, res, epochs)
@@ -172,17 +135,16 @@ def _sweep(row: dict) -> None:
 def _agreement(row: dict, lts: dict) -> None:
     lrun = C.load_run(lts)
     actual = lrun.freeze_steps()
-    st.markdown(f"**Replay vs reality** — LTS replayed on *{row['run_id']}* with the settings of "
-                f"*{lts['run_id']}* ({C.SCHEDULE_NAMES.get(lts.get('schedule'))}, ρ={C._g(lts.get('threshold'))}, "
-                f"warm-up {C.warmup_epochs_of(lts):g} epochs, m={lts.get('decay')}), compared weight by weight "
-                "with the freeze steps that run recorded.")
+    own = C.own_settings(lts)
+    st.markdown(f"**Replay vs reality** — LTS replayed on *{C.plain(row['run_id'])}* with the settings of "
+                f"*{C.plain(lts['run_id'])}* ({C.plain(own.text())}), compared weight by weight with the freeze "
+                "steps that run recorded.")
     if actual is None:
         st.info("That run has no recorded freeze steps yet (they are written when a run finishes).")
         return
     from lts_core.analysis import agreement
-    W = C.epochs_to_steps(lts, C.warmup_epochs_of(lts))
-    pred = C.replay_freeze_steps_cached(row, lts.get("schedule") or "linear", float(lts.get("threshold") or 1.0),
-                                        W, float(lts.get("decay") or 0.99))
+    pred = C.replay_freeze_steps_cached(row, own.schedule, own.ratio, C.epochs_to_steps(lts, own.warmup_epochs),
+                                        own.decay)
     ag = agreement(pred, actual)
     spe = float(row.get("steps_per_epoch") or 1)
     c = st.columns(5)
@@ -191,7 +153,14 @@ def _agreement(row: dict, lts: dict) -> None:
     c[2].metric("Recall", C.pct(ag["recall"]), help="share of really frozen weights the replay froze")
     diff = ag["mean_abs_step_diff"]
     c[3].metric("Mean |Δ freeze epoch|", "—" if diff != diff else f"{diff / spe:.2f}")
-    c[4].metric("Actual updates eliminated", C.pct(lts.get("updates_eliminated")))
+    c[4].metric("Actual updates eliminated", C.pct(lts.get("updates_eliminated")),
+                help="the real run's figure, over its watched quantized weights")
+    fm = C.frozen_moved(lts)
+    if fm["frozen"]:
+        st.warning(f"In the real run, {fm['moved']:,} of its {fm['frozen']:,} frozen weights "
+                   f"({100 * fm['moved'] / fm['frozen']:.1f}%) end on another level than the one they froze on: "
+                   "a frozen weight keeps its value, but the learned quantization bounds keep moving under it. "
+                   "The Distributions page shows where they sit.")
     st.caption(f"Replay froze {ag['n_pred']:,} weights, the real run {ag['n_actual']:,}, both {ag['n_both']:,} "
                f"of {ag['n_weights']:,}. Once a real run freezes weights its trajectories differ from the "
                "recorded ones, so the replay is a prediction, not a copy.")
@@ -206,7 +175,7 @@ def _oscillation(row: dict, res, epochs) -> None:
     left, right = st.columns([3, 2])
     with left:
         fig = C.figure("Frozen fraction: LTS replay vs oscillation freezing", "epoch", "frozen weights (%)")
-        fig.add_scatter(x=epochs, y=100 * res.frozen_fraction, name=f"LTS replay ρ={res.ratio:.3g}",
+        fig.add_scatter(x=epochs, y=100 * res.frozen_fraction, name=f"LTS replay ρ={res.ratio:.4g}",
                         hovertemplate="%{y:.1f}%")
         fig.add_scatter(x=epochs, y=100 * ores.frozen_fraction, name="oscillation freezing",
                         line=dict(color=C.color(1)), hovertemplate="%{y:.2f}%")

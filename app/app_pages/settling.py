@@ -14,7 +14,6 @@ import streamlit as st  # noqa: E402
 
 import common as C  # noqa: E402
 
-C.leave_mpa_v1()
 
 COATING = "#b9b9b9"
 
@@ -38,7 +37,7 @@ def body() -> None:
     if not rows:
         C.no_runs_message()
         return
-    row = C.run_picker("Run", key="settle_run", rows=rows)
+    row = C.run_picker("Run", rows=rows)
     run = C.load_run(row)
     s = C.settle(row)
     epochs = C.record_epochs(run)
@@ -55,28 +54,38 @@ def body() -> None:
                 help="moved, then reached the final level before the last record and kept it")
     c[3].metric("Still moving", C.pct(fr["not_settled"]),
                 help="level still changed between the last two records")
+    if run.freeze_steps() is not None:
+        fm = C.frozen_moved(row)
+        if fm["frozen"]:
+            c = st.columns(4)
+            c[0].metric("Frozen at the end", C.pct(fm["frozen"] / max(fm["n"], 1)), help=f"{fm['frozen']:,} weights")
+            c[1].metric("Frozen, then on another level", C.pct(fm["moved"] / fm["frozen"]),
+                        help=f"{fm['moved']:,} of the {fm['frozen']:,} frozen weights end on another level than the "
+                             "one they froze on: a frozen weight keeps its value, but the learned bounds move")
+            with c[2]:
+                C.page_link("distributions", "See them on the Distributions page", icon=":material/bar_chart:")
     if row.get("record_every") and row.get("steps_per_epoch") and row["record_every"] > 1:
         st.caption(f"Recorded every {row['record_every']} steps ({row['record_every'] / row['steps_per_epoch']:g} "
                    "epoch): level changes between records are not seen.")
 
     # ---- epoch slider (drives the curve marker and the grid) ----
-    k_rec = C.run_key("settle_record", row)
-    C.keep_valid(k_rec, range(R))
+    labels = C.record_labels(epochs, run.steps)
     early = int(np.argmin(np.abs(epochs - 0.2 * float(row.get("epochs") or epochs[-1])))) or min(1, R - 1)
-    r = st.select_slider("Epoch", options=list(range(R)), value=early, key=k_rec,
-                         format_func=lambda i: f"{epochs[i]:.2f}",
-                         help="Scratch the coating off: weights settled by this epoch are revealed.")
+    C.keep_valid("record", labels)
+    r = labels.index(st.select_slider("Record (epoch)", labels, value=labels[early], key="record", bind=C.URL,
+                                      help="Scratch the coating off: weights settled by this epoch are revealed. "
+                                           + C.EPOCH_HELP))
 
     left, right = st.columns(2)
     with left:
         fig = C.figure("Weights at their final level (cumulative)", "epoch", "settled weights (%)")
         fig.add_scatter(x=epochs, y=100 * s.curve, name="all layers", mode="lines+markers",
-                        line=dict(width=3, color="black"), hovertemplate="%{y:.1f}%")
+                        line=dict(width=3, color=C.INK), hovertemplate="%{y:.1f}%")
         if len(s.layer_names) > 1:
             for i, name in enumerate(s.layer_names):
-                fig.add_scatter(x=epochs, y=100 * s.layer_curves[i], name=f"layer {name}", mode="lines",
+                fig.add_scatter(x=epochs, y=100 * s.layer_curves[i], name=C.plot_text(name), mode="lines",
                                 line=dict(color=C.color(i)), hovertemplate="%{y:.1f}%")
-        fig.add_vline(x=float(epochs[r]), line_dash="dot", line_color="grey")
+        fig.add_vline(x=float(epochs[r]), line_dash="dot", line_color=C.INK)
         fig.update_yaxes(range=[0, 101])
         C.show(fig, key="settle_curve")
     with right:
@@ -101,12 +110,7 @@ def body() -> None:
     st.subheader("Scratch-off grid")
     st.caption("Each cell is one weight of the layer. Grey cells are still under the scratch-off coating (not "
                "yet settled at the slider's epoch); a revealed cell shows the weight's final level.")
-    names = [lay["name"] for lay in run.layers]
-    k_layer = C.run_key("settle_layer", row)
-    C.keep_valid(k_layer, range(len(names)))
-    li = st.selectbox("Layer", list(range(len(names))), key=k_layer,
-                      format_func=lambda i: f"{names[i]}  {tuple(run.layers[i]['shape'])}  "
-                                            f"({run.layers[i]['numel']:,} weights)")
+    li = C.layer_picker(run)
     lay = run.layers[li]
     off, n = int(lay["offset"]), int(lay["numel"])
     rows_, cols_ = C.weight_grid_shape(lay["shape"])
@@ -139,7 +143,7 @@ def body() -> None:
                     text=text, hovertemplate="row %{y}, col %{x}<br>%{text}<extra></extra>", xgap=1, ygap=1,
                     colorbar=dict(title="final level", tickvals=list(range(n_levels))))
     fig.update_layout(height=620, margin=dict(l=10, r=10, t=30, b=10),
-                      title=dict(text=f"layer {lay['name']} at epoch {epochs[r]:.2f}"),
+                      title=dict(text=f"layer {C.plot_text(lay['name'])} at epoch {labels[r]}"),
                       xaxis_title="input index (sampled)", yaxis_title="output index (sampled)")
     fig.update_xaxes(constrain="domain")
     fig.update_yaxes(autorange="reversed", scaleanchor="x", constrain="domain")

@@ -1,0 +1,175 @@
+"""Runs: every run of the runs folder with its status, settings and key figures; curves; downloads."""
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+_APP = str(Path(__file__).resolve().parents[1])
+if _APP not in sys.path:
+    sys.path.insert(0, _APP)
+
+import pandas as pd  # noqa: E402
+import streamlit as st  # noqa: E402
+
+import common as C  # noqa: E402
+
+STATUS_TEXT = {"complete": "✓ complete", "running": "running…", "interrupted": "interrupted",
+               "failed": "✗ failed", "broken": "⚠ broken"}
+RULE_SYMBOL = {"none": "circle", "lts": "diamond", "osc": "square"}
+POLL_SECONDS = 3.0
+
+
+def table(rows: list[dict]) -> pd.DataFrame:
+    def p(x):
+        return None if x is None else 100.0 * x
+
+    def setup(r):
+        parts = [r.get("model"), r.get("dataset"), f"{r['bits']} bit" if r.get("bits") is not None else None,
+                 C.rule_text(r) if r.get("ok") else None]
+        return " · ".join(str(x) for x in parts if x) or "—"
+
+    return pd.DataFrame([{
+        "run": r["run_id"], "status": STATUS_TEXT.get(r["status"], str(r["status"])), "setup": setup(r),
+        "epochs": f"{r.get('epochs_done', 0)}/{r.get('epochs') or '?'}",
+        "test acc (%)": r.get("test_acc"), "FP acc (%)": r.get("fp_acc"),
+        "updates elim. (%)": p(r.get("updates_eliminated")),
+        "bwd FLOPs saved (%)": p(r.get("backward_flops_saved")),
+    } for r in rows])
+
+
+def overview(good: list[dict]) -> None:
+    """The trade-off at a glance: final test accuracy against updates eliminated, one point per run; colour by
+    rule, hollow markers for runs that did not complete."""
+    pts = [r for r in good if r.get("test_acc") is not None]
+    if not pts:
+        return
+    fig = C.figure("Accuracy vs updates eliminated (one point per run)", "updates eliminated, over quantized "
+                   "weights (%)", "final test accuracy (%)", height=320, hovermode="closest")
+    groups: dict[tuple, list[dict]] = {}
+    for r in pts:
+        done = r["status"] == "complete"
+        groups.setdefault((r.get("rule") or "none", done), []).append(r)
+    rules = sorted({k[0] for k in groups})
+    for (rule, done), rs in sorted(groups.items(), key=lambda kv: (rules.index(kv[0][0]), not kv[0][1])):
+        i = rules.index(rule)
+        fig.add_scatter(
+            x=[100 * (r.get("updates_eliminated") or 0) for r in rs], y=[r["test_acc"] for r in rs],
+            mode="markers", name=C.RULE_NAMES.get(rule, C.plot_text(rule)) + ("" if done else " (not complete)"),
+            marker=dict(size=12, color=C.color(i), symbol=RULE_SYMBOL.get(rule, "circle") + ("" if done else "-open"),
+                        line=dict(width=2, color=C.color(i))),
+            customdata=[[C.plot_text(r["run_id"]), C.plot_text(r.get("dataset") or "?"), r["status"]] for r in rs],
+            hovertemplate="%{customdata[0]}<br>%{customdata[1]} · %{customdata[2]}<br>updates eliminated %{x:.1f}%"
+                          "<br>test acc %{y:.2f}%<extra></extra>")
+    xs = [100 * (r.get("updates_eliminated") or 0) for r in pts]
+    fig.update_xaxes(range=[-4, max(max(xs), 10) * 1.08], zeroline=True)
+    C.show(fig, key="runs_overview")
+
+
+@st.fragment(run_every=POLL_SECONDS)
+def run_list() -> None:
+    """The table, polled: a new, finished or broken run shows up while the page stays open."""
+    folder = C.runs_folder()
+    fp = C.fingerprint(folder)
+    if st.session_state.get("_runs_fp") not in (None, fp):
+        st.session_state["_runs_fp"] = fp
+        C.refresh_runs()
+        st.rerun()  # the whole page: the run picker below gets the new run too
+    st.session_state["_runs_fp"] = fp
+    rows = C.all_runs()
+    if not rows:
+        C.no_runs_message()
+        return
+    broken = [r for r in rows if not r["ok"]]
+    good = [r for r in rows if r["ok"]]
+    c1, c2, c3, c4 = st.columns(4)
+    c1.metric("Runs", len(rows))
+    c2.metric("Complete", sum(r["status"] == "complete" for r in good))
+    c3.metric("Running", sum(r["status"] == "running" for r in good))
+    c4.metric("Broken", len(broken))
+    overview(good)
+    num = st.column_config.NumberColumn
+    st.dataframe(table(rows), hide_index=True, width="stretch", column_config={
+        "run": st.column_config.TextColumn(width="medium"),
+        "status": st.column_config.TextColumn(width="small"),
+        "setup": st.column_config.TextColumn(width="large"),
+        "epochs": st.column_config.TextColumn(width="small"),
+        "test acc (%)": num(format="%.2f", width="small"), "FP acc (%)": num(format="%.2f", width="small"),
+        "updates elim. (%)": num(format="%.1f", width="small",
+                                 help="weight updates eliminated, over the watched quantized weights"),
+        "bwd FLOPs saved (%)": num(format="%.1f", width="small", help="backward-pass FLOPs saved")})
+    for r in broken:
+        st.error(f"**{C.plain(r['run_id'])}** is broken and cannot be opened: {C.plain(r['error'])}")
+    for r in good:
+        if r["status"] == "failed":
+            st.warning(f"**{C.plain(r['run_id'])}** failed: {C.plain(r.get('reason') or 'no reason recorded')}")
+
+
+def curves(row: dict, m: pd.DataFrame) -> None:
+    s, log = C.series_controls("runs_curves")
+    left, right = st.columns(2)
+    with left:
+        fig = C.figure("Test accuracy and frozen fraction", "epoch", "%")
+        fig.add_scatter(x=m["epoch"], y=C.smoothed(m["test_acc"], s), name="test accuracy (%)",
+                        mode="lines+markers", hovertemplate="%{y:.2f}%")
+        if row.get("rule") != "none":
+            fig.add_scatter(x=m["epoch"], y=C.smoothed(100 * m["frozen_fraction"], s), name="frozen fraction (%)",
+                            mode="lines+markers", hovertemplate="%{y:.1f}%")
+            fig.add_scatter(x=m["epoch"], y=C.smoothed(100 * m["updates_eliminated"], s),
+                            name="updates eliminated so far, over quantized weights (%)", mode="lines",
+                            line=dict(dash="dot"), hovertemplate="%{y:.1f}%")
+        if log:
+            fig.update_yaxes(type="log")
+        C.show(fig, key="runs_fig")
+    with right:
+        fig = C.figure("Train loss", "epoch", "cross-entropy (mean over the epoch)")
+        if "train_loss" in m:
+            fig.add_scatter(x=m["epoch"], y=C.smoothed(m["train_loss"], s), name="train loss", mode="lines+markers",
+                            line=dict(color=C.color(1)), hovertemplate="%{y:.4f}")
+        if log:
+            fig.update_yaxes(type="log")
+        C.show(fig, key="runs_loss")
+
+
+def body() -> None:
+    st.title("Runs")
+    folder = C.runs_folder()
+    st.caption(f"Every run under {C.plain(folder)} (and one level down, e.g. sweep folders), named by its folder. "
+               f"The list is re-read every {POLL_SECONDS:g} s: new, finished and broken runs appear by themselves.")
+    run_list()
+    good = [r for r in C.all_runs() if r["ok"]]
+    if not good:
+        return
+    st.subheader("One run")
+    row = C.run_picker("Run", rows=good)
+    run = C.load_run(row)
+    st.markdown(f"**{C.plain(row['run_id'])}** — {C.plain(C.describe(row))}")
+    if row.get("manifest_id"):
+        st.caption(f"Its manifest names it {C.plain(row['manifest_id'])} (a copied or renamed folder); the app "
+                   "names runs by their folder.")
+    if row["status"] in ("interrupted", "failed") and row.get("reason"):
+        st.caption(f"Status {row['status']}: {C.plain(row['reason'])}")
+    c = st.columns(5)
+    c[0].metric("Final test accuracy", "—" if row["test_acc"] is None else f"{row['test_acc']:.2f}%")
+    c[1].metric("FP accuracy", "—" if row["fp_acc"] is None else f"{row['fp_acc']:.2f}%")
+    c[2].metric("Updates eliminated", C.pct(row["updates_eliminated"]),
+                help="share of weight updates skipped over the whole run, over the watched quantized weights")
+    c[3].metric("Backward FLOPs saved", C.pct(row["backward_flops_saved"]))
+    c[4].metric("Records × weights", f"{row.get('n_records', 0)} × {row.get('n_weights') or 0:,}")
+
+    m = run.metrics
+    if len(m):
+        curves(row, m)
+    else:
+        st.info("This run has not finished an epoch yet.")
+
+    base = row["run_id"].replace("/", "_")
+    d1, d2, _ = st.columns([1, 1, 3])
+    d1.download_button("Metrics as CSV", m.to_csv(index=False).encode(), file_name=f"{base}-metrics.csv",
+                       mime="text/csv", on_click="ignore", disabled=not len(m))
+    d2.download_button("Metrics as Parquet", C.download_bytes_parquet(m), file_name=f"{base}-metrics.parquet",
+                       mime="application/vnd.apache.parquet", on_click="ignore", disabled=not len(m))
+    with st.expander("Manifest (settings, layers, device)"):
+        st.json(run.manifest, expanded=False)
+
+
+C.guard(body)
