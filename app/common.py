@@ -331,16 +331,16 @@ def layer_stats(row, layer: int) -> dict:
 @st.cache_resource(show_spinner="Counting the distributions of every record (one pass over the run)…",
                    max_entries=8)
 def _distributions(path: str, stamp: tuple, layer: int | None, replay: tuple | None):
-    from lts_core.analysis import distributions
+    from lts_core.analysis import record_distributions
     run = _open(path, stamp)
     if replay is not None:
         keys = ("schedule", "ratio", "warmup_steps", "decay")
-        return distributions(run, layer=layer, replay=dict(zip(keys, replay)))
-    return distributions(run, layer=layer, freeze_steps=run.freeze_steps(layer))
+        return record_distributions(run, layer=layer, replay=dict(zip(keys, replay)))
+    return record_distributions(run, layer=layer, freeze_steps=run.freeze_steps(layer))
 
 
 def distributions_of(row, layer: int | None, replay: "ReplaySettings | None" = None):
-    """`analysis.Distributions` of a run's layer (None = all layers): the run's own freezing (an LTS run's
+    """`analysis.RecordDistributions` of a run's layer (None = all layers): the run's own freezing (an LTS run's
     recorded freeze steps), or LTS replayed with `replay` settings."""
     rp = None
     if replay is not None:
