@@ -532,6 +532,18 @@ def prefer_baseline(row) -> bool:
     return row.get("rule") == "none" and row.get("status") == "complete"
 
 
+def page_start(title: str, caption: str, rows: list[dict] | None = None) -> list[dict] | None:
+    """A page's title and caption, then the runs it can show (default: every readable run with records);
+    None, after saying how to train one, when there is none."""
+    st.title(title)
+    st.caption(caption)
+    rows = ok_runs() if rows is None else rows
+    if not rows:
+        no_runs_message()
+        return None
+    return rows
+
+
 def no_runs_message() -> None:
     folder = runs_folder()
     st.info(

@@ -23,6 +23,24 @@ def test_library_example_runs_and_is_at_most_15_lines(tmp_path):
 
 def test_ci_runs_the_readme_commands():
     ci = (ROOT / ".ci" / "run").read_text()
-    assert "pip install -q torch==2.13.0" in ci and 'pip install -q -e ".[dev]"' in ci and "pytest" in ci
-    assert 'pip install torch==2.13.0 && pip install -e ".[dev]" && python -m pytest' in README
-    assert "streamlit run app/scratchoff_app.py" in README
+    assert "pip install -q torch==2.13.0" in ci and 'pip install -q -e ".[dev]" -c constraints.txt' in ci
+    assert "pytest" in ci
+    assert 'pip install torch==2.13.0 && pip install -e ".[dev]" -c constraints.txt && python -m pytest' in README
+    assert "pip install -e . -c constraints.txt && streamlit run app/scratchoff_app.py" in README
+
+
+def test_constraints_pin_what_is_installed():
+    """constraints.txt pins every package the project needs (dev extras included) except torch, to one version."""
+    import importlib.metadata as md
+    pins = {}
+    for line in (ROOT / "constraints.txt").read_text().splitlines():
+        line = line.split("#", 1)[0].strip()
+        if line:
+            name, _, version = line.partition("==")
+            assert version, f"not an exact pin: {line!r}"
+            pins[name.lower().replace("_", "-")] = version
+    assert "torch" not in pins
+    for req in ("numpy", "pandas", "pyarrow", "pydantic", "streamlit", "plotly", "typer", "tqdm", "scikit-learn",
+                "mnist1d", "pytest", "hypothesis", "playwright"):
+        assert req in pins, f"{req} is not pinned"
+        assert md.version(req) == pins[req], f"{req}: installed {md.version(req)}, constraints.txt says {pins[req]}"

@@ -32,13 +32,11 @@ def freezing_of(row: dict):
 
 
 def body() -> None:
-    st.title("Distributions — every record, nothing down-sampled")
-    st.caption("How the distances to the nearest quantization level, the full-precision weights and the LTS EMA "
-               "are distributed at every record of a run, with freezing on top. Distances are in Δ (one "
-               "quantization step); counts are exact on the recorder's grid of 1/128 Δ.")
-    rows = C.ok_runs()
-    if not rows:
-        C.no_runs_message()
+    rows = C.page_start("Distributions — every record, nothing down-sampled",
+                        "How the distances to the nearest quantization level, the full-precision weights and the "
+                        "LTS EMA are distributed at every record of a run, with freezing on top. Distances are in Δ "
+                        "(one quantization step); counts are exact on the recorder's grid of 1/128 Δ.")
+    if rows is None:
         return
     c1, c2 = st.columns([3, 2])
     row = C.run_picker("Run", rows=rows, container=c1)

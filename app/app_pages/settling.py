@@ -30,12 +30,11 @@ def level_colors(n_levels: int) -> list:
 
 
 def body() -> None:
-    st.title("Settling — when do weights reach their final level?")
-    st.caption("A weight has *settled* at the first record from which its quantization level equals its final "
-               "level and never changes again. LTS bets that most weights settle early and can be frozen.")
-    rows = C.ok_runs()
-    if not rows:
-        C.no_runs_message()
+    rows = C.page_start("Settling — when do weights reach their final level?",
+                        "A weight has *settled* at the first record from which its quantization level equals its "
+                        "final level and never changes again. LTS bets that most weights settle early and can be "
+                        "frozen.")
+    if rows is None:
         return
     row = C.run_picker("Run", rows=rows)
     run = C.load_run(row)

@@ -17,14 +17,12 @@ import common as C  # noqa: E402
 
 
 def body() -> None:
-    st.title("Threshold sweep — replay LTS on a recorded run")
-    st.caption("LTS freezes a weight once the EMA of its distance to its quantization level drops below "
-               "ρ_t·Δ. Replaying the rule on the recorded distances of a run shows, for any threshold, which weights "
-               "*would* have frozen and when — without retraining. A baseline run (no freezing) is the natural "
-               "input.")
-    rows = C.ok_runs()
-    if not rows:
-        C.no_runs_message()
+    rows = C.page_start("Threshold sweep — replay LTS on a recorded run",
+                        "LTS freezes a weight once the EMA of its distance to its quantization level drops below "
+                        "ρ_t·Δ. Replaying the rule on the recorded distances of a run shows, for any threshold, "
+                        "which weights *would* have frozen and when — without retraining. A baseline run (no "
+                        "freezing) is the natural input.")
+    if rows is None:
         return
     row = C.run_picker("Recorded run to replay on", rows=rows, prefer=C.prefer_baseline,
                        help="Any run works; a baseline run (rule none) shows the undisturbed dynamics.")

@@ -128,17 +128,22 @@ def start_single(fields: dict, name: str | None) -> None:
     if name and (err := J.check_run_name(name)):
         st.error(C.plain(err))
         return
+    launch(cfg, "train_job", lambda: J.start_train(cfg, C.runs_folder(), name))
+
+
+def launch(cfg, session_key: str, start) -> None:
+    """Check the data folder, then `start()` a job; a refusal (limits, name taken) is one line, nothing starts."""
     problem = check_data_folder(cfg)
     if problem:
         st.error(f"Not started: {C.plain(problem)}")
         return
     try:
-        job = J.start_train(cfg, C.runs_folder(), name)
+        job = start()
     except J.JobRefused as e:
         st.error(f"Not started: {C.plain(e)}")
         return
-    st.session_state["train_job"] = job.id
-    st.toast(f"Started {C.plain(job.out.name)}")
+    st.session_state[session_key] = job.id
+    st.toast(f"Started {job.kind} {C.plain(job.out.name)}")
 
 
 @st.fragment(run_every=1.0)
@@ -268,17 +273,7 @@ def start_sweep_job(fields: dict, th_text: str, schedules: list[str]) -> None:
     cfg = validate({**fields, "rule": "lts"})
     if cfg is None:
         return
-    problem = check_data_folder(cfg)
-    if problem:
-        st.error(f"Not started: {C.plain(problem)}")
-        return
-    try:
-        job = J.start_sweep(cfg.model_dump(), ths, schedules, C.runs_folder())
-    except J.JobRefused as e:
-        st.error(f"Not started: {C.plain(e)}")
-        return
-    st.session_state["sweep_job"] = job.id
-    st.toast(f"Started sweep {C.plain(job.out.name)}")
+    launch(cfg, "sweep_job", lambda: J.start_sweep(cfg.model_dump(), ths, schedules, C.runs_folder()))
 
 
 @st.fragment(run_every=2.0)

@@ -56,12 +56,11 @@ def choose(row, layer: int, n_layer: int) -> tuple[np.ndarray, str]:
 
 
 def body() -> None:
-    st.title("Trajectories — one weight at a time")
-    st.caption("The distance of a weight to its nearest quantization level (in Δ, one quantization step), the "
-               "EMA of that distance that LTS watches, and the threshold band it must enter to be frozen.")
-    rows = C.ok_runs()
-    if not rows:
-        C.no_runs_message()
+    rows = C.page_start("Trajectories — one weight at a time",
+                        "The distance of a weight to its nearest quantization level (in Δ, one quantization step), "
+                        "the EMA of that distance that LTS watches, and the threshold band it must enter to be "
+                        "frozen.")
+    if rows is None:
         return
     c1, c2 = st.columns([3, 2])
     row = C.run_picker("Run", rows=rows, container=c1)
