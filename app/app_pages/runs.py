@@ -57,7 +57,8 @@ def overview(good: list[dict]) -> None:
         "encoding": {
             "x": {"field": "updates eliminated (%)", "type": "quantitative", "scale": {"domain": [-4, xmax]}},
             "y": {"field": "final test accuracy (%)", "type": "quantitative", "scale": {"zero": False}},
-            "color": {"field": "rule", "type": "nominal", "legend": {"orient": "bottom"}},
+            "color": {"field": "rule", "type": "nominal", "legend": {"orient": "bottom"},
+                      "scale": {"domain": list(C.RULE_NAMES.values()), "range": C.PALETTE[:len(C.RULE_NAMES)]}},
             "shape": {"field": "finished", "type": "nominal", "legend": {"orient": "bottom"}},
             "tooltip": [{"field": "run"}, {"field": "setup"}, {"field": "finished"},
                         {"field": "updates eliminated (%)", "format": ".1f"},
@@ -91,7 +92,7 @@ def run_list() -> None:
     st.dataframe(table(rows), hide_index=True, width="stretch", column_config={
         "run": st.column_config.TextColumn(width="medium"),
         "status": st.column_config.TextColumn(width="small"),
-        "setup": st.column_config.TextColumn(width="large"),
+        "setup": st.column_config.TextColumn(width="medium"),
         "epochs": st.column_config.TextColumn(width="small"),
         "test acc (%)": num(format="%.2f", width="small"), "FP acc (%)": num(format="%.2f", width="small"),
         "updates elim. (%)": num(format="%.1f", width="small",
