@@ -96,7 +96,7 @@ def divert_chunks(rec: Recorder, chunks: str) -> None:
 
 
 def time_mode(device: str, steps: int, batch: int, warmup: int, runs_dir: Path | None, every: int | None,
-              rule_name: str | None, background: bool = True, chunks: str = "store") -> dict:
+              rule_name: str | None, background: bool = True, chunks: str = "store", raw: bool = False) -> dict:
     model = build(device)
     opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
     total = warmup + steps
@@ -107,7 +107,7 @@ def time_mode(device: str, steps: int, batch: int, warmup: int, runs_dir: Path |
     rec = None
     if every is not None:
         rec = Recorder.create(runs_dir, model, {"bench": True}, rule=rule, every=every, steps_per_epoch=every,
-                              total_steps=total, background=background)
+                              total_steps=total, background=background, raw_distances=raw)
         divert_chunks(rec, chunks)
     g = torch.Generator(device="cpu").manual_seed(1)
     xs = torch.randn(8, batch, 128, generator=g).to(device)
@@ -210,9 +210,9 @@ def main() -> None:
 
 
 def best_of(args, modes, tmp: Path, batch: int, results: dict) -> None:
-    """One round over `modes` (label, every, rule, background, chunks), keeping each one's best time."""
-    for label, every, rule, background, chunks in modes:
-        r = time_mode(args.device, args.steps, batch, args.warmup, tmp, every, rule, background, chunks)
+    """One round over `modes` (label, every, rule, background, chunks[, raw]), keeping each one's best time."""
+    for label, every, rule, background, chunks, *raw in modes:
+        r = time_mode(args.device, args.steps, batch, args.warmup, tmp, every, rule, background, chunks, *raw)
         best = results.setdefault(label, r)
         best["ms"] = min(best["ms"], r["ms"])  # best of N: other load on the machine only adds
         best["rec_ms"] = min(best["rec_ms"], r["rec_ms"])
@@ -225,9 +225,12 @@ def overhead_table(args, tmp: Path) -> None:
              (f"+ rec.step() every {args.every} steps", args.every, None, True, "store"),
              ("*what-if:* every step, chunks discarded (measuring and buffering only)", 1, None, True, "discard"),
              (f"*what-if:* every step, distances stored as {codec}-compressed step differences", 1, None, True,
-              "compress")]
+              "compress"),
+             ("+ rec.step() every step with exact raw distances (+4 B/weight, the default every step)", 1, None,
+              True, "store", True)]
     if not args.no_rule:
         modes += [("LTS rule", None, "lts", True, "store"), ("LTS rule + rec every step", 1, "lts", True, "store"),
+                  ("LTS rule + rec every step with exact raw distances", 1, "lts", True, "store", True),
                   (f"LTS rule + rec every {args.every}", args.every, "lts", True, "store")]
     results = {}
     control = "*control:* plain QAT step, another process writing as many bytes"
@@ -245,7 +248,7 @@ def overhead_table(args, tmp: Path) -> None:
     print(f"batch {args.batch}\n")
     print("| mode | ms/step | × plain | × same rule, no rec | in rec.step() ms/step | records | MB on disk |")
     print("|---|---:|---:|---:|---:|---:|---:|")
-    for label, every, rule, *_ in modes[:6] + [(control, None, None)] + modes[6:]:
+    for label, every, rule, *_ in modes[:7] + [(control, None, None)] + modes[7:]:
         r = results[label]
         same = (rule_base if rule else base)
         print(f"| {label} | {r['ms']:.2f} | {r['ms'] / base:.2f} | {r['ms'] / same:.2f} | {r['rec_ms']:.2f} | "
