@@ -48,10 +48,12 @@ def main() -> None:
             print(f"fraction at final level after {pct}% of training: {curve[r]:.1%}")
 
         s = lts.manifest["rule"]["settings"]
-        kw = dict(schedule="linear", ratio=1.0, warmup_steps=s["warmup_steps"], total_steps=T, decay=s["decay"])
-        per_step = replay_freeze_steps(steps, levels, codes, **kw)
+        kw = dict(schedule="linear", ratio=1.0, warmup_steps=s["warmup_steps"], total_steps=T, decay=s["decay"],
+                  layer_sizes=[la["numel"] for la in base.layers],
+                  layer_n_levels=[la["n_levels"] for la in base.layers])
+        per_step = replay_freeze_steps(steps, levels, None, raw_dists=base.raw_dists(), **kw)  # exact distances
         ep = np.unique(np.r_[np.arange(0, T, S), T - 1])
-        per_epoch = replay_freeze_steps(steps[ep], levels[ep], codes[ep], **kw)
+        per_epoch = replay_freeze_steps(steps[ep], levels[ep], codes[ep], **kw)  # the default cadence: codes
         ag = agreement(per_epoch, per_step)
         print(f"per-epoch vs per-step replay: jaccard {ag['jaccard']:.3f}, precision {ag['precision']:.3f}, "
               f"recall {ag['recall']:.3f}, mean |Δ freeze step| {ag['mean_abs_step_diff']:.1f} steps "

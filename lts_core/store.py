@@ -44,6 +44,7 @@ METRIC_COLUMNS = ("epoch", "train_loss", "test_acc", "frozen_fraction", "updates
                   "backward_flops_saved", "seconds", "lr")
 CORE_ARRAYS = ("step", "level", "dist", "bounds")
 LEVEL_DELTA_ARRAYS = ("level_base", "level_change_at", "level_change_to")  # "level" as changes (level_delta)
+SIDE, SIDE_BITS = "side", "side_bits"  # the optional 0/1 `side` state array is stored as packed bits (1/8 B)
 RAW_DIST = "raw_dist"  # optional float32 [r, N]: the LTS rule's exact raw distance, normalised units (Δ = 1/(L−1))
 DIST_SCALE = 128  # same grid as lts_core.distance (kept here so the store needs no torch)
 INTERRUPTED_REASON = "process ended without closing the run"
@@ -345,8 +346,8 @@ class RunWriter:
             if name == "step":
                 continue
             self._check_array_name(name)
-            if name in LEVEL_DELTA_ARRAYS:
-                raise ValueError(f"array name {name!r} is reserved (the store's encoding of 'level')")
+            if name in LEVEL_DELTA_ARRAYS or name == SIDE_BITS:
+                raise ValueError(f"array name {name!r} is reserved (the store's encoding of 'level' or 'side')")
             arr = np.asarray(arr)
             if arr.ndim == 0 or arr.shape[0] != n:
                 raise ValueError(f"array {name!r} has {arr.shape[:1]} records, 'step' has {n}")
@@ -366,6 +367,11 @@ class RunWriter:
                 if name not in ("level", "dist") and name not in self.manifest["state_arrays"]:
                     new_states.append(name)
             prepared[name] = arr
+        if SIDE in prepared:  # a 0/1 array: eight weights per byte (np.packbits along the weights)
+            side = prepared.pop(SIDE)
+            if side.size and side.max() > 1:
+                raise ValueError(f"array {SIDE!r} must hold 0/1 values")
+            prepared[SIDE_BITS] = np.packbits(side, axis=1)
         if "level" in prepared:
             enc = level_delta.encode(prepared["level"])
             if enc is not None:  # rare level changes: store the first row and the changes (level_delta)
@@ -534,6 +540,8 @@ class Run:
                     _check_npy(path, (r, n_layers, 2), _is_f32)
                 elif name == RAW_DIST:
                     _check_npy(path, (r, n), _is_f32)
+                elif name == SIDE_BITS:
+                    _check_npy(path, (r, (n + 7) // 8), _is_u8)
                 elif name in ("level", "dist") or name in self.state_arrays:
                     _check_npy(path, (r, n), _is_u8)
                 elif name == "level_base":
@@ -588,6 +596,9 @@ class Run:
             if problem:
                 raise CorruptChunkError(f"{chunk_file(self.path, ch['index'], 'level_change_at')}: {problem}")
             return level_delta.decode(base, at, to, int(ch["n_records"]), cols)
+        if name == SIDE and SIDE_BITS in self._chunk_arrays(ch):
+            side = np.unpackbits(self._load_file(ch, SIDE_BITS), axis=1, count=self.n_weights)
+            return side if cols is None else side[:, cols]
         mm = self._load_file(ch, name)
         return mm if cols is None else mm[:, cols]
 
@@ -628,6 +639,19 @@ class Run:
                 self._checked[key] = True
             view = None if out is None else out.reshape(-1)[:r * b].reshape(r, b)
             return level_delta.decode_range(base, at, to, r, int(start), int(stop), view)
+        if name == SIDE and SIDE_BITS in self._chunk_arrays(ch):  # the bytes holding the range, unpacked
+            lo = int(start) // 8
+            bits = self.read_columns_raw(chunk, SIDE_BITS, lo, -(-int(stop) // 8))
+            view = np.empty((r, b), np.uint8) if out is None else out.reshape(-1)[:r * b].reshape(r, b)
+            view[:] = np.unpackbits(bits, axis=1)[:, int(start) - 8 * lo:int(stop) - 8 * lo]
+            return view
+        return self.read_columns_raw(chunk, name, start, stop, out)
+
+    def read_columns_raw(self, chunk: int, name: str, start: int, stop: int, out: np.ndarray | None = None
+                         ) -> np.ndarray:
+        """Columns [start, stop) of the stored file `name` of a chunk, as stored (no decoding)."""
+        ch = self._chunks[chunk]
+        r, b = int(ch["n_records"]), int(stop) - int(start)
         if name not in self._chunk_arrays(ch):
             raise RunError(f"{chunk_file(self.path, ch['index'], name)}: chunk {ch['index']} has no "
                            f"{name!r} array")

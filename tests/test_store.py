@@ -281,3 +281,36 @@ def test_schema_1_runs_still_read(tmp_path):
     run = open_run(tmp_path / "old")
     assert run.manifest["schema_version"] == 1
     assert np.array_equal(run.levels(), cat["level"]) and np.array_equal(run.dist_codes(), cat["dist"])
+
+
+def test_side_array_is_stored_as_packed_bits(tmp_path):
+    """The optional 0/1 `side` state array costs one bit per weight per record on disk, and every reader (whole
+    array, layer, iter_chunks, positioned column reads at any offset) gets the 0/1 values back."""
+    rng = np.random.default_rng(5)
+    n = 37  # not a multiple of 8
+    layers = [{"name": "a", "shape": [3, 7], "n_levels": 4}, {"name": "b", "shape": [16], "n_levels": 4}]
+    w = RunWriter.create(tmp_path, "side", {"layers": layers, "state_arrays": ["side"]})
+    sides = []
+    for r0 in (0, 3):
+        side = rng.integers(0, 2, (3, n), dtype=np.uint8)
+        sides.append(side)
+        w.append_chunk({"step": np.arange(r0, r0 + 3), "level": rng.integers(0, 4, (3, n), dtype=np.uint8),
+                        "dist": rng.integers(0, 65, (3, n), dtype=np.uint8), "side": side,
+                        "bounds": np.zeros((3, 2, 2), np.float32)})
+    with pytest.raises(ValueError, match="0/1"):
+        w.append_chunk({"step": np.arange(6, 7), "side": np.full((1, n), 2, np.uint8)})
+    full = np.concatenate(sides)
+    run = open_run(tmp_path / "side")
+    assert "side" in run.state_arrays and run.manifest["chunks"][0]["arrays"].count("side_bits") == 1
+    f = tmp_path / "side" / "traj" / "000000.side_bits.npy"
+    assert np.load(f).shape == (3, 5)  # ceil(37 / 8) bytes per record
+    np.testing.assert_array_equal(run.state("side"), full)
+    np.testing.assert_array_equal(run.state("side", "b"), full[:, 21:])
+    np.testing.assert_array_equal(np.concatenate([c["side"] for c in run.iter_chunks(("side",), layer="a")]),
+                                  full[:, :21])
+    for start, stop in ((0, 37), (3, 4), (5, 21), (8, 16), (21, 37), (36, 37), (9, 9)):
+        got = np.concatenate([run.read_columns(c, "side", start, stop) for c in range(2)])
+        np.testing.assert_array_equal(got, full[:, start:stop])
+    buf = np.empty(100, np.uint8)
+    np.testing.assert_array_equal(run.read_columns(1, "side", 11, 30, buf), sides[1][:, 11:30])
+    assert run.weights([2, 30])["side"].tolist() == full[:, [2, 30]].tolist()
