@@ -216,7 +216,8 @@ def _describe_row(row: dict, entry) -> None:
         steps_per_epoch=spe, total_steps=_int(manifest.get("total_steps")),
         record_every=_int(manifest.get("record_every")), n_weights=_int(manifest.get("n_weights")),
         device=_str(manifest.get("device")), fp_acc=_num(manifest.get("fp_test_acc")), reason=None, epochs_done=0,
-        test_acc=None, updates_eliminated=None, backward_flops_saved=None, n_records=0, n_layers=0,
+        test_acc=None, updates_eliminated=None, updates_eliminated_all_params=None, backward_flops_saved=None,
+        n_records=0, n_layers=0, preset=_str(cfg.get("preset")), n_trainable=_int(manifest.get("n_trainable_params")),
         setup=tuple(cfg.get(k) if isinstance(cfg.get(k), (str, int, float, type(None))) else str(cfg.get(k))
                     for k in SETUP_KEYS),
     )
@@ -231,6 +232,7 @@ def _describe_row(row: dict, entry) -> None:
         last = m.iloc[-1]
         row.update(epochs_done=int(len(m)), test_acc=_num(last.get("test_acc")),
                    updates_eliminated=_num(last.get("updates_eliminated")),
+                   updates_eliminated_all_params=_num(last.get("updates_eliminated_all_params")),
                    backward_flops_saved=_num(last.get("backward_flops_saved")))
 
 

@@ -277,11 +277,15 @@ def test_sweep_threshold_moves_updates_eliminated(runs_dir):
     assert at.selectbox(key="run").value == "base"  # a baseline run is preferred
     at.selectbox(key="schedule").set_value("fixed").run()
     at.number_input(key="rho").set_value(0.05).run()
-    low = number(metric(at, "Updates eliminated"))
+    low = number(metric(at, "Updates eliminated, of quantized weights"))
+    low_all = number(metric(at, "… of all trainable params"))
     at.number_input(key="rho").set_value(0.4).run()
-    high = number(metric(at, "Updates eliminated"))
+    high = number(metric(at, "Updates eliminated, of quantized weights"))
+    high_all = number(metric(at, "… of all trainable params"))
     no_problem(at)
-    assert high > low
+    assert high > low and high_all > low_all
+    # both denominators of the same frozen weight-steps: all trainable params include the full-precision layers
+    assert high_all < high
     # the real LTS run of the same setup is overlaid and compared weight by weight
     assert 0 <= number(metric(at, "Jaccard (frozen sets)")) <= 100
     assert any("record resolution" in shown(i) for i in at.info)
@@ -395,6 +399,9 @@ def test_train_command_line_follows_the_settings(runs_dir):
     at.selectbox(key="tr_rule").set_value("none").run()
     after = at.code[0].value
     assert "--epochs 30" in before and "--epochs 7" in after and "--rule none" in after
+    assert "--preset" not in after
+    at.toggle(key="tr_preset").set_value(True).run()
+    assert "--preset reference" in at.code[0].value   # the reference preset, as on the command line
 
 
 def _fake_mnist(folder: Path, n_train: int = 96, n_test: int = 48) -> None:
@@ -595,8 +602,11 @@ def test_runs_page_picker_changes_the_figures(runs_dir):
     shown = {}
     for name in ("base", "lts"):
         at.selectbox(key="run").set_value(name).run()
-        shown[name] = number(metric(at, "Updates eliminated"))
+        shown[name] = number(metric(at, "Updates eliminated, of quantized weights"))
+        shown[name + "_all"] = number(metric(at, "… of all trainable params"))
     assert shown["base"] == 0.0 and shown["lts"] > 20  # the baseline eliminates nothing, the LTS run does
+    # the paper's denominator (all trainable parameters) reads lower: the MLP's first and last layers stay FP
+    assert 0 < shown["lts_all"] < shown["lts"]
     titles = [c["layout"].get("title", {}).get("text", "") for c in charts(at)]
     assert "Train loss" in titles
     overview = json.loads(at.get("vega_lite_chart")[0].proto.spec)

@@ -40,15 +40,20 @@ def body() -> None:
     st.dataframe(pd.DataFrame([{
         "run": r["run_id"], "setup": C.describe(r), "status": r["status"],
         "test acc (%)": r["test_acc"], "FP acc (%)": r["fp_acc"],
-        "updates elim. (%)": None if r["updates_eliminated"] is None else 100 * r["updates_eliminated"],
+        "upd. elim., q-weights (%)": None if r["updates_eliminated"] is None else 100 * r["updates_eliminated"],
+        "upd. elim., all params (%)": None if r.get("updates_eliminated_all_params") is None
+        else 100 * r["updates_eliminated_all_params"],
         "bwd FLOPs saved (%)": None if r["backward_flops_saved"] is None else 100 * r["backward_flops_saved"],
         "epochs": r.get("epochs_done"),
     } for r in sel]), hide_index=True, width="stretch", column_config={
         "setup": st.column_config.TextColumn(width="large"),
         "test acc (%)": st.column_config.NumberColumn(format="%.2f"),
         "FP acc (%)": st.column_config.NumberColumn(format="%.2f"),
-        "updates elim. (%)": st.column_config.NumberColumn(
+        "upd. elim., q-weights (%)": st.column_config.NumberColumn(
             format="%.1f", help="weight updates eliminated, over the watched quantized weights"),
+        "upd. elim., all params (%)": st.column_config.NumberColumn(
+            format="%.1f", help="the same frozen weight-steps over all trainable parameters (the paper's "
+                                "denominator); empty for runs recorded before it was stored"),
         "bwd FLOPs saved (%)": st.column_config.NumberColumn(format="%.1f", help="backward-pass FLOPs saved")})
 
     s, log = C.series_controls("cmp_curves")

@@ -97,9 +97,20 @@ def step_one_weight() -> None:
 def step_ema() -> None:
     st.markdown("**3 · Distance, its EMA and the threshold.** LTS watches each weight's distance to its level. "
                 "A single small distance could be luck, so it keeps an exponential moving average (EMA, decay m); "
-                "whenever the level changes, the EMA is reset to a full step (1 Δ). After a warm-up, a weight "
-                "whose EMA drops under the threshold ρ·Δ is **frozen**: no more updates, no weight gradient. "
+                "whenever the level changes, the EMA is reset to a full step (1 Δ). Strictly after the warm-up, "
+                "a weight whose EMA is at or under the threshold ρ·Δ is **frozen**, in the same step, before the "
+                "optimizer moves it: no more updates, no weight gradient, and it keeps the value it had. "
                 "Try a fixed ρ = 0.5 with a short warm-up: the weight is frozen before it has settled.")
+    with st.expander("The rule exactly as the paper's code runs it"):
+        st.markdown("Per weight, with r the exact distance to the level at step t (0, 1, 2, …):\n"
+                    "- step 0 only remembers the level (the reference's step counter starts at −1);\n"
+                    "- step 1 starts the EMA: d = r (no reset, even if the level changed);\n"
+                    "- later steps: d ← (1 − m)·r + m·d, then d = 1 Δ where the level changed;\n"
+                    "- a weight may freeze only at steps t > W (W = warm-up steps), when d ≤ ρ_t·Δ, with "
+                    "ρ_t = ρ (fixed, default 0.1), (t − W)/(T − W) (linear growth) or sin((t − W)/(T − W)·π/2) "
+                    "(sine growth).\n\n"
+                    "scratchoff's rule reproduces the reference code's freeze step for every weight of its own "
+                    "test traces (README, BENCHMARKS).")
     w = toy_weight()
     c = st.columns(4)
     schedule = c[0].selectbox("Schedule", ["fixed", "linear", "sine"], key="learn_sched",

@@ -31,7 +31,8 @@ def table(rows: list[dict]) -> pd.DataFrame:
         "run": r["run_id"], "status": STATUS_TEXT.get(r["status"], str(r["status"])), "setup": setup(r),
         "epochs": f"{r.get('epochs_done', 0)}/{r.get('epochs') or '?'}",
         "test acc (%)": r.get("test_acc"), "FP acc (%)": r.get("fp_acc"),
-        "updates elim. (%)": p(r.get("updates_eliminated")),
+        "upd. elim., q-weights (%)": p(r.get("updates_eliminated")),
+        "upd. elim., all params (%)": p(r.get("updates_eliminated_all_params")),
         "bwd FLOPs saved (%)": p(r.get("backward_flops_saved")),
     } for r in rows])
 
@@ -149,13 +150,22 @@ def body() -> None:
                    "names runs by their folder.")
     if row["status"] in ("interrupted", "failed") and row.get("reason"):
         st.caption(f"Status {row['status']}: {C.plain(row['reason'])}")
-    c = st.columns(5)
+    c = st.columns(6)
     c[0].metric("Final test accuracy", "—" if row["test_acc"] is None else f"{row['test_acc']:.2f}%")
     c[1].metric("FP accuracy", "—" if row["fp_acc"] is None else f"{row['fp_acc']:.2f}%")
-    c[2].metric("Updates eliminated", C.pct(row["updates_eliminated"]),
-                help="share of weight updates skipped over the whole run, over the watched quantized weights")
-    c[3].metric("Backward FLOPs saved", C.pct(row["backward_flops_saved"]))
-    c[4].metric("Records × weights", f"{row.get('n_records', 0)} × {row.get('n_weights') or 0:,}")
+    c[2].metric("Updates eliminated, of quantized weights", C.pct(row["updates_eliminated"]),
+                help="share of weight updates skipped over the whole run, over the watched quantized weights "
+                     "(the product's figure)")
+    c[3].metric("… of all trainable params", C.pct(row.get("updates_eliminated_all_params")),
+                help="the same frozen weight-steps over all trainable parameters (weights, biases, BatchNorm, "
+                     "quantizer bounds): the paper's and the reference code's denominator. Compare this one with "
+                     "the paper's 50–70%. '—' for runs recorded before both were stored.")
+    c[4].metric("Backward FLOPs saved", C.pct(row["backward_flops_saved"]),
+                help="accounted as the paper does: the weight-gradient FLOPs of frozen weights")
+    c[5].metric("Records × weights", f"{row.get('n_records', 0)} × {row.get('n_weights') or 0:,}")
+    if row.get("preset") == "reference":
+        st.caption("Trained with the **reference preset** (every layer quantized, 2q − 1 output, the reference "
+                   "code's optimizers and epoch length).")
 
     m = run.metrics
     if len(m):

@@ -72,9 +72,13 @@ def _sweep(row: dict, lts: dict | None) -> None:
     res = idx.query(s.ratio)
     epochs = idx.epochs if np.all(np.isfinite(idx.epochs)) else C.record_epochs(run)
 
-    m = st.columns(5)
-    m[0].metric("Updates eliminated", C.pct(res.updates_eliminated),
+    m = st.columns(6)
+    m[0].metric("Updates eliminated, of quantized weights", C.pct(res.updates_eliminated),
                 help="frozen fraction of the watched quantized weights, averaged over every training step")
+    upd_all = res.updates_eliminated_all_params
+    m[5].metric("… of all trainable params", C.pct(None if upd_all != upd_all else upd_all),
+                help="the same frozen weight-steps over all trainable parameters of the model: the paper's "
+                     "denominator ('—' when the run did not record its parameter count)")
     m[1].metric("Backward FLOPs saved", C.pct(res.backward_flops_saved),
                 help="weight-gradient FLOPs of frozen weights, over the whole backward pass (≈ half)")
     m[2].metric("Ticket precision", C.pct(res.ticket_precision),
@@ -111,6 +115,10 @@ def _sweep(row: dict, lts: dict | None) -> None:
         fig = C.figure("Whole-run figures vs threshold", "threshold ratio ρ (Δ)", "%")
         fig.add_scatter(x=sw["ratio"], y=100 * sw["updates_eliminated"],
                         name="updates eliminated, over quantized weights (%)", hovertemplate="%{y:.1f}%")
+        if np.all(np.isfinite(sw["updates_eliminated_all_params"])):
+            fig.add_scatter(x=sw["ratio"], y=100 * sw["updates_eliminated_all_params"],
+                            name="updates eliminated, over all trainable params (paper's, %)",
+                            line=dict(dash="dash"), hovertemplate="%{y:.1f}%")
         fig.add_scatter(x=sw["ratio"], y=100 * sw["backward_flops_saved"], name="backward FLOPs saved (%)",
                         hovertemplate="%{y:.1f}%")
         fig.add_scatter(x=sw["ratio"], y=100 * sw["ticket_precision"], name="ticket precision (%)",
@@ -152,7 +160,9 @@ def _agreement(row: dict, lts: dict) -> None:
     diff = ag["mean_abs_step_diff"]
     c[3].metric("Mean |Δ freeze epoch|", "—" if diff != diff else f"{diff / spe:.2f}")
     c[4].metric("Actual updates eliminated", C.pct(lts.get("updates_eliminated")),
-                help="the real run's figure, over its watched quantized weights")
+                help="the real run's figure, over its watched quantized weights"
+                     + ("" if lts.get("updates_eliminated_all_params") is None else
+                        f"; over all trainable params {C.pct(lts.get('updates_eliminated_all_params'))}"))
     fm = C.frozen_moved(lts)
     if fm["frozen"]:
         st.warning(f"In the real run, {fm['moved']:,} of its {fm['frozen']:,} frozen weights "

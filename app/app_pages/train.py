@@ -61,6 +61,12 @@ def settings_form(prefix: str, with_rule: bool) -> dict:
     f["record_every"] = c[3].number_input("Record every (steps)", min_value=1, value=None, step=1,
                                           key=f"{prefix}_record_every", placeholder="once per epoch",
                                           help="1 = every step (exact replay, bigger run folder)")
+    if st.toggle("Reference preset (train as the paper's code)", key=f"{prefix}_preset",
+                 help="every conv/linear layer quantized at these bits (first and last included), the 2q − 1 "
+                      "weight output, epochs counting the partial last batch, SGD momentum 0.9 / weight decay "
+                      "1e-4 for the weights and Adam 1e-4 for the quantizer bounds. It needs a model with "
+                      "BatchNorm (cnn1d, cnn2d, resnet…): 2q − 1 has no scale of its own."):
+        f["preset"] = "reference"
     f["device"] = "auto"
     return f
 
