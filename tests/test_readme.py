@@ -15,7 +15,8 @@ def test_library_example_runs_and_is_at_most_15_lines(tmp_path):
     assert len(lines) <= 15
     r = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr
-    assert re.search(r"updates eliminated \d+%, backward FLOPs saved \d+%", r.stdout)
+    assert re.search(r"updates eliminated \d+% of quantized weights \(\d+% of all trainable parameters\), "
+                     r"backward FLOPs saved \d+%", r.stdout)
     from lts_core import list_runs
     (entry,) = list_runs(tmp_path / "data" / "runs")
     assert entry.ok and entry.status == "complete" and entry.run.n_records == 11  # steps 0, 20, …, 180, 199
