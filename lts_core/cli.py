@@ -64,6 +64,14 @@ def train(
     threshold: Optional[float] = typer.Option(None, help="threshold ratio ρ in Δ (fixed: 0.1, growth: 1.0)"),
     decay: Optional[float] = typer.Option(None, help="LTS EMA decay m in [0, 1)"),
     warmup_epochs: Optional[float] = typer.Option(None, help="epochs without freezing (default 20%)"),
+    granularity: Optional[str] = typer.Option(None, help="LTS freezes single weights (weight, the paper's "
+                                              "rule) or whole output channels (channel)"),
+    channel_quantile: Optional[float] = typer.Option(None, help="channel granularity: a channel freezes when "
+                                                     "this quantile of its weights' EMA distances passes the "
+                                                     "threshold (1 = max, the default)"),
+    bound_grad: Optional[str] = typer.Option(None, help="what the quantizer bounds learn from: all (the "
+                                             "reference; no time saved) | active (unfrozen weights only: frozen "
+                                             "channels skip their weight-gradient computation)"),
     epochs: Optional[int] = typer.Option(None, help="QAT epochs"),
     fp_epochs: Optional[int] = typer.Option(None, help="full-precision pre-training epochs"),
     batch_size: Optional[int] = typer.Option(None),

@@ -61,6 +61,14 @@ class TrainConfig(BaseModel):
     threshold: float | None = Field(None, ge=0, description="ratio ρ in Δ (default 0.1 fixed, 1.0 growth)")
     decay: float = Field(0.99, ge=0, lt=1, description="EMA decay m")
     warmup_epochs: float | None = Field(None, ge=0, description="default: 20% of epochs")
+    granularity: Literal["weight", "channel"] = Field(
+        "weight", description="LTS freezes single weights (the paper) or whole output channels")
+    channel_quantile: float = Field(
+        1.0, gt=0, le=1, description="channel granularity: freeze a channel when this quantile of its weights' "
+        "EMA distances passes the threshold (1 = max: every weight settled)")
+    bound_grad: Literal["all", "active"] = Field(
+        "all", description="quantizer bounds learn from all weights (the reference; no backward time saved) "
+        "or only unfrozen ones (frozen channels skip their weight-gradient computation)")
     osc_decay: float = Field(0.01, gt=0, lt=1)
     osc_start_frac: float = Field(0.25, ge=0, lt=1)
 
@@ -101,6 +109,8 @@ class TrainConfig(BaseModel):
         if self.warmup_epochs is not None and self.warmup_epochs >= self.epochs:
             raise ValueError(f"warm-up ({self.warmup_epochs} epochs) must be shorter than training "
                              f"({self.epochs} epochs)")
+        if self.granularity == "channel" and self.rule != "lts":
+            raise ValueError(f"granularity 'channel' is an LTS setting; it needs rule 'lts', not {self.rule!r}")
         if self.quantizer == "lsq" and self.bits < 2:
             raise ValueError("the lsq quantizer needs 2..8 bits (use liq or binary for 1 bit)")
         return self
@@ -119,6 +129,10 @@ class TrainConfig(BaseModel):
     def label(self) -> str:
         """A short human name, e.g. 'mlp-digits-2b-lts-linear-r1'."""
         tail = {"none": "baseline", "osc": "osc", "lts": f"lts-{self.schedule}-r{self.ratio:g}"}[self.rule]
+        if self.rule == "lts" and self.granularity == "channel":
+            tail += "-ch" if self.channel_quantile == 1.0 else f"-ch{self.channel_quantile:g}"
+        if self.rule != "none" and self.bound_grad == "active":
+            tail += "-active"
         ref = "-ref" if self.preset == "reference" else ""
         return f"{self.model}-{self.dataset}-{self.bits}b{ref}-{tail}"
 

@@ -6,23 +6,29 @@ shared by the freezing rules, the recorder and the run store.
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
+from .channel_grad import ChannelPlan, ConvSpec, planned_conv, planned_linear
 from .quantizers import ActivationQuantizer, WeightQuantizer, make_weight_quantizer
 
 WEIGHT_LAYERS = (nn.Linear, nn.Conv1d, nn.Conv2d)
 
 
 class _QuantMixin:
-    """Adds weight_quantizer / act_quantizer to a torch layer; `flops` = forward FLOPs per sample."""
+    """Adds weight_quantizer / act_quantizer to a torch layer; `flops` = forward FLOPs per sample.
+
+    `channel_plan` (a `channel_grad.ChannelPlan`, set by a freezing rule with `bound_grad="active"`; None =
+    dense backward) makes the backward pass compute the weight gradient of the active output channels only.
+    """
 
     weight_quantizer: WeightQuantizer
     act_quantizer: ActivationQuantizer | None
+    channel_plan: ChannelPlan | None = None
 
     def _setup(self, wq: WeightQuantizer, aq: ActivationQuantizer | None) -> None:
         self.weight_quantizer = wq
         self.act_quantizer = aq
+        self.channel_plan = None
         wq.init_from(self.weight)
 
     def quantized_weight(self) -> torch.Tensor:
@@ -45,17 +51,24 @@ class _QuantMixin:
 
 class QLinear(_QuantMixin, nn.Linear):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(self._maybe_quantize_input(x), self.quantized_weight(), self.bias)
+        return planned_linear(self._maybe_quantize_input(x), self.quantized_weight(), self.bias, self.channel_plan)
 
 
-class QConv1d(_QuantMixin, nn.Conv1d):
+class _QConv(_QuantMixin):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self._conv_forward(self._maybe_quantize_input(x), self.quantized_weight(), self.bias)
+        x, w = self._maybe_quantize_input(x), self.quantized_weight()
+        spec = ConvSpec.of(self) if self.channel_plan is not None else None
+        if spec is None:   # no plan, or a convolution the planned backward does not cover: dense backward
+            return self._conv_forward(x, w, self.bias)
+        return planned_conv(x, w, self.bias, spec, self.channel_plan)
 
 
-class QConv2d(_QuantMixin, nn.Conv2d):
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self._conv_forward(self._maybe_quantize_input(x), self.quantized_weight(), self.bias)
+class QConv1d(_QConv, nn.Conv1d):
+    pass
+
+
+class QConv2d(_QConv, nn.Conv2d):
+    pass
 
 
 _QCLASS = {nn.Linear: QLinear, nn.Conv1d: QConv1d, nn.Conv2d: QConv2d}

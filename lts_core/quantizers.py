@@ -38,6 +38,7 @@ class RoundToGrid(torch.autograd.Function):
         k = torch.round(x * (n_levels - 1))
         q = k / (n_levels - 1)
         ctx.mark_non_differentiable(k)
+        ctx.set_materialize_grads(False)  # no gradient in (a fully frozen layer) → none out, nothing computed
         return q, k
 
     @staticmethod

@@ -166,21 +166,38 @@ def pretrain_fp(cfg: TrainConfig, data: DatasetSplit, device: torch.device, run:
 def epoch_line(row: dict, epochs: int, has_rule: bool) -> str:
     """One log line per epoch, every figure labelled with its denominator."""
     line = (f"epoch {row['epoch']}/{epochs}  loss {row['train_loss']:.4f}  acc {row['test_acc']:.2f}%  "
-            f"{row['seconds']:.1f} s")
+            f"{row['seconds']:.1f} s (steps {row['step_seconds']:.1f} s, of which backward "
+            f"{row['backward_seconds']:.1f} s)")
     if has_rule:
         line += (f"  frozen {row['frozen_fraction']:.1%} of quantized weights  updates eliminated so far "
                  f"{row['updates_eliminated']:.1%} of quantized weights = "
                  f"{row['updates_eliminated_all_params']:.1%} of all trainable params (the paper's denominator)"
-                 f"  backward FLOPs saved (accounted) {row['backward_flops_saved']:.1%}")
+                 f"  backward FLOPs saved: accounted {row['backward_flops_saved']:.1%}, structurally skippable "
+                 f"{row['backward_flops_skippable']:.1%}")
     return line
+
+
+class StepClock:
+    """Wall-clock sums over an epoch's steps: whole steps and their backward passes (seconds). On CUDA the
+    device is synchronised before each reading, so queued kernels are counted where they run."""
+
+    def __init__(self, device: torch.device):
+        self.sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+        self.step_seconds = self.backward_seconds = 0.0
+
+    def now(self) -> float:
+        self.sync()
+        return time.perf_counter()
 
 
 def make_rule(cfg: TrainConfig, model: nn.Module, opt, total_steps: int, spe: int) -> FreezingRule | None:
     if cfg.rule == "lts":
         return LTSRule(model, opt, total_steps, warmup_steps=int(round(cfg.warmup * spe)), schedule=cfg.schedule,
-                       ratio=cfg.ratio, decay=cfg.decay)
+                       ratio=cfg.ratio, decay=cfg.decay, granularity=cfg.granularity,
+                       channel_quantile=cfg.channel_quantile, bound_grad=cfg.bound_grad)
     if cfg.rule == "osc":
-        return OscillationRule(model, opt, total_steps, decay=cfg.osc_decay, start_frac=cfg.osc_start_frac)
+        return OscillationRule(model, opt, total_steps, decay=cfg.osc_decay, start_frac=cfg.osc_start_frac,
+                               bound_grad=cfg.bound_grad)
     return None
 
 
@@ -269,10 +286,12 @@ def train(cfg: TrainConfig, run_dir: str | Path | None = None, progress: bool = 
         with _SigtermAsInterrupt():
             for epoch in range(cfg.epochs):
                 t0 = time.perf_counter()
+                clock = StepClock(device)
                 loss_sum = torch.zeros((), device=device)
                 n_b = 0
                 for idx in batches(epoch_order(n, cfg.seed, epoch, "qat"), cfg.batch_size, rank, world,
                                    cfg.drop_last):
+                    s0 = clock.now()
                     lr = cfg.lr * lr_factor(cfg.lr_schedule, t, total)
                     for g in opt.param_groups:
                         g["lr"] = lr
@@ -284,7 +303,9 @@ def train(cfg: TrainConfig, run_dir: str | Path | None = None, progress: bool = 
                     opt.zero_grad(set_to_none=True)
                     if bound_opt:
                         bound_opt.zero_grad(set_to_none=True)
+                    b0 = clock.now()
                     loss.backward()
+                    clock.backward_seconds += clock.now() - b0
                     if rule is not None:
                         rule.step()
                     if rec is not None:
@@ -292,6 +313,7 @@ def train(cfg: TrainConfig, run_dir: str | Path | None = None, progress: bool = 
                     opt.step()
                     if bound_opt:
                         bound_opt.step()  # bounds keep learning: a frozen weight's level may still move
+                    clock.step_seconds += clock.now() - s0
                     loss_sum += loss.detach()
                     n_b += 1
                     t += 1
@@ -305,7 +327,9 @@ def train(cfg: TrainConfig, run_dir: str | Path | None = None, progress: bool = 
                        "updates_eliminated": rule.updates_eliminated() if rule else 0.0,
                        "backward_flops_saved": rule.backward_flops_saved() if rule else 0.0,
                        "seconds": time.perf_counter() - t0, "lr": lr,
-                       "updates_eliminated_all_params": rule.updates_eliminated_all_params() if rule else 0.0}
+                       "updates_eliminated_all_params": rule.updates_eliminated_all_params() if rule else 0.0,
+                       "backward_flops_skippable": rule.backward_flops_skippable() if rule else 0.0,
+                       "step_seconds": clock.step_seconds, "backward_seconds": clock.backward_seconds}
                 result.metrics.append(row)
                 if rec is not None:
                     rec.log_epoch(row)

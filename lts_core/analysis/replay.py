@@ -34,6 +34,7 @@ import torch
 
 from ..distance import decode_distance, ema_update_compounded
 from ..schedules import canonical_schedule, eligible, osc_threshold_at, ratio_at, schedule_gain, threshold_norm
+from .channel_replay import StructuralCounter, channel_bins, channel_freeze, channel_spec, skippable_counts
 from .settle import RunArrays, arrays_from_run, check_layer_sizes, is_run
 
 __all__ = [
@@ -198,14 +199,15 @@ def grid_bins(d: np.ndarray, g: float, bins_per_unit: int, max_bin: int, thr32: 
 
 # ---- direct replay ----------------------------------------------------------------------------------------
 
-def _from_run(run, warmup_steps, total_steps, layer_sizes, layer_n_levels, raw_dists):
+def _from_run(run, warmup_steps, total_steps, layer_sizes, layer_n_levels, raw_dists, layer_channels=None):
     arr = arrays_from_run(run)
     return (arr.steps, arr.levels, arr.dist_codes,
             _run_warmup(run) if warmup_steps is None else warmup_steps,
             arr.total_steps if total_steps is None else total_steps,
             arr.layer_sizes if layer_sizes is None else layer_sizes,
             arr.layer_n_levels if layer_n_levels is None else layer_n_levels,
-            arr.raw_dists if raw_dists is None else raw_dists)
+            arr.raw_dists if raw_dists is None else raw_dists,
+            arr.layer_channels if layer_channels is None else layer_channels)
 
 
 def _streamable(run) -> bool:
@@ -221,18 +223,21 @@ def _check_raw(raw_dists, R: int, N: int) -> None:
 def replay_freeze_steps(steps, levels=None, dist_codes=None, schedule: str = "linear", ratio: float = 1.0,
                         warmup_steps: int | None = None, total_steps: int | None = None, decay: float = 0.99,
                         device: str | torch.device = "cpu", *, layer_sizes=None, layer_n_levels=None,
-                        raw_dists=None) -> np.ndarray:
+                        raw_dists=None, granularity: str = "weight", channel_quantile: float = 1.0,
+                        layer_channels=None) -> np.ndarray:
     """Exact direct simulation of the LTS rule on the records: int64 [N] freeze step per weight (-1 = never).
 
     `steps` may also be a stored run (then levels, distances, layers and total_steps come from it). See the
     module docstring for the record-resolution semantics. Results are identical on cpu and cuda.
+    `granularity="channel"` replays channel-LTS (`channel_replay`; needs `layer_channels`, which a run has).
     """
-    if is_run(steps) and _streamable(steps) and raw_dists is None:
+    if is_run(steps) and _streamable(steps) and raw_dists is None and granularity == "weight":
         return _stream_freeze_steps(steps, schedule, ratio, warmup_steps, total_steps, decay, layer_sizes,
                                     layer_n_levels)
     if is_run(steps):
-        steps, levels, dist_codes, warmup_steps, total_steps, layer_sizes, layer_n_levels, raw_dists = \
-            _from_run(steps, warmup_steps, total_steps, layer_sizes, layer_n_levels, raw_dists)
+        (steps, levels, dist_codes, warmup_steps, total_steps, layer_sizes, layer_n_levels, raw_dists,
+         layer_channels) = _from_run(steps, warmup_steps, total_steps, layer_sizes, layer_n_levels, raw_dists,
+                                     layer_channels)
     _check_lts_args(schedule, decay, warmup_steps, total_steps)
     if not float(ratio) >= 0:
         raise ValueError(f"threshold ratio must be ≥ 0, got {ratio}")
@@ -241,6 +246,7 @@ def replay_freeze_steps(steps, levels=None, dist_codes=None, schedule: str = "li
     steps = _check_steps(steps, R)
     dev = resolve_device(device)
     units = _units(layer_sizes, layer_n_levels, N, dev)
+    chans = channel_spec(granularity, channel_quantile, layer_channels, units.sizes)
     W, T = int(warmup_steps), int(total_steps)
     frozen = torch.zeros(N, dtype=torch.bool, device=dev)
     freeze = torch.full((N,), -1, dtype=torch.int64, device=dev)
@@ -249,8 +255,11 @@ def replay_freeze_steps(steps, levels=None, dist_codes=None, schedule: str = "li
             rho = ratio_at(t, schedule, float(ratio), W, T)
             if d is None or rho < 0:
                 continue
-            for sl, L in units.slices():
-                newly = (d[sl] <= threshold_norm(rho, L)) & ~frozen[sl]
+            for li, (sl, L) in enumerate(units.slices()):
+                thr = threshold_norm(rho, L)
+                hit = channel_freeze(d[sl], thr, chans.channels[li], chans.quantile) if chans.per_channel \
+                    else d[sl] <= thr
+                newly = hit & ~frozen[sl]
                 frozen[sl] |= newly
                 freeze[sl].masked_fill_(newly, t)
     return freeze.cpu().numpy()
@@ -334,6 +343,10 @@ class ReplayResult:
     layer_ticket_precision: np.ndarray  # float64 [n_layers]
     n_weights: int = 0                # watched quantized weights (the denominator of updates_eliminated)
     n_trainable: int | None = None    # all trainable parameters of the model, when known
+    # structural: share of backward FLOPs in fully frozen channels (`channel_replay`), mean over steps like
+    # backward_flops_saved, and per record; nan / None when the layers' channel counts are unknown
+    backward_flops_skippable: float = float("nan")
+    skippable_flops: np.ndarray | None = None     # float64 [R]
 
     @property
     def updates_eliminated_all_params(self) -> float:
@@ -366,6 +379,14 @@ def _epochs(steps: np.ndarray, steps_per_epoch) -> np.ndarray:
     if steps_per_epoch:
         return steps.astype(np.float64) / float(steps_per_epoch)
     return np.full(steps.shape, np.nan)
+
+
+def _flops_share(layer_counts: np.ndarray, sizes, F: np.ndarray, w: np.ndarray, E: float):
+    """(per record Σ_l (n_l,r / size_l)·F_l / (2·Σ F), its step-weighted mean): the FLOP share of per-layer
+    weight counts `layer_counts` [n_layers, R] (frozen weights, or weights in fully frozen channels)."""
+    frac = np.nan_to_num(_safe_div(layer_counts, np.asarray(sizes, dtype=np.float64)[:, None]))
+    per_r = (frac * F[:, None]).sum(axis=0) / (2 * F.sum()) if F.sum() > 0 else np.zeros(frac.shape[1])
+    return per_r, float(per_r @ w / E)
 
 
 def _safe_div(a, b):
@@ -401,7 +422,7 @@ def ticket_precision(freeze_steps, steps, levels) -> float:
 
 def freeze_accounting(freeze_steps, steps, layer_sizes=None, layer_flops=None, total_steps: int | None = None,
                       steps_per_epoch: int | None = None, correct=None, ratio: float = float("nan"),
-                      n_trainable: int | None = None) -> ReplayResult:
+                      n_trainable: int | None = None, layer_channels=None) -> ReplayResult:
     """Accounting of any per-weight freeze steps (a replay's or a live run's) against the record steps.
 
     Frozen fraction at record r: share with 0 ≤ freeze step ≤ steps[r]. Updates eliminated: Σ_w (E − f_w) /
@@ -431,8 +452,13 @@ def freeze_accounting(freeze_steps, steps, layer_sizes=None, layer_flops=None, t
         if corr is not None:
             n_corr[i] = int((corr[off:off + n] & fz).sum())
         off += n
-    return accounting_from_counts(counts, frozen_steps_sum, n_froz, n_corr if corr is not None else None, sizes,
-                                  layer_flops, steps, E, steps_per_epoch, ratio, n_trainable)
+    res = accounting_from_counts(counts, frozen_steps_sum, n_froz, n_corr if corr is not None else None, sizes,
+                                 layer_flops, steps, E, steps_per_epoch, ratio, n_trainable)
+    if layer_channels:   # structural share, at record resolution (a channel counts from its record on)
+        res.skippable_flops, res.backward_flops_skippable = _flops_share(
+            skippable_counts(fs, steps, sizes, list(layer_channels)), sizes, _effective_flops(layer_flops, sizes),
+            _record_weights(steps, E), float(E))
+    return res
 
 
 def accounting_from_counts(counts, frozen_steps_sum, n_froz, n_corr, sizes, layer_flops, steps, E: int,
@@ -467,9 +493,11 @@ def accounting_from_counts(counts, frozen_steps_sum, n_froz, n_corr, sizes, laye
 # ---- fast path: precompute once, answer any ratio ---------------------------------------------------------
 
 def _index_tables(steps, levels, dist_codes, raw_dists, units: _Units, schedule: str, W: int, T: int,
-                  decay: float, B: int, J: int, dev: torch.device) -> tuple[np.ndarray, np.ndarray]:
+                  decay: float, B: int, J: int, dev: torch.device, chans=None):
     """The in-memory build of `ReplayIndex` (records [R, N] in memory): (cum int32 [NB, n_layers, R],
-    tick_cum int64 [n_layers, NB]). `replay_stream.IndexPass` computes the same tables streamed."""
+    tick_cum int64 [n_layers, NB], cum_struct). `replay_stream.IndexPass` computes the first two streamed.
+    With `chans` (a `channel_replay.ChannelSpec`): channel-LTS when it says so (cum_struct = cum), else
+    cum_struct counts the weights of fully frozen channels (same layout; None without channel counts)."""
     R = len(steps)
     N = int(levels.shape[1])
     sizes = units.sizes
@@ -484,14 +512,23 @@ def _index_tables(steps, levels, dist_codes, raw_dists, units: _Units, schedule:
     tick = np.zeros(nl * NB, dtype=np.int64)                 # telescoped ticket-correct weights
     final = np.array(levels[R - 1], copy=True)
     counts = np.empty((R, nl * NB), dtype=np.int32)
+    per_channel = chans is not None and chans.per_channel
+    # weights in fully frozen channels (per-weight freezing; for channels they are the frozen weights)
+    struct = StructuralCounter(sizes, chans.channels, NB) if (chans is not None and chans.known
+                                                               and not per_channel) else None
+    s_counts = np.empty((R, nl * NB), dtype=np.int32) if struct is not None else None
     with torch.no_grad():
         for r, t, lv_np, _, d in _ema_stream(steps, levels, dist_codes, decay, dev, units, raw_dists):
             if d is not None and eligible(t, W):
                 g = schedule_gain(t, schedule, W, T)
                 d_np = d.cpu().numpy()
                 jt = np.empty(N, dtype=np.int64)
-                for sl, L in units.slices():
-                    jt[sl] = grid_bins(d_np[sl], g, B, J, scale=1 / (L - 1))
+                for li, (sl, L) in enumerate(units.slices()):
+                    if per_channel:
+                        jt[sl] = channel_bins(d_np[sl], chans.channels[li], chans.quantile,
+                                              lambda x, sc=1 / (L - 1): grid_bins(x, g, B, J, scale=sc))
+                    else:
+                        jt[sl] = grid_bins(d_np[sl], g, B, J, scale=1 / (L - 1))
                 idx = np.flatnonzero(jt < M)
                 if idx.size:
                     lb = layer_base[idx]
@@ -503,9 +540,17 @@ def _index_tables(steps, levels, dist_codes, raw_dists, units: _Units, schedule:
                     tick += np.bincount(new[ok], minlength=nl * NB)
                     tick -= np.bincount(old[ok], minlength=nl * NB)
                     M[idx] = jt[idx]
+                    if struct is not None:
+                        struct.update(M, np.unique(lb // NB))
             counts[r] = hist
-    cum = np.cumsum(counts.reshape(R, nl, NB), axis=2, dtype=np.int32)
-    return np.ascontiguousarray(cum.transpose(2, 1, 0)), np.cumsum(tick.reshape(nl, NB), axis=1)
+            if struct is not None:
+                s_counts[r] = struct.hist
+    cum = np.ascontiguousarray(np.cumsum(counts.reshape(R, nl, NB), axis=2, dtype=np.int32).transpose(2, 1, 0))
+    cum_struct = cum if per_channel else None
+    if struct is not None:
+        s_cum = np.cumsum(s_counts.reshape(R, nl, NB), axis=2, dtype=np.int32)
+        cum_struct = np.ascontiguousarray(s_cum.transpose(2, 1, 0))
+    return cum, np.cumsum(tick.reshape(nl, NB), axis=1), cum_struct
 
 
 class ReplayIndex:
@@ -532,6 +577,7 @@ class ReplayIndex:
 
     def __init__(self):  # use ReplayIndex.build
         self.cum: np.ndarray | None = None
+        self.cum_struct: np.ndarray | None = None
 
     @classmethod
     def build(cls, steps, levels=None, dist_codes=None, layer_sizes=None, layer_flops=None,
@@ -539,13 +585,22 @@ class ReplayIndex:
               decay: float = 0.99, device: str | torch.device = "auto", bins_per_unit: int = 1024,
               max_ratio: float = 2.0, *, steps_per_epoch: int | None = None,
               layer_names: Sequence[str] | None = None, layer_n_levels=None, raw_dists=None,
-              n_trainable: int | None = None, executor=None, plan_only: bool = False) -> "ReplayIndex":
+              n_trainable: int | None = None, executor=None, plan_only: bool = False,
+              granularity: str = "weight", channel_quantile: float = 1.0, layer_channels=None,
+              structural: bool | None = None) -> "ReplayIndex":
         """Build from arrays, or from a stored run passed as the first argument (`ReplayIndex.build(run,
         schedule="linear", warmup_steps=…, decay=…)`). With a run, its exact raw distances are used when it
         recorded them, `n_trainable` (all trainable parameters) comes from its manifest, and the records are
         streamed (`replay_stream.IndexPass`: one pass over the chunks on the CPU's cores, with `executor`, memory
         O(weights) plus one chunk; the same numbers as the in-memory build, bit for bit). `plan_only` (a stored
-        run) returns (index without its tables, the `IndexPass` that computes them; `attach` them after)."""
+        run) returns (index without its tables, the `IndexPass` that computes them; `attach` them after).
+
+        `granularity="channel"` indexes channel-LTS (`channel_replay`). `structural` (default: True for arrays,
+        False for a stored run) adds a table of the weights in fully frozen channels, so every query also gives
+        the structurally skippable FLOP share (needs `layer_channels`, which a run has; for channel-LTS it is
+        the frozen table itself). Channel granularity and the structural table read the records in memory (not
+        streamed yet); for one threshold, `freeze_accounting(replay_freeze_steps(run, …), …, layer_channels=…)`
+        gives the structural share of a stored run streamed."""
         run = None
         if is_run(steps) or isinstance(steps, RunArrays):
             if levels is not None or dist_codes is not None:
@@ -566,6 +621,7 @@ class ReplayIndex:
             layer_n_levels = arr.layer_n_levels if layer_n_levels is None else layer_n_levels
             raw_dists = arr.raw_dists if raw_dists is None else raw_dists
             n_trainable = arr.n_trainable if n_trainable is None else n_trainable
+            layer_channels = arr.layer_channels if layer_channels is None else layer_channels
         _check_lts_args(schedule, decay, warmup_steps, total_steps)
         schedule = canonical_schedule(schedule)
         if run is not None:
@@ -583,9 +639,12 @@ class ReplayIndex:
         J = int(math.floor(float(max_ratio) * B + 0.5))
         dev = resolve_device(device)
         units = _units(sizes, layer_n_levels, N, dev)
+        chans = channel_spec(granularity, channel_quantile, layer_channels, sizes)
         W, T = int(warmup_steps), int(total_steps)
 
         self = cls()
+        self.granularity, self.channel_quantile = chans.granularity, chans.quantile
+        self.layer_channels = chans.channels
         self.schedule, self.warmup_steps, self.total_steps, self.decay = schedule, W, T, float(decay)
         self.bins_per_unit, self.max_bin, self.max_ratio = B, J, J / B
         self.steps = steps
@@ -599,6 +658,15 @@ class ReplayIndex:
         self.n_trainable = None if n_trainable is None else int(n_trainable)
         self.record_weights = _record_weights(steps, T)
         self.end_step = _end_step(steps, T)
+        self.device = str(dev)
+        if structural is None:
+            structural = run is None
+        structural = bool(structural) and chans.known
+        if run is not None and (chans.per_channel or structural):   # not streamed yet: read the records
+            arr = arrays_from_run(run)
+            levels, dist_codes = arr.levels, arr.dist_codes
+            raw_dists = arr.raw_dists if raw_dists is None else raw_dists
+            run = None
         if run is not None:
             from .replay_stream import IndexPass, RAW
             from .stream import RunSource, run_passes
@@ -612,9 +680,9 @@ class ReplayIndex:
             self.cum, self.tick_cum = tables
         else:
             self.exact_distances = raw_dists is not None
-            self.device = str(dev)
-            self.cum, self.tick_cum = _index_tables(steps, levels, dist_codes, raw_dists, units, schedule, W, T,
-                                                    float(decay), B, J, dev)
+            self.cum, self.tick_cum, self.cum_struct = _index_tables(
+                steps, levels, dist_codes, raw_dists, units, schedule, W, T, float(decay), B, J, dev,
+                chans if (structural or chans.per_channel) else None)
         self._total_cum = None
         return self
 
@@ -678,7 +746,11 @@ class ReplayIndex:
         correct_l = self.tick_cum[:, j]
         n_frozen = int(n_frozen_l.sum())
         n_correct = int(correct_l.sum())
+        skip_r, skip = None, float("nan")
+        if self.cum_struct is not None:
+            skip_r, skip = _flops_share(self.cum_struct[j], self.layer_sizes, F, w, E)
         return ReplayResult(
+            backward_flops_skippable=skip, skippable_flops=skip_r,
             ratio=j / self.bins_per_unit, steps=self.steps, epochs=self.epochs,
             frozen_fraction=frac, layer_frozen_fraction=layer_frac,
             updates_eliminated=float(frac @ w / E), backward_flops_saved=float(flops_r @ w / E),
@@ -721,13 +793,16 @@ class ReplayIndex:
         correct = self.tick_cum[:, :J].sum(axis=0)
         upd = tot @ w / (max(self.n_weights, 1) * E)
         upd_all = upd * self.n_weights / self.n_trainable if self.n_trainable else np.full_like(upd, np.nan)
+        skip = np.full(J, np.nan) if self.cum_struct is None else \
+            np.einsum("jlr,l,r->j", self.cum_struct[:J].astype(np.float64), per_w, w) / E
         return {"ratio": self.ratio_grid, "updates_eliminated": upd, "updates_eliminated_all_params": upd_all,
                 "backward_flops_saved": flops, "ticket_precision": _safe_div(correct, n_frozen),
-                "final_frozen_fraction": n_frozen / max(self.n_weights, 1)}
+                "final_frozen_fraction": n_frozen / max(self.n_weights, 1), "backward_flops_skippable": skip}
 
     @property
     def nbytes(self) -> int:
-        return int(self.cum.nbytes + self.tick_cum.nbytes)
+        extra = self.cum_struct.nbytes if (self.cum_struct is not None and self.cum_struct is not self.cum) else 0
+        return int(self.cum.nbytes + self.tick_cum.nbytes + extra)
 
 
 # ---- oscillation freezing (Nagel et al. 2022) -------------------------------------------------------------

@@ -40,6 +40,7 @@ class RunArrays:
     layer_bits: list[int] = field(default_factory=list)
     raw_dists: Any = None             # float32 [R, N] exact raw distances (normalised units), when recorded
     n_trainable: int | None = None    # all trainable parameters of the model (the reference's denominator)
+    layer_channels: list[int] | None = None  # output channels per layer (weight shape[0]), when recorded
 
 
 def is_run(obj) -> bool:
@@ -75,6 +76,8 @@ def arrays_from_run(run, with_dists: bool = True, with_levels: bool = True) -> R
         raw_dists=run.raw_dists() if (with_dists and with_levels and getattr(run, "has_raw_dists", False))
         else None,
         n_trainable=manifest.get("n_trainable_params"),
+        layer_channels=([int(lay["shape"][0]) for lay in layers]
+                        if layers and all(lay.get("shape") for lay in layers) else None),
     )
 
 

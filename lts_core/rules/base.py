@@ -11,18 +11,32 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from ..channel_grad import ConvSpec, plan_from_frozen
+from ..channels import check_bound_grad, fully_frozen_channels
 from ..layers import quantized_layers
 
 
+def _distributed() -> bool:
+    return dist.is_available() and dist.is_initialized()
+
+
 class FreezingRule:
-    """Base class. Subclasses implement `_observe(i, level, r, w) -> (newly_frozen, freeze_value | None)`."""
+    """Base class. Subclasses implement `_observe(i, level, r, w) -> (newly_frozen, freeze_value | None)`.
+
+    `bound_grad` says what the quantizer bounds learn from: `"all"` (the reference: every weight of the layer,
+    frozen or not, so the weight-gradient GEMM runs in full and nothing is saved) or `"active"` (only unfrozen
+    weights: each layer gets a `ChannelPlan`, its backward computes the weight gradient of output channels
+    with an unfrozen weight only, and a layer whose weights are all frozen gets no weight or bound gradient at
+    all, so its bounds stop too). A weight's contribution to the bounds stops from the step after it froze.
+    """
 
     name = "none"
 
     def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer | None, total_steps: int,
-                 layer_filter=None):
+                 layer_filter=None, bound_grad: str = "all"):
         if total_steps < 1:
             raise ValueError(f"total_steps must be ≥ 1, got {total_steps}")
+        self.bound_grad = check_bound_grad(bound_grad)
         named = quantized_layers(model)
         if layer_filter is not None:
             named = [(n, m) for n, m in named if layer_filter(m)]
@@ -42,6 +56,9 @@ class FreezingRule:
         # updates eliminated, FLOP-weighted, saves f/2 of it (spec).
         self.layer_flops = flops if all(f > 0 for f in flops) else list(self.numels)
         self.total_model_flops = sum(self.layer_flops)
+        self.n_channels = [int(m.weight.shape[0]) for m in self.modules]
+        # whether a layer's backward honours a ChannelPlan (every Linear; convolutions with zero padding)
+        self._plannable = [not hasattr(m, "padding_mode") or ConvSpec.of(m) is not None for m in self.modules]
         # The reference's denominator of "updates eliminated": every trainable parameter of the model
         # (weights, biases, BatchNorm affine, quantizer bounds), counted once here.
         self.n_trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
@@ -58,9 +75,11 @@ class FreezingRule:
         self.last_dist_code: list[torch.Tensor | None] = [None] * len(self.modules)
         self.record_codes = False
         self._n_frozen = [0] * len(self.modules)   # frozen weights per layer (Python ints: no device sync)
+        self._n_frozen_channels = [0] * len(self.modules)  # output channels all of whose weights are frozen
         self._n_total = sum(self.numels)
         self._frozen_count_sum = 0  # Σ over steps of the number of frozen weights (after that step's freezes)
         self._flops_sum = 0.0    # Σ over steps of the backward-FLOPs fraction saved
+        self._skip_sum = 0.0     # Σ over steps of the structurally skippable backward-FLOPs fraction
         self._hook = None
         self.resyncs = 0
         if optimizer is not None:
@@ -72,10 +91,26 @@ class FreezingRule:
         self._hook = optimizer.register_step_post_hook(lambda *_: self.restore())
 
     def detach(self) -> None:
+        """Stop restoring frozen weights and give the layers their dense backward back."""
         if self._hook is not None:
             self._hook.remove()
             self._hook = None
+        for m in self.modules:
+            m.channel_plan = None
 
+    @property
+    def granularity(self) -> str:
+        return "weight"
+
+    def _update_layer(self, i: int) -> None:
+        """After layer i's frozen mask changed: count its fully frozen channels and, with `bound_grad="active"`,
+        give it the plan of its active channels."""
+        frozen = self.frozen[i]
+        self._n_frozen_channels[i] = (self.n_channels[i] if self._n_frozen[i] == self.numels[i]
+                                      else int(fully_frozen_channels(frozen).sum()) if self._n_frozen[i] else 0)
+        if self.bound_grad == "active" and self._n_frozen[i]:
+            self.modules[i].channel_plan = plan_from_frozen(frozen, per_weight=self.granularity == "weight",
+                                                            none_when_frozen=not _distributed())
     @torch.no_grad()
     def restore(self) -> None:
         """Write the frozen weights back to the values they had when they froze."""
@@ -114,12 +149,36 @@ class FreezingRule:
                     self._n_frozen[i] += n_new
                     if value is not None:  # oscillation freezing moves the weight onto its level
                         w.copy_(torch.where(newly, value, w))
-            if self._n_frozen[i] and w.grad is not None:
-                w.grad.masked_fill_(self.frozen[i], 0.0)
+                    self._update_layer(i)
+                self._mask_grads(i, newly if n_new else None)
+            else:
+                self._mask_grads(i, None)
         self._frozen_count_sum += sum(self._n_frozen)
         self._flops_sum += sum(n / k * f for n, k, f in zip(self._n_frozen, self.numels, self.layer_flops)) \
             / (2 * self.total_model_flops)
+        self._skip_sum += sum(c / k * f for c, k, f in zip(self._n_frozen_channels, self.n_channels,
+                                                           self.layer_flops)) / (2 * self.total_model_flops)
         self.t += 1
+
+    def _mask_grads(self, i: int, newly: torch.Tensor | None) -> None:
+        """Zero the gradient of layer i's frozen weights. Under `bound_grad="active"` the layer's plan already
+        gave zeros for the weights frozen before this step, so only this step's new ones (`newly`) are masked;
+        a fully frozen layer's weight and bounds get no gradient at all (None: no optimizer moves them)."""
+        m = self.modules[i]
+        w = m.weight
+        if not self._n_frozen[i] or w.grad is None:
+            return
+        if self.bound_grad == "active":
+            if self._n_frozen[i] == self.numels[i]:
+                w.grad = None
+                for p in m.weight_quantizer.parameters():
+                    p.grad = None
+                return
+            if self._plannable[i]:
+                if newly is not None:
+                    w.grad.masked_fill_(newly, 0.0)
+                return
+        w.grad.masked_fill_(self.frozen[i], 0.0)
 
     # ---- accounting ---------------------------------------------------------------------------------
     def frozen_count(self) -> int:
@@ -148,9 +207,19 @@ class FreezingRule:
         return self._frozen_count_sum / (self.n_trainable * max(self.t, 1))
 
     def backward_flops_saved(self) -> float:
-        """Mean over steps of Σ_l frac_l·F_l / (2·Σ_l F_l), F = forward FLOPs of each watched layer: only the
-        weight-gradient half of a frozen weight's backward cost is saved."""
+        """Accounted, as the paper counts it: mean over steps of Σ_l frac_l·F_l / (2·Σ_l F_l), F = forward
+        FLOPs of each watched layer: only the weight-gradient half of a frozen weight's backward cost is saved."""
         return self._flops_sum / max(self.t, 1)
+
+    def backward_flops_skippable(self) -> float:
+        """Structural: mean over steps of Σ_l c_l·F_l / (2·Σ_l F_l), c_l the share of layer l's output channels
+        all of whose weights are frozen — the weight-gradient FLOPs a planned backward can skip
+        (`bound_grad="active"` skips them; under `"all"` the GEMM still runs for the bounds)."""
+        return self._skip_sum / max(self.t, 1)
+
+    def frozen_channel_fraction(self) -> float:
+        """Share of the watched layers' output channels that are fully frozen now."""
+        return sum(self._n_frozen_channels) / sum(self.n_channels)
 
     def freeze_steps_flat(self) -> torch.Tensor:
         return torch.cat([f.flatten() for f in self.freeze_step]).cpu()
@@ -159,7 +228,7 @@ class FreezingRule:
         return torch.cat([f.flatten() for f in self.frozen]).cpu()
 
     def settings(self) -> dict:
-        return {"rule": self.name, "total_steps": self.total_steps}
+        return {"rule": self.name, "total_steps": self.total_steps, "bound_grad": self.bound_grad}
 
     def record_state(self) -> dict[str, list[torch.Tensor]]:
         """Per-layer uint8 arrays of the rule's own state for the recorder."""
@@ -171,17 +240,20 @@ class FreezingRule:
 
     def state_dict(self) -> dict:
         return {"t": self.t, "n_frozen": list(self._n_frozen), "frozen_count_sum": self._frozen_count_sum,
-                "flops_sum": self._flops_sum,
+                "flops_sum": self._flops_sum, "skip_sum": self._skip_sum,
                 **{k: [x.clone() for x in v] for k, v in self._state_tensors().items()}}
 
     def load_state_dict(self, sd: dict) -> None:
         self.t = int(sd["t"])
         self._n_frozen = [int(n) for n in sd["n_frozen"]]
         self._frozen_count_sum, self._flops_sum = int(sd["frozen_count_sum"]), float(sd["flops_sum"])
+        self._skip_sum = float(sd.get("skip_sum", 0.0))
         for k, tensors in self._state_tensors().items():
             for dst, src in zip(tensors, sd[k]):
                 dst.copy_(src)
         self._unfrozen = [~f for f in self.frozen]
+        for i in range(len(self.modules)):
+            self._update_layer(i)
 
     @torch.no_grad()
     def sync(self, src: int = 0) -> bool:
@@ -209,4 +281,6 @@ class FreezingRule:
                     dist.broadcast(x, src)
         self._n_frozen = [int(f.sum()) for f in self.frozen]
         self._unfrozen = [~f for f in self.frozen]
+        for i in range(len(self.modules)):
+            self._update_layer(i)
         return True

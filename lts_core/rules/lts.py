@@ -7,6 +7,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from ..channels import channel_statistic, check_granularity, check_quantile, expand_channels
 from ..distance import encode_distance, ema_update
 from ..schedules import canonical_schedule, default_ratio, ratio_at, threshold_norm
 from .base import FreezingRule
@@ -26,17 +27,28 @@ class LTSRule(FreezingRule):
     `ratio=None` takes the reference's default: 0.1 for `fixed`, 1 for the growth schedules. The reference's
     schedule names (`fixing`, `linear-growth`, `sine-growth`) are accepted; anything else is an error.
 
+    `granularity="channel"` freezes output channels (rows of a Linear, filters of a Conv) as a whole: a channel
+    freezes at step t > W when the `channel_quantile`-quantile of its weights' EMA distances (an element of the
+    channel, `channels.channel_statistic`; 1 = the maximum) is ≤ the same float32 threshold. The EMA stays per
+    weight, exactly as above. `bound_grad="active"` (see `FreezingRule`) turns frozen channels into skipped
+    weight-gradient computation; the defaults (`"weight"`, `"all"`) are the reference, unchanged.
+
     Example::
 
         rule = LTSRule(model, optimizer, total_steps=200, warmup_steps=40, schedule="linear")
         loss.backward(); rule.step(); optimizer.step()
+        # structured freezing that saves backward time:
+        rule = LTSRule(model, optimizer, 200, 40, granularity="channel", bound_grad="active")
     """
 
     name = "lts"
 
     def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer | None, total_steps: int,
-                 warmup_steps: int, schedule: str = "linear", ratio: float | None = None, decay: float = 0.99):
+                 warmup_steps: int, schedule: str = "linear", ratio: float | None = None, decay: float = 0.99,
+                 granularity: str = "weight", channel_quantile: float = 1.0, bound_grad: str = "all"):
         schedule = canonical_schedule(schedule)
+        self._granularity = check_granularity(granularity)
+        self.channel_quantile = check_quantile(channel_quantile)
         ratio = default_ratio(schedule) if ratio is None else float(ratio)
         if not 0.0 <= decay < 1.0:
             raise ValueError(f"EMA decay must be in [0, 1), got {decay}")
@@ -44,7 +56,7 @@ class LTSRule(FreezingRule):
             raise ValueError(f"threshold ratio must be ≥ 0, got {ratio}")
         if not 0 <= warmup_steps < total_steps:
             raise ValueError(f"warm-up ({warmup_steps} steps) must be ≥ 0 and < total steps ({total_steps})")
-        super().__init__(model, optimizer, total_steps)
+        super().__init__(model, optimizer, total_steps, bound_grad=bound_grad)
         self.warmup_steps = int(warmup_steps)
         self.schedule = schedule
         self.ratio = ratio
@@ -52,6 +64,10 @@ class LTSRule(FreezingRule):
         # EMA distance per weight in normalised units (multiply by L−1 for Δ units): `ema_steps()`.
         self.ema = [torch.zeros_like(m.weight, dtype=torch.float32) for m in self.modules]
         self.prev_level = [torch.zeros_like(m.weight, dtype=torch.float32) for m in self.modules]
+
+    @property
+    def granularity(self) -> str:
+        return self._granularity
 
     def threshold(self, t: int | None = None) -> float:
         """ρ_t in Δ units (-1 while no weight may freeze, i.e. t ≤ W)."""
@@ -72,12 +88,17 @@ class LTSRule(FreezingRule):
         rho = self.threshold(t)
         if rho < 0:
             return None, None
-        return self.ema[i] <= threshold_norm(rho, self.n_levels[i]), None
+        thr = threshold_norm(rho, self.n_levels[i])
+        if self._granularity == "channel":
+            stat = channel_statistic(self.ema[i], self.n_channels[i], self.channel_quantile)
+            return expand_channels(stat <= thr, self.ema[i].shape), None
+        return self.ema[i] <= thr, None
 
     def settings(self) -> dict:
         return {"rule": "lts", "schedule": self.schedule, "ratio": self.ratio, "decay": self.decay,
                 "warmup_steps": self.warmup_steps, "total_steps": self.total_steps,
-                "semantics": "reference"}
+                "semantics": "reference", "granularity": self._granularity,
+                "channel_quantile": self.channel_quantile, "bound_grad": self.bound_grad}
 
     def record_state(self) -> dict[str, list[torch.Tensor]]:
         """The EMA as uint8 codes of 1/128 Δ (Δ units, saturating at ≈ 2 Δ)."""

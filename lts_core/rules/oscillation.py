@@ -19,11 +19,11 @@ class OscillationRule(FreezingRule):
 
     def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer | None, total_steps: int,
                  decay: float = 0.01, start_frac: float = 0.25, thr_start: float = 0.1, thr_end: float = 0.01,
-                 max_bits: int = 4):
+                 max_bits: int = 4, bound_grad: str = "all"):
         if not 0.0 < decay < 1.0:
             raise ValueError(f"oscillation EMA factor must be in (0, 1), got {decay}")
         super().__init__(model, optimizer, total_steps,
-                         layer_filter=lambda m: m.weight_quantizer.bits <= max_bits)
+                         layer_filter=lambda m: m.weight_quantizer.bits <= max_bits, bound_grad=bound_grad)
         self.decay, self.start_frac, self.thr_start, self.thr_end = float(decay), start_frac, thr_start, thr_end
         self.max_bits = max_bits
         self.freq = [torch.zeros_like(m.weight, dtype=torch.float32) for m in self.modules]
@@ -60,7 +60,8 @@ class OscillationRule(FreezingRule):
 
     def settings(self) -> dict:
         return {"rule": "osc", "decay": self.decay, "start_frac": self.start_frac, "thr_start": self.thr_start,
-                "thr_end": self.thr_end, "max_bits": self.max_bits, "total_steps": self.total_steps}
+                "thr_end": self.thr_end, "max_bits": self.max_bits, "total_steps": self.total_steps,
+                "bound_grad": self.bound_grad}
 
     def record_state(self) -> dict[str, list[torch.Tensor]]:
         return {"freq": [torch.clamp(torch.round(f * 255), 0, 255).to(torch.uint8) for f in self.freq]}
