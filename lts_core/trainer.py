@@ -264,6 +264,10 @@ def train(cfg: TrainConfig, run_dir: str | Path | None = None, progress: bool = 
     net = model
     if world > 1:
         net = nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+        if rule is not None:   # no gradient traffic for weights frozen as of the last rule.sync()
+            from .ddp_comm import FrozenAwareAllReduce
+            comm = FrozenAwareAllReduce(rule)
+            net.register_comm_hook(comm, comm.hook)
 
     rec = None
     if run_dir is not None and rank == 0 and cfg.record:

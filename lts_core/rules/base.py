@@ -82,6 +82,9 @@ class FreezingRule:
         self._skip_sum = 0.0     # Σ over steps of the structurally skippable backward-FLOPs fraction
         self._hook = None
         self.resyncs = 0
+        # the frozen masks as of the last sync(), identical on every rank (what a DDP hook may rely on)
+        self.comm_frozen: list[torch.Tensor] | None = None
+        self.comm_version = 0
         if optimizer is not None:
             self.attach(optimizer)
 
@@ -259,9 +262,16 @@ class FreezingRule:
     def sync(self, src: int = 0) -> bool:
         """Under torch.distributed, check that every rank holds the same frozen masks and, if not, broadcast
         the rule's state from rank `src`. Returns True when a re-synchronisation was needed (counted in
-        `self.resyncs`; identical weights on every rank make it 0)."""
-        if not (dist.is_available() and dist.is_initialized()):
+        `self.resyncs`; identical weights on every rank make it 0). Afterwards `comm_frozen` holds the masks
+        every rank agrees on (`ddp_comm.FrozenAwareAllReduce` sends no gradient for those weights)."""
+        if not _distributed():
             return False
+        resynced = self._sync(src)
+        self.comm_frozen = [f.clone() for f in self.frozen]
+        self.comm_version += 1
+        return resynced
+
+    def _sync(self, src: int) -> bool:
         fp = torch.stack([torch.stack([f.sum().double(), (f.flatten().double() *
                                                            torch.arange(f.numel(), device=f.device)).sum()])
                           for f in self.frozen]).flatten()

@@ -1,0 +1,108 @@
+"""Accuracy and savings of LTS variants on the shipped datasets: per weight vs per channel (max or a quantile),
+bounds learning from all weights (the reference) or only the active ones (what makes the saving real).
+
+Usage: python bench/bench_bound_grad.py [--epochs 30] [--seeds 0] [--jobs 2] [--out /tmp/bound_grad.jsonl]
+Each configuration is a real training run through the trainer (default schedule: linear growth, ρ = 1,
+warm-up 20 % of epochs; full-precision pre-training cached and shared by the variants of a seed). Results are
+appended to --out as JSON lines (a rerun skips what is there) and printed as a Markdown table: final test
+accuracy, its difference to baseline QAT of the same seed, updates eliminated (over quantized weights),
+backward FLOPs saved (accounted, as the paper counts), structurally skippable share, and the measured
+backward and step seconds ÷ the baseline's (sums over the run; noisy on a shared machine, see bench_savings.py
+for interleaved timings).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+from concurrent.futures import ProcessPoolExecutor
+from pathlib import Path
+
+PAIRS = [("mlp", "digits"), ("mlp", "mnist1d"), ("cnn1d", "mnist1d")]
+VARIANTS = [  # name, config fields
+    ("baseline QAT", dict(rule="none")),
+    ("weight / all (paper)", dict(rule="lts")),
+    ("weight / active", dict(rule="lts", bound_grad="active")),
+    ("channel max / all", dict(rule="lts", granularity="channel")),
+    ("channel max / active", dict(rule="lts", granularity="channel", bound_grad="active")),
+    ("channel q0.9 / active", dict(rule="lts", granularity="channel", channel_quantile=0.9, bound_grad="active")),
+    ("channel q0.75 / active", dict(rule="lts", granularity="channel", channel_quantile=0.75,
+                                    bound_grad="active")),
+    ("channel q0.5 / active", dict(rule="lts", granularity="channel", channel_quantile=0.5, bound_grad="active")),
+]
+
+
+def run_one(job: dict) -> dict:
+    import torch
+    torch.set_num_threads(1)
+    from lts_core.config import make_config
+    from lts_core.trainer import train
+    cfg = make_config(model=job["model"], dataset=job["dataset"], epochs=job["epochs"], seed=job["seed"],
+                      device="cpu", record=False, **job["fields"])
+    res = train(cfg, progress=False)
+    last = res.metrics[-1]
+    return {**{k: job[k] for k in ("model", "dataset", "seed", "variant")},
+            "fp_acc": res.fp_test_acc, "acc": last["test_acc"],
+            "updates_eliminated": last["updates_eliminated"],
+            "updates_eliminated_all_params": last["updates_eliminated_all_params"],
+            "backward_flops_saved": last["backward_flops_saved"],
+            "backward_flops_skippable": last["backward_flops_skippable"],
+            "backward_seconds": sum(m["backward_seconds"] for m in res.metrics),
+            "step_seconds": sum(m["step_seconds"] for m in res.metrics)}
+
+
+def table(rows: list[dict]) -> str:
+    out = ["| model / dataset | variant | test acc (%) | Δ acc vs baseline | updates elim. (quantized w.) | "
+           "bwd FLOPs saved (accounted) | structurally skippable | backward s ÷ baseline | step s ÷ baseline |",
+           "|---|---|---|---|---|---|---|---|---|"]
+    for model, dataset in PAIRS:
+        for name, _ in VARIANTS:
+            sel = [r for r in rows if (r["model"], r["dataset"], r["variant"]) == (model, dataset, name)]
+            if not sel:
+                continue
+            accs, dacc, bw, st = [], [], [], []
+            for r in sel:
+                base = [b for b in rows if (b["model"], b["dataset"], b["seed"], b["variant"]) ==
+                        (model, dataset, r["seed"], "baseline QAT")]
+                accs.append(r["acc"])
+                if base:
+                    dacc.append(r["acc"] - base[0]["acc"])
+                    bw.append(r["backward_seconds"] / base[0]["backward_seconds"])
+                    st.append(r["step_seconds"] / base[0]["step_seconds"])
+            mean = lambda xs: sum(xs) / len(xs) if xs else float("nan")
+            f = lambda k: mean([r[k] for r in sel])
+            out.append(f"| {model} / {dataset} | {name} | {mean(accs):.2f} | {mean(dacc):+.2f} | "
+                       f"{f('updates_eliminated'):.1%} | {f('backward_flops_saved'):.1%} | "
+                       f"{f('backward_flops_skippable'):.1%} | {mean(bw):.2f} | {mean(st):.2f} |")
+    return "\n".join(out)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--epochs", type=int, default=30)
+    ap.add_argument("--seeds", default="0")
+    ap.add_argument("--jobs", type=int, default=2)
+    ap.add_argument("--pairs", default="all", help="comma-separated model:dataset, or all")
+    ap.add_argument("--out", type=Path, default=Path("/tmp/bound_grad.jsonl"))
+    args = ap.parse_args()
+    pairs = PAIRS if args.pairs == "all" else [tuple(p.split(":")) for p in args.pairs.split(",")]
+    done = [json.loads(x) for x in args.out.read_text().splitlines()] if args.out.exists() else []
+    have = {(r["model"], r["dataset"], r["seed"], r["variant"]) for r in done}
+    jobs = [dict(model=m, dataset=d, seed=int(s), variant=name, fields=fields, epochs=args.epochs)
+            for s in args.seeds.split(",") for m, d in pairs for name, fields in VARIANTS
+            if (m, d, int(s), name) not in have]
+    # the baselines first: each seed's FP checkpoint is trained once, before the variants that share it
+    jobs.sort(key=lambda j: j["variant"] != "baseline QAT")
+    with ProcessPoolExecutor(args.jobs) as pool:
+        for row in pool.map(run_one, jobs):
+            done.append(row)
+            with args.out.open("a") as fh:
+                fh.write(json.dumps(row) + "\n")
+            print(f"{row['model']}/{row['dataset']} s{row['seed']} {row['variant']}: acc {row['acc']:.2f}",
+                  flush=True)
+    print(f"epochs {args.epochs}, seeds {args.seeds}, CPU, os.cpu_count() = {os.cpu_count()}")
+    print(table(done))
+
+
+if __name__ == "__main__":
+    main()
