@@ -64,8 +64,8 @@ class TrainConfig(BaseModel):
     granularity: Literal["weight", "channel"] = Field(
         "weight", description="LTS freezes single weights (the paper) or whole output channels")
     channel_quantile: float = Field(
-        1.0, gt=0, le=1, description="channel granularity: freeze a channel when this quantile of its weights' "
-        "EMA distances passes the threshold (1 = max: every weight settled)")
+        0.5, gt=0, le=1, description="channel granularity: freeze a channel when this quantile of its weights' "
+        "EMA distances passes the threshold (0.5 = median, the default; 1 = max: every weight settled)")
     bound_grad: Literal["all", "active"] = Field(
         "all", description="quantizer bounds learn from all weights (the reference; no backward time saved) "
         "or only unfrozen ones (frozen channels skip their weight-gradient computation)")
@@ -130,7 +130,7 @@ class TrainConfig(BaseModel):
         """A short human name, e.g. 'mlp-digits-2b-lts-linear-r1'."""
         tail = {"none": "baseline", "osc": "osc", "lts": f"lts-{self.schedule}-r{self.ratio:g}"}[self.rule]
         if self.rule == "lts" and self.granularity == "channel":
-            tail += "-ch" if self.channel_quantile == 1.0 else f"-ch{self.channel_quantile:g}"
+            tail += f"-ch{self.channel_quantile:g}"
         if self.rule != "none" and self.bound_grad == "active":
             tail += "-active"
         ref = "-ref" if self.preset == "reference" else ""

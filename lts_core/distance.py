@@ -25,14 +25,19 @@ def decode_distance(code: torch.Tensor) -> torch.Tensor:
 
 
 def ema_update(d: torch.Tensor, r: torch.Tensor, changed: torch.Tensor, decay: float,
-               reset: float | torch.Tensor = RESET_DISTANCE) -> torch.Tensor:
+               reset: float | torch.Tensor = RESET_DISTANCE, inplace: bool = False) -> torch.Tensor:
     """One LTS EMA step (float32): d' = (1-m)·r + m·d, then d' = `reset` (one step) where the level changed.
 
     Op for op the reference's update, so the rule and the replay agree with it bit for bit. `reset` is one
     step in the units of `d`: 1.0 in Δ units, 1/(L−1) in normalised units (a float, or a per-weight tensor).
+    `inplace=True` writes d' into `d` (the same two products and one addition, so the same bits: the rule's
+    per-step path, one allocation instead of two).
     """
-    out = r * (1.0 - decay)
-    out += d * decay
+    if inplace:
+        out = d.mul_(decay).add_(r * (1.0 - decay))
+    else:
+        out = r * (1.0 - decay)
+        out += d * decay
     if isinstance(reset, torch.Tensor):
         return torch.where(changed, reset, out)
     return out.masked_fill_(changed, reset)

@@ -117,9 +117,9 @@ class FreezingRule:
     @torch.no_grad()
     def restore(self) -> None:
         """Write the frozen weights back to the values they had when they froze."""
-        for m, fz, val, n in zip(self.modules, self.frozen, self.frozen_values, self._n_frozen):
-            if n:
-                m.weight.copy_(torch.where(fz, val, m.weight))
+        for m, fz, val, n, k in zip(self.modules, self.frozen, self.frozen_values, self._n_frozen, self.numels):
+            if n and not (n == k and m.weight.grad is None):   # no gradient: no optimizer moved it
+                torch.where(fz, val, m.weight, out=m.weight)
 
     @property
     def _any_frozen(self) -> bool:
@@ -140,28 +140,40 @@ class FreezingRule:
             self.last_level[i] = level
             self.last_raw[i] = r
             newly, value = self._observe(i, level, r, w)
-            if newly is not None:
-                newly &= self._unfrozen[i]
-                n_new = int(newly.sum())
-                if n_new:
-                    self.frozen[i] |= newly
-                    self._unfrozen[i] &= ~newly
-                    self.freeze_step[i].masked_fill_(newly, self.t)
-                    new_val = w if value is None else value
-                    self.frozen_values[i] = torch.where(newly, new_val, self.frozen_values[i])
-                    self._n_frozen[i] += n_new
-                    if value is not None:  # oscillation freezing moves the weight onto its level
-                        w.copy_(torch.where(newly, value, w))
-                    self._update_layer(i)
-                self._mask_grads(i, newly if n_new else None)
-            else:
-                self._mask_grads(i, None)
+            n_new = self._freeze(i, newly, value) if newly is not None else 0
+            self._mask_grads(i, newly if n_new else None)
         self._frozen_count_sum += sum(self._n_frozen)
         self._flops_sum += sum(n / k * f for n, k, f in zip(self._n_frozen, self.numels, self.layer_flops)) \
             / (2 * self.total_model_flops)
         self._skip_sum += sum(c / k * f for c, k, f in zip(self._n_frozen_channels, self.n_channels,
                                                            self.layer_flops)) / (2 * self.total_model_flops)
         self.t += 1
+
+    @torch.no_grad()
+    def _freeze(self, i: int, newly: torch.Tensor, value: torch.Tensor | None = None) -> int:
+        """Freeze layer i's weights selected by `newly` (bool, the weight's shape; consumed) at step `self.t`,
+        at their current value or at `value`. Returns how many were not frozen before."""
+        w = self.modules[i].weight
+        newly &= self._unfrozen[i]
+        n_new = int(newly.sum())
+        if n_new:
+            self.frozen[i] |= newly
+            self._unfrozen[i] &= ~newly
+            self.freeze_step[i].masked_fill_(newly, self.t)
+            new_val = w if value is None else value
+            self.frozen_values[i] = torch.where(newly, new_val, self.frozen_values[i])
+            self._n_frozen[i] += n_new
+            if value is not None:  # oscillation freezing moves the weight onto its level
+                w.copy_(torch.where(newly, value, w))
+            self._update_layer(i)
+        return n_new
+
+    def freeze_weights(self, i: int, mask: torch.Tensor) -> int:
+        """Freeze the weights of layer i selected by `mask` now, at their current value (freeze step
+        `self.t`), as if the rule had decided it: e.g. to put a model into a known frozen state (benchmarks,
+        resuming from a mask). Returns how many were newly frozen."""
+        mask = torch.as_tensor(mask, device=self.frozen[i].device).to(torch.bool).reshape(self.frozen[i].shape)
+        return self._freeze(i, mask.clone())
 
     def _mask_grads(self, i: int, newly: torch.Tensor | None) -> None:
         """Zero the gradient of layer i's frozen weights. Under `bound_grad="active"` the layer's plan already

@@ -7,7 +7,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ..channels import channel_statistic, check_granularity, check_quantile, expand_channels
+from ..channels import (DEFAULT_CHANNEL_QUANTILE, channel_statistic, check_granularity, check_quantile,
+                        expand_channels)
 from ..distance import encode_distance, ema_update
 from ..schedules import canonical_schedule, default_ratio, ratio_at, threshold_norm
 from .base import FreezingRule
@@ -29,7 +30,8 @@ class LTSRule(FreezingRule):
 
     `granularity="channel"` freezes output channels (rows of a Linear, filters of a Conv) as a whole: a channel
     freezes at step t > W when the `channel_quantile`-quantile of its weights' EMA distances (an element of the
-    channel, `channels.channel_statistic`; 1 = the maximum) is ≤ the same float32 threshold. The EMA stays per
+    channel, `channels.channel_statistic`; default 0.5, the median; 1 = the maximum) is ≤ the same float32
+    threshold. The EMA stays per
     weight, exactly as above. `bound_grad="active"` (see `FreezingRule`) turns frozen channels into skipped
     weight-gradient computation; the defaults (`"weight"`, `"all"`) are the reference, unchanged.
 
@@ -45,7 +47,8 @@ class LTSRule(FreezingRule):
 
     def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer | None, total_steps: int,
                  warmup_steps: int, schedule: str = "linear", ratio: float | None = None, decay: float = 0.99,
-                 granularity: str = "weight", channel_quantile: float = 1.0, bound_grad: str = "all"):
+                 granularity: str = "weight", channel_quantile: float = DEFAULT_CHANNEL_QUANTILE,
+                 bound_grad: str = "all"):
         schedule = canonical_schedule(schedule)
         self._granularity = check_granularity(granularity)
         self.channel_quantile = check_quantile(channel_quantile)
@@ -83,7 +86,7 @@ class LTSRule(FreezingRule):
             self.ema[i] = r.clone()
         elif t >= 2:
             reset = 1 / (self.n_levels[i] - 1)
-            self.ema[i] = ema_update(self.ema[i], r, level != self.prev_level[i], self.decay, reset)
+            ema_update(self.ema[i], r, level != self.prev_level[i], self.decay, reset, inplace=True)
         self.prev_level[i] = level
         rho = self.threshold(t)
         if rho < 0:

@@ -1,0 +1,217 @@
+"""Measured savings of frozen channels: backward and step wall-clock of LTS variants ÷ baseline QAT, on CPU.
+
+Usage: python bench/bench_savings.py [--model resnet20|mlp1m|all] [--epochs 30] [--rounds 5] [--steps 4]
+                                     [--states 6] [--work DIR] [--threads 2]
+
+Two parts, one process:
+1. **Real runs** (the trainer, default schedule: linear growth ρ = 1, warm-up 20 %, 2 bits) give the frozen
+   state each epoch ends in: ResNet-20 on `digits` (8×8) and a 1M-weight MLP (`mlp`, width 1024: its fc2 holds
+   1024·1024 quantized weights; first and last layers full precision) on `mnist1d`, for baseline QAT,
+   channel-LTS with `bound_grad="active"`, per-weight LTS (the paper, `all`) and per-weight LTS with `active`.
+   Their test accuracies are printed too.
+2. **Timing** at the timing shape (ResNet-20: batch 128 of 3×32×32, CIFAR's; the MLP: batch 128 of mnist1d's
+   40 features): a fresh model of the variant is put into the frozen state of a run's epoch
+   (`rule.freeze_weights`, the same masks per layer; ResNet-20's quantized layers have the same shapes at
+   8×8 and 32×32), then rounds alternate baseline, variant, baseline, variant … (`--rounds`), each the median
+   of `--steps` full steps (zero_grad, forward, backward, rule.step, optimizer steps; the backward timed
+   separately). The ratio at that state is median(variant) ÷ median(baseline) over the rounds.
+   `--states` epochs are measured, chosen to span the run's structurally skippable share; every other epoch
+   takes the ratio interpolated linearly in that share between the measured ones (nothing frozen = the first
+   state). **Whole-run ratio** = mean over epochs of the per-epoch ratio (every epoch has the same number of
+   steps and the baseline's step cost does not change over the run), i.e. Σ_e t_variant(e) ÷ Σ_e t_base.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from lts_core import LTSRule, open_run, quantize_model
+from lts_core.config import make_config
+from lts_core.layers import quantized_layers
+from lts_core.models import build_model
+from lts_core.trainer import train
+
+VARIANTS = {  # name → (TrainConfig fields, LTSRule keyword arguments)
+    "channel / active": (dict(granularity="channel", bound_grad="active"),
+                         dict(granularity="channel", bound_grad="active")),
+    "weight / all (paper)": (dict(), dict()),
+    "weight / active": (dict(bound_grad="active"), dict(bound_grad="active")),
+}
+MODELS = {  # name → (train config, timing input shape, model width)
+    "resnet20": (dict(model="resnet20", dataset="digits"), (3, 32, 32), None),
+    "mlp1m": (dict(model="mlp", dataset="mnist1d", width=1024), (40,), 1024),
+}
+
+
+def real_runs(model: str, epochs: int, work: Path) -> dict:
+    """Baseline and each variant trained for real; returns {name: (run, test acc)} (+ 'baseline QAT')."""
+    base = dict(MODELS[model][0], epochs=epochs, device="cpu", bits=2)
+    out = {}
+    for name, (fields, _) in [("baseline QAT", ({}, {}))] + list(VARIANTS.items()):
+        rule = "none" if name == "baseline QAT" else "lts"
+        run_dir = work / f"{model}-{name.split()[0]}-{fields.get('bound_grad', 'all')}"
+        if not (run_dir / "manifest.json").exists():
+            t0 = time.perf_counter()
+            train(make_config(**base, rule=rule, **fields), run_dir=run_dir, progress=False)
+            print(f"  trained {model} {name} in {time.perf_counter() - t0:.0f} s", flush=True)
+        run = open_run(run_dir)
+        out[name] = (run, float(run.metrics["test_acc"].iloc[-1]))
+    return out
+
+
+def epoch_states(run) -> list[list[np.ndarray]]:
+    """Per epoch e = 1 … E: per quantized layer, the bool mask of weights frozen by the end of epoch e."""
+    S = int(run.manifest["steps_per_epoch"])
+    E = int(run.manifest["total_steps"]) // S
+    fs = run.freeze_steps()
+    states = []
+    for e in range(1, E + 1):
+        masks, off = [], 0
+        for lay in run.layers:
+            n = int(lay["numel"])
+            f = fs[off:off + n]
+            masks.append(((f >= 0) & (f < e * S)).reshape(lay["shape"]))
+            off += n
+        states.append(masks)
+    return states
+
+
+def skippable_share(masks, flops) -> float:
+    """Σ_l c_l·F_l / (2·Σ F): the structurally skippable share of backward FLOPs of a frozen state."""
+    tot = sum(flops)
+    return sum(m.reshape(m.shape[0], -1).all(axis=1).mean() * f for m, f in zip(masks, flops)) / (2 * tot)
+
+
+def make_step(model_name: str, shape, width, rule_kw: dict | None, masks=None, batch: int = 128):
+    """A closure running one training step, returning (step seconds, backward seconds)."""
+    torch.manual_seed(0)
+    x, y = torch.randn(batch, *shape), torch.randint(0, 10, (batch,))
+    kw = {} if width is None else {"width": width}
+    model = quantize_model(build_model(model_name, shape, 10, **kw), bits=2, example_input=x[:2])
+    wparams = [p for n, p in model.named_parameters() if "quantizer" not in n]
+    bparams = [p for n, p in model.named_parameters() if "quantizer" in n]
+    opt = torch.optim.SGD(wparams, lr=0.01, momentum=0.9, weight_decay=1e-4)
+    bopt = torch.optim.Adam(bparams, lr=1e-4)
+    rule = None
+    if rule_kw is not None:   # fixed ρ = 0: the decision runs every step and freezes nothing new
+        rule = LTSRule(model, opt, total_steps=10 ** 6, warmup_steps=0, schedule="fixed", ratio=0.0, **rule_kw)
+        names = [n for n, _ in quantized_layers(model)]
+        assert names == rule.layer_names
+        for i, m in enumerate(masks):
+            rule.freeze_weights(i, torch.from_numpy(np.ascontiguousarray(m)))
+
+    def step():
+        t0 = time.perf_counter()
+        opt.zero_grad(set_to_none=True)
+        bopt.zero_grad(set_to_none=True)
+        loss = F.cross_entropy(model(x), y)
+        b0 = time.perf_counter()
+        loss.backward()
+        b1 = time.perf_counter()
+        if rule is not None:
+            rule.step()
+        opt.step()
+        bopt.step()
+        return time.perf_counter() - t0, b1 - b0
+    for _ in range(2):   # warm-up (allocator, the rule's EMA start)
+        step()
+    return step
+
+
+def measure_pair(base_step, var_step, rounds: int, steps: int) -> tuple[float, float, float, float]:
+    """Interleaved rounds; returns (step ratio, backward ratio, baseline step s, baseline backward s)."""
+    b_s, b_b, v_s, v_b = [], [], [], []
+    for _ in range(rounds):
+        for fn, ss, bb in ((base_step, b_s, b_b), (var_step, v_s, v_b)):
+            ts = [fn() for _ in range(steps)]
+            ss.append(statistics.median(t[0] for t in ts))
+            bb.append(statistics.median(t[1] for t in ts))
+    return (statistics.median(v_s) / statistics.median(b_s), statistics.median(v_b) / statistics.median(b_b),
+            statistics.median(b_s), statistics.median(b_b))
+
+
+def pick_states(shares: list[float], k: int) -> list[int]:
+    """Epoch indices spanning `shares` (a per-epoch measure of the frozen state): the first epoch, the last,
+    and k−2 between at even steps of it (no duplicates)."""
+    order = [0, len(shares) - 1]
+    targets = np.linspace(min(shares), max(shares), k)[1:-1]
+    for t in targets:
+        order.append(int(np.argmin([abs(s - t) for s in shares])))
+    return sorted(set(order))
+
+
+def bench_model(model_name: str, args) -> list[str]:
+    work = args.work
+    runs = real_runs(model_name, args.epochs, work)
+    _, shape, width = MODELS[model_name]
+    base_acc = runs["baseline QAT"][1]
+    base_step = make_step(model_name, shape, width, None)
+    lines = []
+    for name, (_, rule_kw) in VARIANTS.items():
+        run, acc = runs[name]
+        states = epoch_states(run)
+        flops = [int(lay["flops"]) for lay in run.layers]
+        shares = [skippable_share(m, flops) for m in states]
+        frozen = [float(np.mean(np.concatenate([m.ravel() for m in ms]))) for ms in states]
+        # states are spread over (and interpolated in) the skippable share; where it hardly moves
+        # (per-weight freezing) over the frozen fraction
+        xvar = shares if max(shares) - min(shares) > 0.01 else frozen
+        picked = pick_states(xvar, args.states)
+        meas = {}
+        for e in picked:
+            var_step = make_step(model_name, shape, width, rule_kw, states[e])
+            meas[e] = measure_pair(base_step, var_step, args.rounds, args.steps)
+            print(f"  {model_name} {name} epoch {e + 1}: frozen {frozen[e]:.1%}, skippable {shares[e]:.1%}, "
+                  f"step ratio {meas[e][0]:.3f}, backward ratio {meas[e][1]:.3f}", flush=True)
+        xs = np.array([xvar[e] for e in picked])
+        order = np.argsort(xs, kind="stable")
+        xs = xs[order]
+        interp = lambda col: np.interp(xvar, xs, np.array([meas[e][col] for e in picked])[order])
+        step_r, bwd_r = interp(0), interp(1)
+        lines.append(f"| {model_name} | {name} | {acc:.2f} ({acc - base_acc:+.2f}) | "
+                     f"{run.metrics['updates_eliminated'].iloc[-1]:.1%} | "
+                     f"{run.metrics['backward_flops_saved'].iloc[-1]:.1%} | "
+                     f"{run.metrics['backward_flops_skippable'].iloc[-1]:.1%} | "
+                     f"{1 - float(np.mean(bwd_r)):.1%} | {1 - float(np.mean(step_r)):.1%} | "
+                     f"{', '.join(f'e{e + 1}: {meas[e][1]:.2f}/{meas[e][0]:.2f}' for e in picked)} |")
+    lines.append(f"| {model_name} | baseline QAT | {base_acc:.2f} | – | – | – | – | – | "
+                 f"step {meas[picked[0]][2] * 1e3:.0f} ms, backward {meas[picked[0]][3] * 1e3:.0f} ms |")
+    return lines
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--model", default="all", choices=["all", *MODELS])
+    ap.add_argument("--epochs", type=int, default=30)
+    ap.add_argument("--rounds", type=int, default=5)
+    ap.add_argument("--steps", type=int, default=4)
+    ap.add_argument("--states", type=int, default=5)
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--work", type=Path, default=None, help="folder for the real runs (kept; reused if there)")
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+    args.work = args.work or Path(tempfile.mkdtemp(prefix="bench_savings_"))
+    args.work.mkdir(parents=True, exist_ok=True)
+    load = os.getloadavg()
+    rows = []
+    for m in (MODELS if args.model == "all" else [args.model]):
+        rows += bench_model(m, args)
+    print(f"torch {torch.__version__}, {args.threads} threads, CPU, epochs {args.epochs}, rounds {args.rounds} × "
+          f"{args.steps} steps, load average at start {load[0]:.1f} / end {os.getloadavg()[0]:.1f}")
+    print("| model | variant | test acc (Δ vs baseline) | updates elim. (quantized w.) | bwd FLOPs saved "
+          "(accounted) | structurally skippable | whole-run backward time saved | whole-run step "
+          "time saved | measured backward/step ratio at epochs |")
+    print("|---|---|---|---|---|---|---|---|---|")
+    print("\n".join(rows))
+
+
+if __name__ == "__main__":
+    main()
