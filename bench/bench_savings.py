@@ -4,11 +4,14 @@ Usage: python bench/bench_savings.py [--model resnet20|mlp1m|all] [--epochs 30] 
                                      [--states 6] [--work DIR] [--threads 2]
 
 Two parts, one process:
-1. **Real runs** (the trainer, default schedule: linear growth ρ = 1, warm-up 20 %, 2 bits) give the frozen
-   state each epoch ends in: ResNet-20 on `digits` (8×8) and a 1M-weight MLP (`mlp`, width 1024: its fc2 holds
-   1024·1024 quantized weights; first and last layers full precision) on `mnist1d`, for baseline QAT,
-   channel-LTS with `bound_grad="active"`, per-weight LTS (the paper, `all`) and per-weight LTS with `active`.
-   Their test accuracies are printed too.
+1. **Real runs** (default settings: 2 bits, linear growth ρ = 1, warm-up 20 %, EMA 0.99, 30 QAT epochs after
+   20 full-precision ones) give the frozen state each epoch ends in and the test accuracy: ResNet-20 on the
+   shipped `digits` seen as 1×8×8 images (`resnet_digits_run`: the trainer's loop written out, since the
+   trainer feeds digits flat) and a 1M-weight MLP (`mlp`, width 1024: its fc2 holds 1024·1024 quantized weights;
+   first and last layers full precision) on `mnist1d` through the trainer; for baseline QAT, channel-LTS with
+   `bound_grad="active"` (default quantile 0.5), per-weight LTS (the paper, `all`) and per-weight LTS with
+   `active`. The quantized layers of ResNet-20 have the same shapes at 8×8 and 32×32 (the first convolution,
+   whose input differs, stays full precision).
 2. **Timing** at the timing shape (ResNet-20: batch 128 of 3×32×32, CIFAR's; the MLP: batch 128 of mnist1d's
    40 features): a fresh model of the variant is put into the frozen state of a run's epoch
    (`rule.freeze_weights`, the same masks per layer; ResNet-20's quantized layers have the same shapes at
@@ -46,42 +49,113 @@ VARIANTS = {  # name → (TrainConfig fields, LTSRule keyword arguments)
     "weight / active": (dict(bound_grad="active"), dict(bound_grad="active")),
 }
 MODELS = {  # name → (train config, timing input shape, model width)
-    "resnet20": (dict(model="resnet20", dataset="digits"), (3, 32, 32), None),
+    "resnet20": (None, (3, 32, 32), None),    # trained on digits as 1×8×8 images: resnet_digits_run
     "mlp1m": (dict(model="mlp", dataset="mnist1d", width=1024), (40,), 1024),
 }
 
 
-def real_runs(model: str, epochs: int, work: Path) -> dict:
-    """Baseline and each variant trained for real; returns {name: (run, test acc)} (+ 'baseline QAT')."""
+def _record(acc, rule, layers, spe, epochs, metrics) -> dict:
+    """What the timing part needs from a real run (per-weight freeze steps per quantized layer, …)."""
+    return {"acc": acc, "spe": spe, "epochs": epochs, "layers": layers, **metrics,
+            "freeze_steps": None if rule is None else [f.numpy().copy() for f in rule.freeze_step]}
+
+
+def resnet_digits_run(rule_kw: dict | None, epochs: int, seed: int = 0) -> dict:
+    """ResNet-20 on digits seen as 1×8×8 images (a shipped dataset; the trainer feeds digits flat, so this is
+    the trainer's loop, written out: same defaults: FP pre-training 20 epochs SGD 0.1 cosine, then QAT at 2 bits,
+    SGD 0.05 momentum 0.9 wd 1e-4 cosine, Adam 1e-3 for the bounds, batch 128, warm-up 20 %, linear ρ = 1)."""
+    from lts_core.datasets import load_dataset
+    from lts_core.trainer import batches, epoch_order, evaluate, lr_factor, steps_per_epoch
+    data = load_dataset("digits", seed=seed)
+    xtr, xte = data.x_train.reshape(-1, 1, 8, 8), data.x_test.reshape(-1, 1, 8, 8)
+    n, bs = len(xtr), 128
+    spe = steps_per_epoch(n, bs)
+    torch.manual_seed(seed)
+    model = build_model("resnet20", (1, 8, 8), 10)
+
+    def run_epochs(opts, n_epochs, lr0, phase, rule=None, bopt=None):
+        t, total = 0, spe * n_epochs
+        for epoch in range(n_epochs):
+            for idx in batches(epoch_order(n, seed, epoch, phase), bs):
+                for g in opts.param_groups:
+                    g["lr"] = lr0 * lr_factor("cosine", t, total)
+                opts.zero_grad(set_to_none=True)
+                if bopt is not None:
+                    bopt.zero_grad(set_to_none=True)
+                F.cross_entropy(model(xtr[idx]), data.y_train[idx]).backward()
+                if rule is not None:
+                    rule.step()
+                opts.step()
+                if bopt is not None:
+                    bopt.step()
+                t += 1
+
+    model.train()
+    run_epochs(torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9, weight_decay=1e-4), 20, 0.1, "fp")
+    quantize_model(model, bits=2, example_input=xte[:2])
+    model.train()
+    wparams = [p for n_, p in model.named_parameters() if "quantizer" not in n_]
+    bparams = [p for n_, p in model.named_parameters() if "quantizer" in n_]
+    opt = torch.optim.SGD(wparams, lr=0.05, momentum=0.9, weight_decay=1e-4)
+    bopt = torch.optim.Adam(bparams, lr=1e-3)
+    rule = None if rule_kw is None else LTSRule(model, opt, spe * epochs, warmup_steps=round(0.2 * epochs * spe),
+                                                schedule="linear", **rule_kw)
+    run_epochs(opt, epochs, 0.05, "qat", rule, bopt)
+    acc = evaluate(model, xte, data.y_test, torch.device("cpu"))
+    layers = [(list(m.weight.shape), int(m.flops)) for _, m in quantized_layers(model)]
+    metrics = {} if rule is None else {"updates_eliminated": rule.updates_eliminated(),
+                                       "backward_flops_saved": rule.backward_flops_saved(),
+                                       "backward_flops_skippable": rule.backward_flops_skippable()}
+    return _record(acc, rule, layers, spe, epochs, metrics)
+
+
+def trainer_run(model: str, fields: dict, rule: str, epochs: int, run_dir: Path) -> dict:
+    """A real run through the trainer (recorded in `run_dir`, reused when there)."""
     base = dict(MODELS[model][0], epochs=epochs, device="cpu", bits=2)
-    out = {}
-    for name, (fields, _) in [("baseline QAT", ({}, {}))] + list(VARIANTS.items()):
-        rule = "none" if name == "baseline QAT" else "lts"
-        run_dir = work / f"{model}-{name.split()[0]}-{fields.get('bound_grad', 'all')}"
-        if not (run_dir / "manifest.json").exists():
-            t0 = time.perf_counter()
-            train(make_config(**base, rule=rule, **fields), run_dir=run_dir, progress=False)
-            print(f"  trained {model} {name} in {time.perf_counter() - t0:.0f} s", flush=True)
-        run = open_run(run_dir)
-        out[name] = (run, float(run.metrics["test_acc"].iloc[-1]))
+    if not (run_dir / "manifest.json").exists():
+        train(make_config(**base, rule=rule, **fields), run_dir=run_dir, progress=False)
+    run = open_run(run_dir)
+    last = run.metrics.iloc[-1]
+    layers = [(list(lay["shape"]), int(lay["flops"])) for lay in run.layers]
+    out = _record(float(last["test_acc"]), None, layers, int(run.manifest["steps_per_epoch"]), epochs,
+                  {k: float(last[k]) for k in ("updates_eliminated", "backward_flops_saved",
+                                               "backward_flops_skippable")})
+    if rule != "none":
+        fs, off, parts = run.freeze_steps(), 0, []
+        for shape, _ in layers:
+            k = int(np.prod(shape))
+            parts.append(fs[off:off + k])
+            off += k
+        out["freeze_steps"] = parts
     return out
 
 
-def epoch_states(run) -> list[list[np.ndarray]]:
+def real_runs(model: str, epochs: int, work: Path) -> dict:
+    """Baseline and each variant trained for real: {name: record} (+ 'baseline QAT'); cached in `work`."""
+    import pickle
+    out = {}
+    for name, (fields, rule_kw) in [("baseline QAT", ({}, None))] + list(VARIANTS.items()):
+        cache = work / f"{model}-{name.replace(' ', '_').replace('/', '-')}.pkl"
+        if cache.exists():
+            out[name] = pickle.loads(cache.read_bytes())
+            continue
+        t0 = time.perf_counter()
+        if model == "resnet20":
+            rec = resnet_digits_run(rule_kw, epochs)
+        else:
+            rec = trainer_run(model, fields, "none" if rule_kw is None else "lts", epochs,
+                              work / f"{model}-{name.split()[0]}-{fields.get('bound_grad', 'all')}")
+        cache.write_bytes(pickle.dumps(rec))
+        print(f"  trained {model} {name} in {time.perf_counter() - t0:.0f} s: acc {rec['acc']:.2f}", flush=True)
+        out[name] = rec
+    return out
+
+
+def epoch_states(rec: dict) -> list[list[np.ndarray]]:
     """Per epoch e = 1 … E: per quantized layer, the bool mask of weights frozen by the end of epoch e."""
-    S = int(run.manifest["steps_per_epoch"])
-    E = int(run.manifest["total_steps"]) // S
-    fs = run.freeze_steps()
-    states = []
-    for e in range(1, E + 1):
-        masks, off = [], 0
-        for lay in run.layers:
-            n = int(lay["numel"])
-            f = fs[off:off + n]
-            masks.append(((f >= 0) & (f < e * S)).reshape(lay["shape"]))
-            off += n
-        states.append(masks)
-    return states
+    S, E = rec["spe"], rec["epochs"]
+    return [[((f >= 0) & (f < e * S)).reshape(shape) for f, (shape, _) in zip(rec["freeze_steps"], rec["layers"])]
+            for e in range(1, E + 1)]
 
 
 def skippable_share(masks, flops) -> float:
@@ -152,13 +226,14 @@ def bench_model(model_name: str, args) -> list[str]:
     work = args.work
     runs = real_runs(model_name, args.epochs, work)
     _, shape, width = MODELS[model_name]
-    base_acc = runs["baseline QAT"][1]
+    base_acc = runs["baseline QAT"]["acc"]
     base_step = make_step(model_name, shape, width, None)
     lines = []
     for name, (_, rule_kw) in VARIANTS.items():
-        run, acc = runs[name]
-        states = epoch_states(run)
-        flops = [int(lay["flops"]) for lay in run.layers]
+        rec = runs[name]
+        acc = rec["acc"]
+        states = epoch_states(rec)
+        flops = [f for _, f in rec["layers"]]
         shares = [skippable_share(m, flops) for m in states]
         frozen = [float(np.mean(np.concatenate([m.ravel() for m in ms]))) for ms in states]
         # states are spread over (and interpolated in) the skippable share; where it hardly moves
@@ -177,9 +252,8 @@ def bench_model(model_name: str, args) -> list[str]:
         interp = lambda col: np.interp(xvar, xs, np.array([meas[e][col] for e in picked])[order])
         step_r, bwd_r = interp(0), interp(1)
         lines.append(f"| {model_name} | {name} | {acc:.2f} ({acc - base_acc:+.2f}) | "
-                     f"{run.metrics['updates_eliminated'].iloc[-1]:.1%} | "
-                     f"{run.metrics['backward_flops_saved'].iloc[-1]:.1%} | "
-                     f"{run.metrics['backward_flops_skippable'].iloc[-1]:.1%} | "
+                     f"{rec['updates_eliminated']:.1%} | {rec['backward_flops_saved']:.1%} | "
+                     f"{rec['backward_flops_skippable']:.1%} | "
                      f"{1 - float(np.mean(bwd_r)):.1%} | {1 - float(np.mean(step_r)):.1%} | "
                      f"{', '.join(f'e{e + 1}: {meas[e][1]:.2f}/{meas[e][0]:.2f}' for e in picked)} |")
     lines.append(f"| {model_name} | baseline QAT | {base_acc:.2f} | – | – | – | – | – | "

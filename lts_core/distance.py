@@ -25,16 +25,16 @@ def decode_distance(code: torch.Tensor) -> torch.Tensor:
 
 
 def ema_update(d: torch.Tensor, r: torch.Tensor, changed: torch.Tensor, decay: float,
-               reset: float | torch.Tensor = RESET_DISTANCE, inplace: bool = False) -> torch.Tensor:
+               reset: float | torch.Tensor = RESET_DISTANCE, scratch: torch.Tensor | None = None) -> torch.Tensor:
     """One LTS EMA step (float32): d' = (1-m)·r + m·d, then d' = `reset` (one step) where the level changed.
 
     Op for op the reference's update, so the rule and the replay agree with it bit for bit. `reset` is one
     step in the units of `d`: 1.0 in Δ units, 1/(L−1) in normalised units (a float, or a per-weight tensor).
-    `inplace=True` writes d' into `d` (the same two products and one addition, so the same bits: the rule's
-    per-step path, one allocation instead of two).
+    With `scratch` (a float32 tensor like `r`, overwritten) d' is written into `d` itself: the same two products
+    and one addition (commutative), so the same bits, with no allocation (the rule's per-step path).
     """
-    if inplace:
-        out = d.mul_(decay).add_(r * (1.0 - decay))
+    if scratch is not None:
+        out = d.mul_(decay).add_(torch.mul(r, 1.0 - decay, out=scratch))
     else:
         out = r * (1.0 - decay)
         out += d * decay

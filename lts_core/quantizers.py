@@ -88,15 +88,15 @@ class WeightQuantizer(nn.Module):
         return None
 
     @torch.no_grad()
-    def measure_norm(self, w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def measure_norm(self, w: torch.Tensor, out: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """The LTS rule's measurement, as the reference computes it: (level index k as float32, raw distance
         r = |x − k/(L−1)| in *normalised* units, float32), x the unclamped normalised position and
         k = round(clamp(x, 0, 1)·(L−1)). Multiply r by L−1 for Δ units. Reuses the forward pass's x and k
-        when nothing changed since (bit for bit the same result)."""
+        when nothing changed since (bit for bit the same result). `out` (float32, w's shape) receives r."""
         seen = self._remembered(w)
         x, level = (seen[0].float(), seen[1].float()) if seen is not None else self._fresh_x_level(w.detach())
-        r = torch.sub(x, level / (self.n_levels - 1)).abs_()
-        return level, r
+        step = torch.div(level, self.n_levels - 1, out=out) if out is not None else level / (self.n_levels - 1)
+        return level, torch.sub(x, step, out=step).abs_()
 
     def _fresh_x_level(self, w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(normalised position, level index) as float32, computed from `w`; level = round(position) clamped."""

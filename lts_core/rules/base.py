@@ -81,6 +81,7 @@ class FreezingRule:
         self._flops_sum = 0.0    # Σ over steps of the backward-FLOPs fraction saved
         self._skip_sum = 0.0     # Σ over steps of the structurally skippable backward-FLOPs fraction
         self._hook = None
+        self._buffers: dict[str, list[torch.Tensor | None]] = {}
         self.resyncs = 0
         # the frozen masks as of the last sync(), identical on every rank (what a DDP hook may rely on)
         self.comm_frozen: list[torch.Tensor] | None = None
@@ -121,6 +122,14 @@ class FreezingRule:
             if n and not (n == k and m.weight.grad is None):   # no gradient: no optimizer moved it
                 torch.where(fz, val, m.weight, out=m.weight)
 
+    def _buffer(self, name: str, i: int, dtype: torch.dtype) -> torch.Tensor:
+        """A per-layer scratch tensor of layer i's weight shape, reused every step (large CPU allocations are
+        page faults each time; the values are overwritten before use)."""
+        bufs = self._buffers.setdefault(name, [None] * len(self.modules))
+        if bufs[i] is None:
+            bufs[i] = torch.empty(self.modules[i].weight.shape, dtype=dtype, device=self.modules[i].weight.device)
+        return bufs[i]
+
     @property
     def _any_frozen(self) -> bool:
         return any(self._n_frozen)
@@ -136,7 +145,8 @@ class FreezingRule:
             w = m.weight
             q = m.weight_quantizer
             self.last_dist_code[i] = q.measure_code(w)[1] if self.record_codes else None
-            level, r = q.measure_norm(w)  # float32 level index, exact raw distance (normalised units)
+            # float32 level index, exact raw distance (normalised units; a new tensor: `last_raw` stays valid)
+            level, r = q.measure_norm(w)
             self.last_level[i] = level
             self.last_raw[i] = r
             newly, value = self._observe(i, level, r, w)

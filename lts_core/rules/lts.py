@@ -86,7 +86,8 @@ class LTSRule(FreezingRule):
             self.ema[i] = r.clone()
         elif t >= 2:
             reset = 1 / (self.n_levels[i] - 1)
-            ema_update(self.ema[i], r, level != self.prev_level[i], self.decay, reset, inplace=True)
+            changed = torch.ne(level, self.prev_level[i], out=self._buffer("changed", i, torch.bool))
+            ema_update(self.ema[i], r, changed, self.decay, reset, scratch=self._buffer("ema_tmp", i, torch.float32))
         self.prev_level[i] = level
         rho = self.threshold(t)
         if rho < 0:
@@ -95,7 +96,7 @@ class LTSRule(FreezingRule):
         if self._granularity == "channel":
             stat = channel_statistic(self.ema[i], self.n_channels[i], self.channel_quantile)
             return expand_channels(stat <= thr, self.ema[i].shape), None
-        return self.ema[i] <= thr, None
+        return torch.le(self.ema[i], thr, out=self._buffer("decide", i, torch.bool)), None
 
     def settings(self) -> dict:
         return {"rule": "lts", "schedule": self.schedule, "ratio": self.ratio, "decay": self.decay,
