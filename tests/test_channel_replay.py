@@ -2,8 +2,6 @@
 recorded every step, and against a direct computation from per-weight freeze steps."""
 from __future__ import annotations
 
-import os
-
 import numpy as np
 import pytest
 
@@ -11,18 +9,7 @@ from lts_core.analysis.replay import ReplayIndex, freeze_accounting, replay_free
 from lts_core.config import make_config
 from lts_core.store import open_run
 from lts_core.trainer import train
-
-
-@pytest.fixture(scope="module")
-def data_env(tmp_path_factory):
-    d = tmp_path_factory.mktemp("data")
-    old = os.environ.get("SCRATCHOFF_DATA")
-    os.environ["SCRATCHOFF_DATA"] = str(d)
-    yield d
-    if old is None:
-        os.environ.pop("SCRATCHOFF_DATA")
-    else:
-        os.environ["SCRATCHOFF_DATA"] = old
+from test_integration import data_env  # noqa: F401  (the module-scoped data folder fixture)
 
 
 def test_channel_lts_run_replays_itself_exactly(data_env, tmp_path):
