@@ -213,3 +213,76 @@ def plan_from_frozen(frozen: torch.Tensor, per_weight: bool, none_when_frozen: b
         mask = ~frozen
     return ChannelPlan(active=active, n_channels=int(frozen.shape[0]), weight_mask=mask,
                        none_when_frozen=none_when_frozen)
+
+
+class ActiveIntervalQuantize(torch.autograd.Function):
+    """The learned-interval quantizer (`LearnedIntervalQuantizer.forward`) for a layer with a plan: the forward
+    pass is the same ops on the same tensors (bit-identical ŵ, and the quantizer remembers x and k as usual);
+    the backward pass runs the straight-through chain on the **active rows only** (the gradient of ŵ is zero
+    elsewhere, so the dense chain would spend most of its passes on zeros), giving the weight's gradient on
+    those rows and the bounds' gradient as the sum over them:
+
+        x = (w − l)/b, b = u − l;  g_x = g_q·[0 ≤ x ≤ 1],  g_q = 2·g ("unit") or b·g ("denorm");
+        g_w = g_x / b;  g_l = Σ g_x·(x − 1)/b (+ Σ g·(1 − q) for "denorm");  g_u = Σ −g_x·x/b (+ Σ g·q);
+        symmetric (l = −u): g_u ← g_u − g_l.
+
+    The same terms as autograd's chain, summed in another order: equal within float32 rounding (tested).
+    """
+
+    @staticmethod
+    def forward(ctx, w, lower, upper, quantizer, plan: ChannelPlan):
+        ctx.set_materialize_grads(False)
+        lo, up = quantizer._lu()
+        x = quantizer.normalized(w)
+        L1 = quantizer.n_levels - 1
+        level = torch.round(torch.clamp(x, 0, 1) * L1)      # RoundToGrid's forward, op for op
+        q = level / L1
+        quantizer._remember(w, x, level)
+        ctx.save_for_backward(x, lo, up)
+        ctx.plan, ctx.unit, ctx.symmetric = plan, quantizer.output == "unit", quantizer.symmetric
+        ctx.n_levels = quantizer.n_levels
+        if ctx.unit:
+            return (q - 0.5) * 2
+        return lo + q * (up - lo)
+
+    @staticmethod
+    def backward(ctx, g):
+        if g is None:
+            return None, None, None, None, None
+        x, lo, up = ctx.saved_tensors
+        plan: ChannelPlan = ctx.plan
+        partial = plan.n_active != plan.n_channels
+        if partial:
+            g = g.index_select(0, plan.active)
+            x = x.index_select(0, plan.active)
+        b = up - lo
+        inside = (x >= 0) & (x <= 1)
+        gq = g * 2 if ctx.unit else g * b
+        gx = gq * inside
+        gw_rows = gx / b
+        g_lo = (gx * (x - 1)).sum() / b
+        g_up = -(gx * x).sum() / b
+        if not ctx.unit:
+            q = torch.round(torch.clamp(x, 0, 1) * (ctx.n_levels - 1)) / (ctx.n_levels - 1)
+            gq_sum = (g * q).sum()
+            g_lo = g_lo + (g.sum() - gq_sum)
+            g_up = g_up + gq_sum
+        if ctx.symmetric:
+            g_up, g_lo = g_up - g_lo, None
+        gw = gw_rows
+        if partial:
+            gw = gw_rows.new_zeros((plan.n_channels,) + tuple(gw_rows.shape[1:]))
+            gw.index_copy_(0, plan.active, gw_rows)
+        return (gw if ctx.needs_input_grad[0] else None,
+                None if (g_lo is None or not ctx.needs_input_grad[1]) else g_lo.reshape(lo.shape),
+                g_up.reshape(up.shape) if ctx.needs_input_grad[2] else None, None, None)
+
+
+def planned_quantize(quantizer, w: torch.Tensor, plan: ChannelPlan | None) -> torch.Tensor:
+    """ŵ = quantizer(w), through `ActiveIntervalQuantize` when the layer has a plan and the quantizer is the
+    learned-interval one (others keep autograd's chain: its backward then runs on the zeros too)."""
+    from .quantizers import LearnedIntervalQuantizer
+    if plan is None or not torch.is_grad_enabled() or type(quantizer) is not LearnedIntervalQuantizer \
+            or not bool(quantizer.initialized):
+        return quantizer(w)
+    return ActiveIntervalQuantize.apply(w, quantizer.lower, quantizer.upper, quantizer, plan)

@@ -8,7 +8,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .channel_grad import ChannelPlan, ConvSpec, planned_conv, planned_linear
+from .channel_grad import ChannelPlan, ConvSpec, planned_conv, planned_linear, planned_quantize
 from .quantizers import ActivationQuantizer, WeightQuantizer, make_weight_quantizer
 
 WEIGHT_LAYERS = (nn.Linear, nn.Conv1d, nn.Conv2d)
@@ -32,7 +32,7 @@ class _QuantMixin:
         wq.init_from(self.weight)
 
     def quantized_weight(self) -> torch.Tensor:
-        return self.weight_quantizer(self.weight)
+        return planned_quantize(self.weight_quantizer, self.weight, self.channel_plan)
 
     def _maybe_quantize_input(self, x: torch.Tensor) -> torch.Tensor:
         return x if self.act_quantizer is None else self.act_quantizer(x)

@@ -170,3 +170,46 @@ def test_no_plan_and_no_grad_paths_are_the_dense_layer():
         assert torch.equal(layer(x), ref)
     assert torch.equal(layer(x), ref)            # the planned forward is the same convolution
     assert isinstance(layer.channel_plan, ChannelPlan)
+
+
+@pytest.mark.parametrize("kind,quant", [("linear", dict(output="denorm")), ("linear", dict(output="unit")),
+                                        ("conv2d", dict(output="unit")),
+                                        ("linear", dict(bits=2, n_levels=3, symmetric=True))])
+@pytest.mark.parametrize("per_weight", [False, True])
+def test_active_rows_quantizer_backward_equals_autograds_chain(kind, quant, per_weight):
+    """With a plan, the learned-interval quantizer runs its backward on the active rows only
+    (ActiveIntervalQuantize): ŵ and the remembered measurement are bit-identical, the weight's and the bounds'
+    gradients equal autograd's chain over the same masked gradient of ŵ within float32 summation order."""
+    from lts_core.channel_grad import ActiveConv, ActiveLinear, ConvSpec
+    torch.manual_seed(0)
+    mod = nn.Linear(12, 10) if kind == "linear" else nn.Conv2d(8, 12, 3, padding=1)
+    layer = (QLinear if kind == "linear" else QConv2d).from_float(mod, LearnedIntervalQuantizer(**quant))
+    layer.weight_quantizer.remember_forward = True
+    x = _input(kind, layer)
+    frozen = torch.zeros_like(layer.weight, dtype=torch.bool)
+    frozen[[1, 4]] = True
+    if per_weight:
+        frozen |= torch.rand_like(layer.weight) < 0.3
+    plan = plan_from_frozen(frozen, per_weight=per_weight)
+    _, g_fused = _grads(layer, x, plan)
+    fused_seen = layer.weight_quantizer.measure_norm(layer.weight)
+    # reference: autograd's chain through the quantizer module, then the same planned GEMM
+    for p in layer.parameters():
+        p.grad = None
+    w_hat = layer.weight_quantizer(layer.weight)
+    layer.channel_plan = plan
+    with torch.no_grad():
+        assert torch.equal(layer.quantized_weight(), w_hat)
+    torch.manual_seed(2)
+    if kind == "linear":
+        out = ActiveLinear.apply(x, w_hat, layer.bias, plan)
+    else:
+        out = ActiveConv.apply(x, w_hat, layer.bias, ConvSpec.of(layer), plan)
+    out.backward(torch.randn_like(out))
+    for n, p in layer.named_parameters():
+        if p.grad is None:
+            assert g_fused[n] is None
+            continue
+        _close(g_fused[n], p.grad)
+    assert all(torch.equal(a, b) for a, b in zip(fused_seen, layer.weight_quantizer.measure_norm(layer.weight)))
+    assert torch.equal(g_fused["weight"][frozen], torch.zeros(int(frozen.sum())))
