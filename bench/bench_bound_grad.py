@@ -6,9 +6,8 @@ Each configuration is a real training run through the trainer (default schedule:
 warm-up 20 % of epochs; full-precision pre-training cached and shared by the variants of a seed). Results are
 appended to --out as JSON lines (a rerun skips what is there) and printed as a Markdown table: final test
 accuracy, its difference to baseline QAT of the same seed, updates eliminated (over quantized weights),
-backward FLOPs saved (accounted, as the paper counts), structurally skippable share, and the measured
-backward and step seconds ÷ the baseline's (sums over the run; noisy on a shared machine, see bench_savings.py
-for interleaved timings).
+backward FLOPs saved (accounted, as the paper counts) and the structurally skippable share. Wall-clock time is
+not compared here (runs train side by side on a shared machine): bench_savings.py measures it interleaved.
 """
 from __future__ import annotations
 
@@ -53,27 +52,25 @@ def run_one(job: dict) -> dict:
 
 def table(rows: list[dict]) -> str:
     out = ["| model / dataset | variant | test acc (%) | Δ acc vs baseline | updates elim. (quantized w.) | "
-           "bwd FLOPs saved (accounted) | structurally skippable | backward s ÷ baseline | step s ÷ baseline |",
-           "|---|---|---|---|---|---|---|---|---|"]
+           "bwd FLOPs saved (accounted) | structurally skippable |",
+           "|---|---|---|---|---|---|---|"]
     for model, dataset in PAIRS:
         for name, _ in VARIANTS:
             sel = [r for r in rows if (r["model"], r["dataset"], r["variant"]) == (model, dataset, name)]
             if not sel:
                 continue
-            accs, dacc, bw, st = [], [], [], []
+            accs, dacc = [], []
             for r in sel:
                 base = [b for b in rows if (b["model"], b["dataset"], b["seed"], b["variant"]) ==
                         (model, dataset, r["seed"], "baseline QAT")]
                 accs.append(r["acc"])
                 if base:
                     dacc.append(r["acc"] - base[0]["acc"])
-                    bw.append(r["backward_seconds"] / base[0]["backward_seconds"])
-                    st.append(r["step_seconds"] / base[0]["step_seconds"])
             mean = lambda xs: sum(xs) / len(xs) if xs else float("nan")
             f = lambda k: mean([r[k] for r in sel])
             out.append(f"| {model} / {dataset} | {name} | {mean(accs):.2f} | {mean(dacc):+.2f} | "
                        f"{f('updates_eliminated'):.1%} | {f('backward_flops_saved'):.1%} | "
-                       f"{f('backward_flops_skippable'):.1%} | {mean(bw):.2f} | {mean(st):.2f} |")
+                       f"{f('backward_flops_skippable'):.1%} |")
     return "\n".join(out)
 
 
