@@ -36,7 +36,7 @@ class ChannelSpec:
             if len(self.channels) != len(sizes):
                 raise ValueError(f"{len(self.channels)} layer channel counts for {len(sizes)} layers")
             for c, n in zip(self.channels, sizes):
-                if c < 1 or n % c:
+                if n and (c < 1 or n % c):   # (an empty layer has no channel to check)
                     raise ValueError(f"a layer of {n} weights cannot have {c} output channels")
         if self.granularity == "channel" and self.channels is None:
             raise ValueError("channel granularity needs each layer's output-channel count (the run's manifest "
@@ -51,7 +51,7 @@ class ChannelSpec:
         return self.channels is not None
 
 
-def channel_spec(granularity: str = "weight", channel_quantile: float = 1.0, layer_channels=None,
+def channel_spec(granularity: str = "weight", channel_quantile: float = 0.5, layer_channels=None,
                  sizes: list[int] | None = None) -> ChannelSpec:
     if layer_channels is not None and len(layer_channels) == 0:
         layer_channels = None
@@ -61,6 +61,8 @@ def channel_spec(granularity: str = "weight", channel_quantile: float = 1.0, lay
 def channel_freeze(d: torch.Tensor, thr: float, n_channels: int, quantile: float) -> torch.Tensor:
     """bool like `d` (one layer's EMA distances, flat): the weights of channels whose statistic is ≤ thr —
     the live rule's comparison (`LTSRule` with granularity "channel")."""
+    if d.numel() == 0:
+        return torch.zeros_like(d, dtype=torch.bool)
     stat = channel_statistic(d, n_channels, quantile)
     return expand_channels(stat <= thr, torch.Size((n_channels, d.numel() // n_channels))).reshape(d.shape)
 
@@ -77,6 +79,8 @@ def _np_statistic(d: np.ndarray, n_channels: int, q: float) -> np.ndarray:
 def channel_bins(d: np.ndarray, n_channels: int, quantile: float, bins_of) -> np.ndarray:
     """Per weight (int64, one layer, flat): the grid bin of its channel's statistic, `bins_of(stat)` being the
     replay's `grid_bins` for this layer and record. Every weight of a channel gets its channel's bin."""
+    if d.size == 0:
+        return np.zeros(0, dtype=np.int64)
     stat = _np_statistic(np.asarray(d, dtype=np.float32), n_channels, quantile)
     return np.repeat(bins_of(stat), d.size // n_channels)
 
@@ -101,6 +105,8 @@ class StructuralCounter:
         for i in layers:
             a, b = self.offsets[i], self.offsets[i + 1]
             c = self.channels[i]
+            if a == b:
+                continue
             new = M[a:b].reshape(c, -1).max(axis=1)
             old = self.cmax[i]
             ch = np.flatnonzero(new != old)
@@ -120,6 +126,8 @@ def skippable_counts(freeze_steps: np.ndarray, steps: np.ndarray, sizes: list[in
     out = np.zeros((len(sizes), R), dtype=np.int64)
     off = 0
     for i, (n, c) in enumerate(zip(sizes, channels)):
+        if n == 0:
+            continue
         fs = np.asarray(freeze_steps[off:off + n], dtype=np.int64).reshape(c, -1)
         off += n
         done = (fs >= 0).all(axis=1)

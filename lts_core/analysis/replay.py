@@ -34,6 +34,7 @@ import torch
 
 from ..distance import decode_distance, ema_update_compounded
 from ..schedules import canonical_schedule, eligible, osc_threshold_at, ratio_at, schedule_gain, threshold_norm
+from ..channels import DEFAULT_CHANNEL_QUANTILE
 from .channel_replay import StructuralCounter, channel_bins, channel_freeze, channel_spec, skippable_counts
 from .settle import RunArrays, arrays_from_run, check_layer_sizes, is_run
 
@@ -223,7 +224,7 @@ def _check_raw(raw_dists, R: int, N: int) -> None:
 def replay_freeze_steps(steps, levels=None, dist_codes=None, schedule: str = "linear", ratio: float = 1.0,
                         warmup_steps: int | None = None, total_steps: int | None = None, decay: float = 0.99,
                         device: str | torch.device = "cpu", *, layer_sizes=None, layer_n_levels=None,
-                        raw_dists=None, granularity: str = "weight", channel_quantile: float = 1.0,
+                        raw_dists=None, granularity: str = "weight", channel_quantile: float = DEFAULT_CHANNEL_QUANTILE,
                         layer_channels=None) -> np.ndarray:
     """Exact direct simulation of the LTS rule on the records: int64 [N] freeze step per weight (-1 = never).
 
@@ -586,7 +587,7 @@ class ReplayIndex:
               max_ratio: float = 2.0, *, steps_per_epoch: int | None = None,
               layer_names: Sequence[str] | None = None, layer_n_levels=None, raw_dists=None,
               n_trainable: int | None = None, executor=None, plan_only: bool = False,
-              granularity: str = "weight", channel_quantile: float = 1.0, layer_channels=None,
+              granularity: str = "weight", channel_quantile: float = DEFAULT_CHANNEL_QUANTILE, layer_channels=None,
               structural: bool | None = None) -> "ReplayIndex":
         """Build from arrays, or from a stored run passed as the first argument (`ReplayIndex.build(run,
         schedule="linear", warmup_steps=…, decay=…)`). With a run, its exact raw distances are used when it
