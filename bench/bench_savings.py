@@ -1,7 +1,7 @@
 """Measured savings of frozen channels: backward and step wall-clock of LTS variants ÷ baseline QAT, on CPU.
 
 Usage: python bench/bench_savings.py [--model resnet20|mlp1m|all] [--epochs 30] [--rounds 5] [--steps 4]
-                                     [--states 6] [--work DIR] [--threads 2]
+                                     [--states 5] [--weight-states 3] [--work DIR] [--threads 2]
 
 Two parts, one process:
 1. **Real runs** (default settings: 2 bits, linear growth ρ = 1, warm-up 20 %, EMA 0.99, 30 QAT epochs after
@@ -18,7 +18,8 @@ Two parts, one process:
    8×8 and 32×32), then rounds alternate baseline, variant, baseline, variant … (`--rounds`), each the median
    of `--steps` full steps (zero_grad, forward, backward, rule.step, optimizer steps; the backward timed
    separately). The ratio at that state is median(variant) ÷ median(baseline) over the rounds.
-   `--states` epochs are measured, chosen to span the run's structurally skippable share; every other epoch
+   `--states` epochs are measured (`--weight-states` for per-weight freezing, whose skippable share hardly moves:
+   spread over its frozen fraction instead), chosen to span the run's structurally skippable share; every other epoch
    takes the ratio interpolated linearly in that share between the measured ones (nothing frozen = the first
    state). **Whole-run ratio** = mean over epochs of the per-epoch ratio (every epoch has the same number of
    steps and the baseline's step cost does not change over the run), i.e. Σ_e t_variant(e) ÷ Σ_e t_base.
@@ -239,7 +240,7 @@ def bench_model(model_name: str, args) -> list[str]:
         # states are spread over (and interpolated in) the skippable share; where it hardly moves
         # (per-weight freezing) over the frozen fraction
         xvar = shares if max(shares) - min(shares) > 0.01 else frozen
-        picked = pick_states(xvar, args.states)
+        picked = pick_states(xvar, args.states if name.startswith("channel") else args.weight_states)
         meas = {}
         for e in picked:
             var_step = make_step(model_name, shape, width, rule_kw, states[e])
@@ -267,7 +268,8 @@ def main() -> None:
     ap.add_argument("--epochs", type=int, default=30)
     ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--steps", type=int, default=4)
-    ap.add_argument("--states", type=int, default=5)
+    ap.add_argument("--states", type=int, default=5, help="epochs measured for channel freezing")
+    ap.add_argument("--weight-states", type=int, default=3, help="epochs measured for per-weight freezing")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--work", type=Path, default=None, help="folder for the real runs (kept; reused if there)")
     args = ap.parse_args()
