@@ -139,6 +139,7 @@ def real_runs(model: str, epochs: int, work: Path) -> dict:
         cache = work / f"{model}-{name.replace(' ', '_').replace('/', '-')}.pkl"
         if cache.exists():
             out[name] = pickle.loads(cache.read_bytes())
+            print(f"  {model} {name}: acc {out[name]['acc']:.2f} (run loaded from {work})", flush=True)
             continue
         t0 = time.perf_counter()
         if model == "resnet20":
@@ -170,7 +171,8 @@ def make_step(model_name: str, shape, width, rule_kw: dict | None, masks=None, b
     torch.manual_seed(0)
     x, y = torch.randn(batch, *shape), torch.randint(0, 10, (batch,))
     kw = {} if width is None else {"width": width}
-    model = quantize_model(build_model(model_name, shape, 10, **kw), bits=2, example_input=x[:2])
+    arch = "resnet20" if model_name == "resnet20" else "mlp"
+    model = quantize_model(build_model(arch, shape, 10, **kw), bits=2, example_input=x[:2])
     wparams = [p for n, p in model.named_parameters() if "quantizer" not in n]
     bparams = [p for n, p in model.named_parameters() if "quantizer" in n]
     opt = torch.optim.SGD(wparams, lr=0.01, momentum=0.9, weight_decay=1e-4)
