@@ -52,8 +52,10 @@ for step in range(STEPS):
     opt.step()
     if step % 5 == 4:
         rule.sync()
+dist.barrier()   # both ranks done with every collective before either leaves
 json.dump({"sent": comm.sent, "total": comm.total, "max_diff": max_diff, "checked": checked,
            "frozen": torch.cat([f.flatten() for f in rule.frozen]).tolist(),
            "comm_frozen_fraction": float(torch.cat([f.flatten() for f in rule.comm_frozen]).float().mean())},
           open(f"{out}.rank{rank}.json", "w"))
+dist.barrier()
 dist.destroy_process_group()

@@ -93,9 +93,17 @@ class LTSRule(FreezingRule):
         if rho < 0:
             return None, None
         thr = threshold_norm(rho, self.n_levels[i])
-        if self._granularity == "channel":
-            stat = channel_statistic(self.ema[i], self.n_channels[i], self.channel_quantile)
-            return expand_channels(stat <= thr, self.ema[i].shape), None
+        if self._granularity == "channel":   # the statistic of the channels not frozen yet (the rest stay)
+            live = None if not self._n_frozen[i] else torch.nonzero(self._unfrozen[i].reshape(
+                self.n_channels[i], -1)[:, 0]).flatten()
+            if live is not None and live.numel() == 0:
+                return None, None
+            ema = self.ema[i] if live is None else self.ema[i].reshape(self.n_channels[i], -1).index_select(0, live)
+            hit = channel_statistic(ema, ema.shape[0] if live is not None else self.n_channels[i],
+                                    self.channel_quantile) <= thr
+            if live is not None:
+                hit = torch.zeros(self.n_channels[i], dtype=torch.bool, device=hit.device).index_copy_(0, live, hit)
+            return expand_channels(hit, self.ema[i].shape), None
         return torch.le(self.ema[i], thr, out=self._buffer("decide", i, torch.bool)), None
 
     def settings(self) -> dict:
