@@ -88,9 +88,8 @@ class ActiveLinear(torch.autograd.Function):
                 gw = _frozen_weight_grad(w, plan)
             else:
                 x2 = x.reshape(-1, x.shape[-1])
-                # gᵀ · x on the active rows (a transposed view, as dense autograd's GEMM takes it)
-                gt = g2.t() if plan.n_active == plan.n_channels else g2.index_select(1, plan.active).t()
-                gw = _scatter_rows(gt.mm(x2), plan, w.shape)
+                gt = g2.t() if plan.n_active == plan.n_channels else g2.t().index_select(0, plan.active)
+                gw = _scatter_rows(gt.mm(x2), plan, w.shape)   # gᵀ · x on the active rows
         if ctx.has_bias and ctx.needs_input_grad[2]:
             gb = g2.sum(0)
         return gx, gw, gb, None
