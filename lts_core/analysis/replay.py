@@ -318,7 +318,7 @@ def ema_records(run, decay: float, device: str | torch.device = "cpu"):
     """Yield, record by record, the replayed EMA distance of every weight of a stored run, in Δ units (float32
     numpy [N]; None before the EMA starts, i.e. at a record of step 0): the loop of `replay_freeze_steps`,
     one record at a time, for streamed consumers (`analysis.distributions`)."""
-    steps, levels, dist_codes, _, _, sizes, n_levels, raw = _from_run(run, 0, 1, None, None, None)
+    steps, levels, dist_codes, _, _, sizes, n_levels, raw, _ = _from_run(run, 0, 1, None, None, None)
     dev = resolve_device(device)
     units = _units(sizes, n_levels, int(levels.shape[1]), dev)
     with torch.no_grad():
