@@ -92,6 +92,29 @@ def test_direct_replay_and_oscillation_streamed_equal_in_memory(tmp_path, n_leve
     np.testing.assert_array_equal(o["freeze_steps"], pa.freeze_steps)
 
 
+def test_every_streamed_entry_point_runs_on_any_executor(tmp_path):
+    """Going distributed is a change of executor: the public entry points take `executor=` and run their tasks
+    in other processes (pickled, as on a Dask cluster) with the same results."""
+    run = make_run(tmp_path, "mixed", True, 0, seed=4)
+    used = []
+
+    def pool(fn, items):
+        used.append(len(items))
+        return _process_map(fn, items)
+
+    kw = {"schedule": "linear", "warmup_steps": 9, "decay": 0.9}
+    ref_fs = replay_freeze_steps(run, ratio=0.5, executor=serial, **kw)
+    np.testing.assert_array_equal(replay_freeze_steps(run, ratio=0.5, executor=pool, **kw), ref_fs)
+    ref_idx = ReplayIndex.build(run, executor=serial, **kw)
+    np.testing.assert_array_equal(ReplayIndex.build(run, executor=pool, **kw).cum, ref_idx.cum)
+    ra, pa = oscillation_summary(run, decay=0.3, executor=serial)
+    rb, pb = oscillation_summary(run, decay=0.3, executor=pool)
+    np.testing.assert_array_equal(pa.freeze_steps, pb.freeze_steps)
+    assert ra.updates_eliminated == rb.updates_eliminated
+    np.testing.assert_array_equal(cached_replay_index(run, executor=pool, **kw).cum, ref_idx.cum)
+    assert used == [1, 1, 1, 1]                       # each ran its (one, small) task through `pool`
+
+
 def test_ema_start():
     assert ema_start(np.array([0, 3, 6])) == 1 and ema_start(np.array([2, 5])) == 0
     assert ema_start(np.array([0])) == 1

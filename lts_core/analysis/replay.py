@@ -225,16 +225,17 @@ def replay_freeze_steps(steps, levels=None, dist_codes=None, schedule: str = "li
                         warmup_steps: int | None = None, total_steps: int | None = None, decay: float = 0.99,
                         device: str | torch.device = "cpu", *, layer_sizes=None, layer_n_levels=None,
                         raw_dists=None, granularity: str = "weight", channel_quantile: float = DEFAULT_CHANNEL_QUANTILE,
-                        layer_channels=None) -> np.ndarray:
+                        layer_channels=None, executor=None) -> np.ndarray:
     """Exact direct simulation of the LTS rule on the records: int64 [N] freeze step per weight (-1 = never).
 
-    `steps` may also be a stored run (then levels, distances, layers and total_steps come from it). See the
-    module docstring for the record-resolution semantics. Results are identical on cpu and cuda.
+    `steps` may also be a stored run (then levels, distances, layers and total_steps come from it; with
+    `granularity="weight"` its records are streamed with `executor`, see `stream.Executor`). See the module
+    docstring for the record-resolution semantics. Results are identical on cpu and cuda.
     `granularity="channel"` replays channel-LTS (`channel_replay`; needs `layer_channels`, which a run has).
     """
     if is_run(steps) and _streamable(steps) and raw_dists is None and granularity == "weight":
         return _stream_freeze_steps(steps, schedule, ratio, warmup_steps, total_steps, decay, layer_sizes,
-                                    layer_n_levels)
+                                    layer_n_levels, executor)
     if is_run(steps):
         (steps, levels, dist_codes, warmup_steps, total_steps, layer_sizes, layer_n_levels, raw_dists,
          layer_channels) = _from_run(steps, warmup_steps, total_steps, layer_sizes, layer_n_levels, raw_dists,
@@ -886,13 +887,14 @@ def oscillation_summary(steps, levels=None, layer_sizes=None, layer_flops=None, 
                         decay: float = 0.01, start_frac: float = 0.25, thr_start: float = 0.1,
                         thr_end: float = 0.01, steps_per_epoch: int | None = None,
                         device: str | torch.device = "cpu", max_bits: int | None = 4,
-                        layer_bits: Sequence[int] | None = None) -> tuple[ReplayResult, OscReplay]:
+                        layer_bits: Sequence[int] | None = None, *, executor=None
+                        ) -> tuple[ReplayResult, OscReplay]:
     """Oscillation-freezing replay plus its accounting (frozen fraction per record, updates eliminated,
     backward FLOPs saved). `ticket_precision` here = share of frozen weights whose frozen level (rounded level
     EMA) equals the final recorded level. With `max_bits` and per-layer `layer_bits`, only layers of ≤ max_bits
     bits are watched (default 4, as `OscillationRule`; layers of unknown width (0) are watched); unwatched
     weights count as never frozen. Returns (accounting, per-weight replay). A stored run is streamed
-    (`replay_stream.OscPass`; the frozen level then comes as int16)."""
+    (`replay_stream.OscPass`, with `executor`; the frozen level then comes as int16)."""
     if is_run(steps) and _streamable(steps) and levels is None and layer_sizes is None:
         run = steps
         arr = arrays_from_run(run, with_levels=False)
@@ -900,7 +902,7 @@ def oscillation_summary(steps, levels=None, layer_sizes=None, layer_flops=None, 
         watch = None if max_bits is None or bits is None else [int(b) <= max_bits for b in bits]
         return _stream_oscillation(run, total_steps, decay, start_frac, thr_start, thr_end, watch,
                                    arr.layer_flops if layer_flops is None else layer_flops,
-                                   arr.steps_per_epoch if steps_per_epoch is None else steps_per_epoch)
+                                   arr.steps_per_epoch if steps_per_epoch is None else steps_per_epoch, executor)
     if is_run(steps):
         arr = arrays_from_run(steps, with_dists=False)
         steps, levels = arr.steps, arr.levels

@@ -7,6 +7,8 @@ one (tests check it). Each sub-block lies inside one layer, so its unit (one ste
 """
 from __future__ import annotations
 
+import functools
+
 import numpy as np
 import torch
 
@@ -17,6 +19,7 @@ from .stream import Pass, Task
 RAW = "raw_dist"
 
 
+@functools.lru_cache(maxsize=64)
 def layer_units(n_levels: int) -> tuple[torch.Tensor | None, float | torch.Tensor]:
     """(scale of a decoded code to normalised units, reset value) of a layer with `n_levels` levels: (None,
     1.0) in Δ units (L = 2), else fl32(1/(L−1)) for both, as `replay._units` makes them."""
@@ -113,7 +116,7 @@ class _IndexWorker:
         n = task.size
         OV = p.J + 1
         self.ema = _Ema(n, p.steps, p.decay, p.use_raw)
-        self.M = np.full(n, OV, dtype=np.int16 if OV < 2 ** 15 else np.int32)
+        self.M = np.full(n, OV, dtype=np.intp)      # index dtype: gathers need no conversion
         if p.final is not None:
             self.final = np.asarray(p.final[task.start:task.stop])
         else:
@@ -161,7 +164,7 @@ class _IndexWorker:
             if not cand.size:
                 continue
             jt = grid_bins(d_np[cand], g, p.B, p.J, thr32, scale=1 / (L - 1))
-            old = M[cand].astype(np.int64)
+            old = M[cand]
             row = counts[rec]
             row += np.bincount(jt, minlength=row.size).astype(np.int32)
             row -= np.bincount(old, minlength=row.size).astype(np.int32)
