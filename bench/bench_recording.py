@@ -1,7 +1,8 @@
 """Overhead of recording trajectories: a QAT step without a recorder vs with `rec.step()` every step and once
-per epoch, on a synthetic MLP of ~1M 2-bit quantized weights (in one process, CPU by default).
+per epoch, on a synthetic MLP of ~1M 2-bit quantized weights (`--width W`: W² weights; 3200 gives 10.24M) (in
+one process, CPU by default).
 
-    python bench/bench_recording.py [--steps 200] [--batch 128] [--device cpu] [--every 50]
+    python bench/bench_recording.py [--steps 200] [--batch 128] [--device cpu] [--every 50] [--width 1024]
 
 Prints a markdown table: ms per step (best of --repeats; includes chunk flushes amortised), ratios to the
 plain step and to the same rule without recorder, time spent inside rec.step() alone (robust to other load
@@ -20,6 +21,11 @@ compression buy back more than the bytes it saves?
 
 prints instead the every-step overhead at several batch sizes: the recorder's work per step depends on the
 number of weights only, the step's on the batch too.
+
+    python bench/bench_recording.py --per-epoch --width 3200 --steps 100
+
+prints only the once-per-epoch rows (plain, + record every `--every` steps, LTS, LTS + record), for big
+models where every-step recording is not the question.
 """
 from __future__ import annotations
 
@@ -42,12 +48,13 @@ from lts_core.layers import quantize_model, quantized_layers  # noqa: E402
 from lts_core.recorder import Recorder  # noqa: E402
 
 
-def build(device: str, seed: int = 0) -> nn.Module:
+def build(device: str, seed: int = 0, width: int = 1024) -> nn.Module:
     torch.manual_seed(seed)
     # first and last layers stay full precision (quantize_model's default); the two hidden ones hold
-    # 1024·512 + 512·1024 = 1,048,576 quantized weights.
-    model = nn.Sequential(nn.Linear(128, 1024), nn.ReLU(), nn.Linear(1024, 512), nn.ReLU(),
-                          nn.Linear(512, 1024), nn.ReLU(), nn.Linear(1024, 10)).to(device)
+    # W·W/2 + W/2·W = W² quantized weights (1,048,576 at the default W = 1024).
+    W, H = int(width), int(width) // 2
+    model = nn.Sequential(nn.Linear(128, W), nn.ReLU(), nn.Linear(W, H), nn.ReLU(),
+                          nn.Linear(H, W), nn.ReLU(), nn.Linear(W, 10)).to(device)
     quantize_model(model, bits=2, example_input=torch.randn(2, 128, device=device))
     return model
 
@@ -98,8 +105,9 @@ def divert_chunks(rec: Recorder, chunks: str) -> None:
 
 
 def time_mode(device: str, steps: int, batch: int, warmup: int, runs_dir: Path | None, every: int | None,
-              rule_name: str | None, background: bool = True, chunks: str = "store", raw: bool = False) -> dict:
-    model = build(device)
+              rule_name: str | None, background: bool = True, chunks: str = "store", raw: bool = False,
+              width: int = 1024) -> dict:
+    model = build(device, width=width)
     opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
     total = warmup + steps
     rule = None
@@ -114,7 +122,7 @@ def time_mode(device: str, steps: int, batch: int, warmup: int, runs_dir: Path |
     g = torch.Generator(device="cpu").manual_seed(1)
     xs = torch.randn(8, batch, 128, generator=g).to(device)
     ys = torch.randint(0, 10, (8, batch), generator=g).to(device)
-    rec_s = 0.0
+    rec_s, timed_records = 0.0, 0
     for t in range(total):
         if t == warmup:
             sync(device)
@@ -128,18 +136,20 @@ def time_mode(device: str, steps: int, batch: int, warmup: int, runs_dir: Path |
             if t >= warmup:
                 sync(device)  # on CUDA, charge only the recorder's own work to it
                 r0 = time.perf_counter()
-                rec.step()
+                timed_records += rec.step()
                 rec_s += time.perf_counter() - r0
             else:
                 rec.step()
         opt.step()
     sync(device)
     elapsed = time.perf_counter() - t0
-    out = {"ms": 1000 * elapsed / steps, "rec_ms": 1000 * rec_s / steps, "records": 0, "bytes": 0}
+    out = {"ms": 1000 * elapsed / steps, "rec_ms": 1000 * rec_s / steps, "records": 0, "bytes": 0,
+           "timed_records": timed_records}
     if rec is not None:
         rec.finish()
         out["records"] = rec.n_written
         out["bytes"] = sum(p.stat().st_size for p in rec.path.rglob("*") if p.is_file())
+        out["traj_bytes"] = sum(p.stat().st_size for p in (rec.path / "traj").glob("*") if p.is_file())
         out["chunk_records"] = rec.chunk_records
     return out
 
@@ -164,14 +174,14 @@ def write_load(mb_per_s: float, seconds: float, folder: str) -> None:
 
 
 def time_plain_under_write_load(device: str, steps: int, batch: int, warmup: int, mb_per_step: float,
-                                ms_per_step: float, folder: Path) -> float:
+                                ms_per_step: float, folder: Path, width: int = 1024) -> float:
     """ms per plain QAT step while another process writes `mb_per_step` per `ms_per_step`."""
     seconds = (warmup + steps) * ms_per_step / 1000 * 3 + 5
     load = subprocess.Popen([sys.executable, __file__, "--write-load", str(mb_per_step / ms_per_step * 1000),
                              str(seconds), str(folder)])
     try:
         time.sleep(0.5)
-        return time_mode(device, steps, batch, warmup, None, None, None)["ms"]
+        return time_mode(device, steps, batch, warmup, None, None, None, width=width)["ms"]
     finally:
         load.kill()
         load.wait()
@@ -189,20 +199,24 @@ def main() -> None:
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--repeats", type=int, default=3, help="best of N")
     ap.add_argument("--no-rule", action="store_true", help="skip the LTS-rule rows")
+    ap.add_argument("--width", type=int, default=1024, help="hidden width W: W² quantized weights")
+    ap.add_argument("--per-epoch", action="store_true", help="only the once-per-epoch rows")
     ap.add_argument("--runs-dir", default=None, help="where to write the bench runs (default: a temp dir)")
 
     ap.add_argument("--batch-sweep", default=None, metavar="B1,B2,...",
                     help="instead of the table: plain vs every-step recording at each of these batch sizes")
     args = ap.parse_args()
 
-    n_q = sum(m.weight.numel() for _, m in quantized_layers(build("cpu")))
+    n_q = sum(m.weight.numel() for _, m in quantized_layers(build("cpu", width=args.width)))
     print(f"\n{n_q:,} quantized 2-bit weights, {args.steps} timed steps, device {args.device}, "
           f"torch {torch.__version__}, {torch.get_num_threads()} threads\n")
     tmp = Path(args.runs_dir) if args.runs_dir else Path(tempfile.mkdtemp(prefix="bench-rec-"))
     tmp.mkdir(parents=True, exist_ok=True)
     try:
-        time_mode(args.device, 20, args.batch, 5, tmp, None, None)  # process warm-up (allocator, threads)
-        if args.batch_sweep:
+        time_mode(args.device, 20, args.batch, 5, tmp, None, None, width=args.width)  # process warm-up
+        if args.per_epoch:
+            per_epoch_table(args, tmp)
+        elif args.batch_sweep:
             batch_sweep(args, [int(b) for b in args.batch_sweep.split(",")], tmp)
         else:
             overhead_table(args, tmp)
@@ -214,7 +228,8 @@ def main() -> None:
 def best_of(args, modes, tmp: Path, batch: int, results: dict) -> None:
     """One round over `modes` (label, every, rule, background, chunks[, raw]), keeping each one's best time."""
     for label, every, rule, background, chunks, *raw in modes:
-        r = time_mode(args.device, args.steps, batch, args.warmup, tmp, every, rule, background, chunks, *raw)
+        r = time_mode(args.device, args.steps, batch, args.warmup, tmp, every, rule, background, chunks, *raw,
+                      width=args.width)
         best = results.setdefault(label, r)
         best["ms"] = min(best["ms"], r["ms"])  # best of N: other load on the machine only adds
         best["rec_ms"] = min(best["rec_ms"], r["rec_ms"])
@@ -241,7 +256,7 @@ def overhead_table(args, tmp: Path) -> None:
         every_step = results["+ rec.step() every step"]
         mb_per_step = every_step["bytes"] / 2**20 / every_step["records"]
         ms = time_plain_under_write_load(args.device, args.steps, args.batch, args.warmup, mb_per_step,
-                                         results["plain QAT step"]["ms"], tmp)
+                                         results["plain QAT step"]["ms"], tmp, args.width)
         r = results.setdefault(control, {"ms": ms, "rec_ms": 0.0, "records": 0, "bytes": every_step["bytes"]})
         r["ms"] = min(r["ms"], ms)
 
@@ -255,6 +270,41 @@ def overhead_table(args, tmp: Path) -> None:
         same = (rule_base if rule else base)
         print(f"| {label} | {r['ms']:.2f} | {r['ms'] / base:.2f} | {r['ms'] / same:.2f} | {r['rec_ms']:.2f} | "
               f"{r['records']} | {r['bytes'] / 2**20:.1f} |")
+
+
+def per_epoch_table(args, tmp: Path) -> None:
+    """Plain QAT and LTS steps, each without and with one record every `--every` steps; rounds interleaved.
+    Every row's ratio, and the per-round ratios, compare it with the same rule's step without a recorder. The
+    timed window also holds the run's last step, which is always recorded: one record more than once per
+    `--every` steps, so the ratio errs high."""
+    modes = [("plain QAT step", None, None, True, "store"),
+             (f"+ rec.step() every {args.every} steps", args.every, None, True, "store")]
+    if not args.no_rule:
+        modes += [("LTS rule", None, "lts", True, "store"),
+                  (f"LTS rule + rec every {args.every}", args.every, "lts", True, "store")]
+    results, rounds = {}, []
+    for _ in range(args.repeats):
+        before = {}
+        for label, every, rule, background, chunks in modes:
+            r = time_mode(args.device, args.steps, args.batch, args.warmup, tmp, every, rule, background, chunks,
+                          width=args.width)
+            before[label] = r
+            best = results.setdefault(label, dict(r))
+            best["ms"], best["rec_ms"] = min(best["ms"], r["ms"]), min(best["rec_ms"], r["rec_ms"])
+        rounds.append(before)
+    labels = [m[0] for m in modes]
+    print(f"batch {args.batch}; best of {args.repeats} interleaved rounds\n")
+    print("| mode | ms/step | × same rule, no rec | per round | in rec.step() ms per record | records | "
+          "MB per record (traj/) |")
+    print("|---|---:|---:|---|---:|---:|---:|")
+    for i, label in enumerate(labels):
+        r = results[label]
+        base = labels[i - 1] if modes[i][1] is not None else label
+        per_round = ", ".join(f"{x[label]['ms'] / x[base]['ms']:.3f}" for x in rounds)
+        per_rec = r["rec_ms"] * args.steps / r["timed_records"] if r["timed_records"] else 0.0
+        mb = r["traj_bytes"] / 2**20 / r["records"] if r["records"] else 0.0
+        print(f"| {label} | {r['ms']:.2f} | {r['ms'] / results[base]['ms']:.3f} | {per_round} | {per_rec:.1f} | "
+              f"{r['timed_records']} in {args.steps} timed steps | {mb:.1f} |")
 
 
 def batch_sweep(args, batches: list[int], tmp: Path) -> None:
