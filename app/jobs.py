@@ -152,7 +152,7 @@ def train_command(cfg, out: Path) -> list[str]:
     """`python -m lts_core train …` for a TrainConfig (only the options that differ from the defaults)."""
     from lts_core.config import TrainConfig
     default = TrainConfig()
-    opts = ["preset", "model", "dataset", "data_root", "bits", "quantizer", "rule", "schedule", "threshold", "decay",
+    opts = ["preset", "model", "width", "dataset", "data_root", "bits", "quantizer", "rule", "schedule", "threshold", "decay",
             "warmup_epochs", "epochs", "fp_epochs", "batch_size", "lr", "seed", "device", "record_every",
             "max_train"]
     cmd = [sys.executable, "-m", "lts_core", "train"]

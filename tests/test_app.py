@@ -404,6 +404,17 @@ def test_train_command_line_follows_the_settings(runs_dir):
     assert "--preset reference" in at.code[0].value   # the reference preset, as on the command line
 
 
+def test_train_offers_the_paper_models_with_a_width_and_cifar100(runs_dir):
+    at = page("train").run()
+    assert {"resnet18", "mobilenetv2", "transformer"} <= set(at.selectbox(key="tr_model").options)
+    assert "--width" not in at.code[0].value                    # empty: the model's own width
+    at.selectbox(key="tr_model").set_value("resnet18").run()
+    at.number_input(key="tr_width").set_value(16).run()
+    at.selectbox(key="tr_dataset").set_value("cifar100").run()
+    assert "--model resnet18 --width 16 --dataset cifar100" in at.code[0].value
+    assert [t.label for t in at.text_input].count("Data folder") == 1   # CIFAR-100 is read from a folder
+
+
 def _fake_mnist(folder: Path, n_train: int = 96, n_test: int = 48) -> None:
     """A tiny, valid MNIST in IDX format (28×28 images, labels 0–9)."""
     rng = np.random.default_rng(0)

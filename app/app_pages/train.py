@@ -17,7 +17,7 @@ import jobs as J  # noqa: E402
 from lts_core import DATASETS, MODELS, DatasetError, load_dataset  # noqa: E402
 from lts_core.config import ConfigError, make_config  # noqa: E402
 
-NEEDS_FOLDER = ("mnist", "fashion-mnist", "cifar10")
+NEEDS_FOLDER = ("mnist", "fashion-mnist", "cifar10", "cifar100")
 RULES = {"lts": "LTS", "none": "none (baseline)", "osc": "oscillation"}
 STATE_TEXT = {"pretraining": "pre-training in full precision (not recorded yet)", "training": "QAT running",
               "complete": "complete", "interrupted": "interrupted", "failed": "failed"}
@@ -26,19 +26,28 @@ STATE_TEXT = {"pretraining": "pre-training in full precision (not recorded yet)"
 def settings_form(prefix: str, with_rule: bool) -> dict:
     """The common training settings (live widgets, no form: the command line below follows every change);
     returns TrainConfig fields (not yet validated)."""
-    c = st.columns(4)
+    c = st.columns(5)
     f: dict = {}
-    f["model"] = c[0].selectbox("Model", MODELS, key=f"{prefix}_model")
-    f["dataset"] = c[1].selectbox("Dataset", DATASETS, key=f"{prefix}_dataset",
-                                  help="digits and mnist1d need no download; mnist, fashion-mnist and cifar10 "
-                                       "need their files in a data folder")
-    f["bits"] = c[2].number_input("Weight bits", 1, 8, 2, key=f"{prefix}_bits")
-    f["seed"] = c[3].number_input("Seed", 0, 2**31 - 1, 0, key=f"{prefix}_seed")
+    f["model"] = c[0].selectbox("Model", MODELS, key=f"{prefix}_model",
+                                help="resnet18 (11.2M weights) and mobilenetv2 (2.2M) are the LTS paper's CIFAR "
+                                     "models, adapted to 32×32 inputs; transformer is a small encoder for "
+                                     "mnist1d-seq")
+    f["width"] = c[1].number_input("Model width", min_value=1, max_value=1024, value=None, step=1,
+                                   key=f"{prefix}_width", placeholder="model default",
+                                   help="the model's base width (channels of its first stage; empty: the model's "
+                                        "own, e.g. 64 for resnet18, 32 for mobilenetv2). On a CPU, resnet18 at 16 "
+                                        "or mobilenetv2 at 8 keeps the layout at a fraction of the cost")
+    f["dataset"] = c[2].selectbox("Dataset", DATASETS, key=f"{prefix}_dataset",
+                                  help="digits, mnist1d and mnist1d-seq need no download; mnist, fashion-mnist, "
+                                       "cifar10 and cifar100 need their files in a data folder")
+    f["bits"] = c[3].number_input("Weight bits", 1, 8, 2, key=f"{prefix}_bits")
+    f["seed"] = c[4].number_input("Seed", 0, 2**31 - 1, 0, key=f"{prefix}_seed")
     if f["dataset"] in NEEDS_FOLDER:
         f["data_root"] = st.text_input(
             "Data folder", key=f"{prefix}_data_root", placeholder="/path/to/the/dataset/files",
             help="mnist and fashion-mnist: the four IDX files (train-images-idx3-ubyte …, optionally .gz); "
-                 "cifar10: the cifar-10-batches-py (or -bin) files. Nothing is downloaded.").strip() or None
+                 "cifar10: the cifar-10-batches-py (or -bin) files; cifar100: cifar-100-python (train, test) or "
+                 "cifar-100-binary (train.bin, test.bin). Nothing is downloaded.").strip() or None
     if with_rule:
         c = st.columns([2, 2, 2, 2])
         f["rule"] = c[0].selectbox("Freezing rule", list(RULES), key=f"{prefix}_rule", format_func=RULES.get,
