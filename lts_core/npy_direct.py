@@ -39,12 +39,18 @@ def aligned_empty(shape, dtype) -> np.ndarray:
 
 def npy_header(arr: np.ndarray, size: int = ALIGN) -> bytes:
     """A version-1.0 ``.npy`` header for `arr`, padded with spaces to exactly `size` bytes."""
-    d = np.lib.format.header_data_from_array_1_0(arr)
-    text = "{" + f"'descr': {d['descr']!r}, 'fortran_order': {d['fortran_order']!r}, 'shape': {d['shape']!r}, " + "}"
+    return npy_header_for(arr.shape, arr.dtype, size)
+
+
+def npy_header_for(shape: tuple[int, ...], dtype, size: int = ALIGN) -> bytes:
+    """A version-1.0 ``.npy`` header for a C-order array of `shape` and `dtype`, padded to `size` bytes."""
+    descr = np.lib.format.dtype_to_descr(np.dtype(dtype))
+    shape = tuple(int(s) for s in shape)
+    text = "{" + f"'descr': {descr!r}, 'fortran_order': False, 'shape': {shape!r}, " + "}"
     body = text.encode("latin1")
     pad = size - len(np.lib.format.MAGIC_PREFIX) - 2 - 2 - len(body) - 1
     if pad < 0:
-        raise ValueError(f"a .npy header for shape {arr.shape} does not fit in {size} bytes")
+        raise ValueError(f"a .npy header for shape {shape} does not fit in {size} bytes")
     return (np.lib.format.MAGIC_PREFIX + bytes([1, 0]) + struct.pack("<H", len(body) + pad + 1) + body
             + b" " * pad + b"\n")
 
@@ -103,3 +109,128 @@ def write_npy_direct(path: str | os.PathLike, arr: np.ndarray) -> bool:
             except OSError:
                 pass
     return ok
+
+
+class NpyAppender:
+    """A ``.npy`` file that grows at its end while others read it: a 4096-byte header, then rows.
+
+    `write_upto(buf, end)` writes bytes ``[written, end)`` of `buf` (the whole data region, from the first
+    row) at their place after the header. With ``direct`` (an `ALIGN`-aligned, C-contiguous `buf` of at
+    least `MIN_BYTES` and a filesystem that takes it) the write uses ``O_DIRECT``: the block holding the old
+    end is written again, and the new partial last block goes through a small aligned bounce buffer (the
+    file may then hold up to 4095 bytes of zeros past its data until `close`). `append(arr)` writes a small
+    array at the end the ordinary way. Readers of a growing file count its rows from its size; `close(rows)`
+    writes the final header (shape ``(rows, *row_shape)``), cuts the file to its exact size and fsyncs it.
+    OSError (disk full…) is raised with the file's path as ``filename``.
+    """
+
+    def __init__(self, path: str | os.PathLike, dtype, row_shape: tuple[int, ...] = (), direct: bool = False):
+        self.path = Path(path)
+        self.dtype = np.dtype(dtype)
+        self.row_shape = tuple(int(s) for s in row_shape)
+        self.row_bytes = self.dtype.itemsize * int(np.prod(self.row_shape, dtype=np.int64))
+        self.written = 0  # bytes of data written (after the header)
+        flag = getattr(os, "O_DIRECT", 0) if direct else 0
+        self.fd = -1
+        try:
+            self.fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | flag, 0o644)
+        except OSError as e:
+            if not flag or e.errno not in (errno.EINVAL, errno.EOPNOTSUPP, errno.ENOTSUP):
+                raise self._error(e) from None
+            flag = 0
+            self.fd = self._open_plain()
+        self.direct = bool(flag)
+        self._head = aligned_empty(ALIGN, np.uint8)
+        self._bounce = aligned_empty(ALIGN, np.uint8) if self.direct else None
+        self._write_header(0)
+
+    def _open_plain(self) -> int:
+        try:
+            return os.open(self.path, os.O_WRONLY | os.O_CREAT, 0o644)
+        except OSError as e:
+            raise self._error(e) from None
+
+    def _error(self, e: OSError) -> OSError:
+        return OSError(e.errno, e.strerror or str(e), str(self.path))
+
+    def _pwrite(self, data, offset: int) -> None:
+        try:
+            _pwrite_all(self.fd, data, offset)
+        except OSError as e:
+            if not (self.direct and e.errno == errno.EINVAL):
+                raise self._error(e) from None
+        else:
+            return
+        self._reopen_plain()  # the filesystem refuses O_DIRECT after all: write the ordinary way
+        try:
+            _pwrite_all(self.fd, data, offset)
+        except OSError as e:
+            raise self._error(e) from None
+
+    def _reopen_plain(self) -> None:
+        os.close(self.fd)
+        self.fd, self.direct = self._open_plain(), False
+
+    def _write_header(self, rows: int) -> None:
+        self._head[:] = np.frombuffer(npy_header_for((rows,) + self.row_shape, self.dtype), dtype=np.uint8)
+        self._pwrite(self._head, 0)
+
+    def write_upto(self, buf: np.ndarray, end: int) -> None:
+        """Write bytes ``[written, end)`` of `buf` (a view of the data from its first byte)."""
+        if end <= self.written:
+            return
+        data = buf.reshape(-1).view(np.uint8)
+        if self.direct:
+            a = self.written - self.written % ALIGN
+            main = end - end % ALIGN
+            if main > a:
+                self._pwrite(data[a:main], ALIGN + a)
+            if end > main and self.direct:
+                self._bounce[:end - main] = data[main:end]
+                self._bounce[end - main:] = 0
+                self._pwrite(self._bounce, ALIGN + main)
+            elif end > main:  # fell back to ordinary writes just now
+                self._pwrite(data[main:end], ALIGN + main)
+        else:
+            self._pwrite(data[self.written:end], ALIGN + self.written)
+        self.written = end
+
+    def append(self, arr: np.ndarray) -> None:
+        """Write `arr` (whole rows of this file's dtype) at the end, the ordinary way."""
+        data = np.ascontiguousarray(arr, dtype=self.dtype).reshape(-1).view(np.uint8)
+        if not data.size:
+            return
+        if self.direct:  # only small streams use append; keep them off O_DIRECT
+            self._reopen_plain()
+        self._pwrite(data, ALIGN + self.written)
+        self.written += data.size
+
+    def sync(self) -> None:
+        try:
+            os.fsync(self.fd)
+        except OSError as e:
+            raise self._error(e) from None
+
+    def close(self, rows: int) -> None:
+        """Final header for `rows` rows, exact size, fsync, close."""
+        try:
+            self._write_header(rows)
+            os.ftruncate(self.fd, ALIGN + rows * self.row_bytes)
+            os.fsync(self.fd)
+        except OSError as e:
+            raise self._error(e) from None
+        finally:
+            self.abandon()
+
+    def truncate(self, nbytes: int) -> None:
+        """Cut the data to `nbytes` (frees the blocks of a half-written row after a failed write)."""
+        try:
+            os.ftruncate(self.fd, ALIGN + nbytes)
+        except OSError:
+            pass
+
+    def abandon(self) -> None:
+        """Close without finishing (the file stays as it is)."""
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1

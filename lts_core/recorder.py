@@ -9,13 +9,21 @@ A record (at steps where ``t % every == 0`` or ``t == total_steps - 1``) holds, 
 its level index and distance code (uint8 each: 2 bytes per weight), the rule's state arrays (uint8) and the
 per-layer quantizer bounds. With ``raw_distances`` (the default when recording every step) it also holds the
 exact float32 raw distance the LTS rule decided on (normalised units, 4 more bytes per weight), so that a
-replay of the run reproduces the rule's freeze steps exactly. Records go into preallocated buffers of at most ``chunk_bytes`` in all and are flushed to the store as one
-chunk when full, so memory stays bounded whatever the run length. With ``background=True`` (default) there
-are two half-size buffers: a full one is written by one background thread (file writes and fsync release
-the GIL) while the other fills, so disk I/O overlaps training; chunks are still written in order, one at a
-time, and the manifest lists a chunk only once all its files exist. An error of a background write is
-raised by the next `step()` that flushes, by `flush()` or by `finish()`. The only host transfer per record
-is one copy of one flat uint8 tensor (plus the quantizers' scalar bounds).
+replay of the run reproduces the rule's freeze steps exactly. Records go into preallocated buffers of at most
+``chunk_bytes`` in all, one chunk's worth, so memory stays bounded whatever the run length.
+
+Every record is appended to the run's open chunk on disk as soon as it is taken (`RunWriter.open_chunk`),
+and the next record waits until it is there: a process killed at any moment (SIGKILL, OOM killer) loses at
+most the record it was writing, i.e. at most one record interval (``every`` steps). A full chunk is sealed
+and the next one opened. `log_epoch` writes metrics.parquet only after the records before it are on disk
+and fsynced, so the metrics never list an epoch whose records are missing, even after a power cut. With
+``background=True`` (default) the writes happen on one background thread (file writes and fsync release the
+GIL) while training goes on, with two buffer sets so that a chunk is sealed while the next one fills.
+
+The first failed write (disk full…) stops the recording: the next `step()`, `log_epoch()`, `flush()` or
+`finish()` raises `StoreWriteError` ("disk full at <file>, N records kept"); every record already written
+stays readable and no temp file is left. The only host transfer per record is one copy of one flat uint8
+tensor (plus the quantizers' scalar bounds).
 """
 from __future__ import annotations
 
@@ -34,7 +42,7 @@ import torch
 
 from .distance import encode_distance
 from .npy_direct import aligned_empty
-from .store import METRIC_COLUMNS, RAW_DIST, RunWriter
+from .store import METRIC_COLUMNS, RAW_DIST, ChunkAppender, RunWriter, StoreWriteError
 
 _SLUG_RE = re.compile(r"[^A-Za-z0-9]+")
 
@@ -134,13 +142,18 @@ class Recorder:
         if total_steps is not None:
             chunk_records = min(chunk_records, max(1, self.expected_records(total_steps)))
         self.chunk_records = int(chunk_records)
-        self._bufs = [self._alloc()]  # the second set (background mode) is allocated at the first flush
+        self._bufs = [self._alloc()]  # the second set (background mode) is allocated when the first chunk is full
         self._cur = 0
         self._n_buf = 0
-        self._pending: tuple[Future, int] | None = None
+        self._n_taken = 0
+        self._pending: Future | None = None  # the last write handed to the background thread
         self._executor: ThreadPoolExecutor | None = None
+        self._chunk: ChunkAppender | None = None  # the open chunk (used by the writing thread only)
+        self._sealed = 0  # records in sealed chunks
+        self._error: BaseException | None = None  # the first failed write; recording stops there
+        self._error_raised = False
         self.t = 0
-        self.n_written = 0
+        self.n_written = 0  # records on disk
         self.finished = False
         self._metric_rows: list[dict] = []
         self._warned_t = False
@@ -265,8 +278,8 @@ class Recorder:
 
     @property
     def n_records(self) -> int:
-        """Records taken so far (written, being written, buffered)."""
-        return self.n_written + (self._pending[1] if self._pending else 0) + self._n_buf
+        """Records taken so far (written or being written)."""
+        return self._n_taken
 
     @property
     def buffer_nbytes(self) -> int:
@@ -379,44 +392,84 @@ class Recorder:
         for i, (_, m) in enumerate(self._layers):
             buf["bounds"][row, i] = _bounds_pair(m.weight_quantizer.bounds())
         self._n_buf = row + 1
-        if self._n_buf == self.chunk_records:
-            self._start_flush()
+        self._n_taken += 1
+        self._write_rows(seal=self._n_buf == self.chunk_records)
 
-    def _wait_pending(self) -> None:
-        if self._pending is None:
-            return
-        fut, n = self._pending
-        self._pending = None
-        fut.result()  # re-raises the background write's error here
-        self.n_written += n
-
-    def _start_flush(self, wait: bool = False) -> None:
-        """Hand the current buffer to the writer: in the background (switching to the other buffer set)
-        or, with `wait` or background=False, synchronously."""
-        self._wait_pending()  # at most one chunk in flight; it used the other buffer set
-        n = self._n_buf
-        if n == 0:
-            return
-        arrays = {name: arr[:n] for name, arr in self._buf.items()}
-        if wait or not self.background:
-            self.writer.append_chunk(arrays)
-            self.n_written += n
-        else:
-            if self._executor is None:
-                self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="lts-recorder")
-            self._pending = (self._executor.submit(self.writer.append_chunk, arrays), n)
-            if len(self._bufs) == 1:
+    # ---- writing (one task at a time, in order, on the background thread or inline) ---------------------
+    def _write_rows(self, seal: bool) -> None:
+        """Append the current buffer's new rows to the open chunk; with `seal`, seal it and switch to the
+        other buffer set."""
+        buf, n = self._buf, self._n_buf
+        self._submit(lambda: self._append(buf, n, seal))
+        if seal:
+            if self.background and len(self._bufs) == 1:
                 self._bufs.append(self._alloc())
-            self._cur = 1 - self._cur
-        self._n_buf = 0
+            self._cur = (self._cur + 1) % len(self._bufs)
+            self._n_buf = 0
+
+    def _append(self, buf: dict[str, np.ndarray], n: int, seal: bool) -> None:
+        if self._chunk is None:
+            self._chunk = self.writer.open_chunk(buf)
+        self._chunk.append(n)
+        self.n_written = self._sealed + n
+        if seal:
+            self._chunk.seal()
+            self._chunk = None
+            self._sealed += n
+
+    def _submit(self, task) -> None:
+        """Run `task` after every earlier one: inline, or on the background thread once the previous task
+        is done (so at most the latest record is not yet on disk)."""
+        self._wait()
+        if not self.background:
+            self._guarded(task)
+            self._raise_error()
+            return
+        if self._executor is None:
+            self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="lts-recorder")
+        self._pending = self._executor.submit(self._guarded, task)
+
+    def _guarded(self, task) -> None:
+        if self._error is not None:
+            return
+        try:
+            task()
+        except BaseException as e:  # the first failure stops every later write
+            self._error = StoreWriteError.from_oserror(e) if isinstance(e, OSError) else e
+
+    def _wait(self) -> None:
+        """Wait for the task in flight; raise the first write error, if any."""
+        if self._pending is not None:
+            fut, self._pending = self._pending, None
+            fut.result()
+        self._raise_error()
+
+    def _raise_error(self) -> None:
+        e = self._error
+        if e is not None:
+            if isinstance(e, StoreWriteError):
+                e.records_kept = self.n_written
+            self._error_raised = True
+            raise e
+
+    def _wait_pending(self) -> None:  # (name kept for callers of the earlier recorder)
+        self._wait()
 
     def flush(self) -> None:
-        """Write the buffered records (if any) as one chunk and wait until every chunk is on disk."""
-        self._start_flush(wait=True)
+        """Seal the open chunk (its records become a listed chunk) and wait until everything is on disk."""
+        if self._n_buf:
+            self._write_rows(seal=True)
+        self._wait()
+
+    def sync(self) -> None:
+        """Wait until every record taken is written and fsynced."""
+        self._submit(lambda: self._chunk.sync() if self._chunk is not None else None)
+        self._wait()
 
     # ---- metrics / closing ----------------------------------------------------------------------------
     def log_epoch(self, metrics: dict) -> None:
-        """Append one epoch's metrics and rewrite metrics.parquet atomically."""
+        """Append one epoch's metrics and rewrite metrics.parquet atomically, after the records taken so far
+        are on disk and fsynced (in order with the records); returns once it is written."""
         import pandas as pd
         row = {}
         for k, v in dict(metrics).items():
@@ -431,7 +484,13 @@ class Recorder:
         df = pd.DataFrame(self._metric_rows, columns=columns)
         for c in METRIC_COLUMNS:
             df[c] = pd.to_numeric(df[c], errors="coerce").astype("float64")
-        self.writer.write_metrics(df)
+
+        def write():
+            if self._chunk is not None:
+                self._chunk.sync()
+            self.writer.write_metrics(df)
+        self._submit(write)
+        self._wait()
 
     def finish(self, status: str = "complete", reason: str | None = None) -> None:
         """Flush, write summaries (freeze_step when a rule exists) and set the final status. Idempotent."""
@@ -441,19 +500,33 @@ class Recorder:
             raise ValueError(f"final status must be complete, interrupted or failed, got {status!r}")
         self.finished = True
         self._set_remember(False)
+        raised_before = self._error_raised  # the caller already has the write error: do not raise it again
         errors = []
         for action in (self.flush, self._write_summaries):
             try:
                 action()
             except Exception as e:  # still close the run; report the first error afterwards
                 errors.append(e)
-        if errors and status == "complete":
-            status, reason = "failed", f"while finishing: {type(errors[0]).__name__}: {errors[0]}"
+                break
         if self._executor is not None:
             self._executor.shutdown(wait=True)
             self._executor = None
-        self.writer.update_manifest(n_records=self.n_written, steps_taken=self.t, status=status, reason=reason)
-        if errors:
+        write_error = next((e for e in [self._error, *errors] if isinstance(e, StoreWriteError)), None)
+        if write_error is not None:  # a write failed: the run keeps what is on disk
+            write_error.records_kept = self.n_written
+            status, reason = "failed", str(write_error)
+            if self._chunk is not None:
+                self._chunk.abandon()  # cut half-written rows: frees blocks for the manifest below
+                self._chunk = None
+        elif errors and status == "complete":
+            status, reason = "failed", f"while finishing: {type(errors[0]).__name__}: {errors[0]}"
+        try:
+            self.writer.update_manifest(n_records=self.n_written, steps_taken=self.t, status=status, reason=reason)
+        except StoreWriteError as e:  # still no room: readers see the records on disk (and a dead writer)
+            if not errors:
+                e.records_kept = self.n_written
+                errors.append(e)
+        if errors and not (raised_before and errors[0] is self._error):
             raise errors[0]
 
     def _write_summaries(self) -> None:

@@ -2,6 +2,7 @@
 bounded memory. Uses small fake layers/rules (duck typing) plus one real quantized model."""
 from __future__ import annotations
 
+import errno
 import json
 import math
 import subprocess
@@ -13,7 +14,7 @@ import torch
 
 from lts_core.distance import encode_distance
 from lts_core.recorder import Recorder, default_run_id
-from lts_core.store import CorruptChunkError, chunk_file, list_runs, open_run
+from lts_core.store import CorruptChunkError, StoreWriteError, chunk_file, list_runs, open_run
 
 
 # ---- fakes implementing exactly the attributes the recorder relies on ------------------------------------
@@ -190,8 +191,8 @@ def test_crash_without_finish_is_interrupted_and_readable(tmp_path, background):
                           chunk_bytes=92 * 3 * (2 if background else 1), layers=layers, run_id="crashed",
                           background=background, raw_distances=False)
     assert rec.chunk_records == 3
-    run_loop(rec, layers, 8)  # 8 records: 2 chunks flushed, 2 records still buffered when "the process dies"
-    rec._wait_pending()  # (background: let the in-flight chunk land, so the count below is deterministic)
+    run_loop(rec, layers, 8)  # 8 records: 2 chunks sealed, 2 records in the open chunk when "the process dies"
+    rec._wait()  # (background: let the write in flight land, so the count below is deterministic)
     proc = subprocess.Popen([sys.executable, "-c", "pass"])
     proc.wait()
     rec.writer.update_manifest(pid=proc.pid)  # the writer's process is gone
@@ -200,8 +201,8 @@ def test_crash_without_finish_is_interrupted_and_readable(tmp_path, background):
     e = entries["crashed"]
     assert e.ok and e.status == "interrupted"
     assert e.run.reason == "process ended without closing the run"
-    np.testing.assert_array_equal(e.run.steps, np.arange(6))
-    assert e.run.levels().shape == (6, 34)
+    np.testing.assert_array_equal(e.run.steps, np.arange(8))  # every record taken is on disk
+    assert e.run.levels().shape == (8, 34) and len(e.run.manifest["chunks"]) == 2
     assert entries["other"].ok and entries["other"].status == "complete"
     # corrupt a chunk of the crashed run: it is reported, the other run still lists fine
     f = chunk_file(tmp_path / "crashed", 1, "dist")
@@ -399,12 +400,14 @@ def test_background_write_error_surfaces(tmp_path):
                           run_id="diskfull")
     assert rec.background and rec.chunk_records == 1
 
-    def broken(arrays):
-        raise OSError("disk full")
+    def broken(buffers):
+        raise OSError(errno.ENOSPC, "No space left on device", str(tmp_path / "diskfull" / "traj"))
 
-    rec.writer.append_chunk = broken
-    with pytest.raises(OSError, match="disk full"), pytest.warns(RuntimeWarning, match="could not close"):
+    rec.writer.open_chunk = broken
+    with pytest.raises(StoreWriteError, match="disk full at .*traj, 0 records kept"):
         with rec:
-            run_loop(rec, layers, 5)  # the 1st chunk fails in the background; the 2nd flush re-raises it
+            run_loop(rec, layers, 5)  # the 1st record fails in the background; the 2nd re-raises it
+    assert rec.n_records == 2  # recording stopped at the first error
     run = open_run(tmp_path / "diskfull")
-    assert run.status == "failed" and "disk full" in run.reason and run.n_records == 0
+    assert run.status == "failed" and run.reason == f"disk full at {tmp_path / 'diskfull' / 'traj'}, 0 records kept"
+    assert run.n_records == 0
