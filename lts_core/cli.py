@@ -1,17 +1,22 @@
 """Command line: `python -m lts_core train|sweep|runs`.
 
-Invalid input prints one clear line and exits with code 2 before anything is written.
+Invalid input prints one clear line and exits with code 2 before anything is written or trained: options
+and config files are validated first, then the run folder is taken atomically (`os.mkdir`: of two runs
+given the same --out, one gets it and the other exits 2). A failure while training (NaN loss, disk full)
+prints one line and exits 1; Ctrl-C exits 130. Warnings are printed as one line each.
 """
 from __future__ import annotations
 
 import itertools
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
 import tempfile
 import time
+import warnings
 from pathlib import Path
 from typing import Optional
 
@@ -20,14 +25,16 @@ import typer
 
 from .config import ConfigError, TrainConfig, load_config_file, make_config
 from .datasets import DATASETS
+from .manifest import RUN_ID_PATTERN, one_line
 from .models import MODELS
-from .store import runs_dir
+from .store import MANIFEST, runs_dir
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="scratchoff: quantization-aware training with the Lottery Ticket Scratcher.")
 
+
 def fail(msg: str, code: int = 2) -> None:
-    typer.echo(f"error: {msg}", err=True)
+    typer.echo(f"error: {one_line(msg, 2000)}", err=True)
     raise typer.Exit(code)
 
 
@@ -41,9 +48,74 @@ def default_run_dir(cfg: TrainConfig) -> Path:
     return runs_dir() / f"{time.strftime('%Y%m%d-%H%M%S')}-{cfg.label()}-s{cfg.seed}"
 
 
-def check_out(out: Path) -> None:
-    if out.exists() and any(out.iterdir()):
-        fail(f"output folder {out} already exists and is not empty; choose another --out")
+def check_folder_name(path: Path, option: str = "--out") -> None:
+    """A run or sweep folder's name must be a valid run id: letters, digits and . _ - + =, at most 255
+    bytes, starting with a letter or digit (so no newline, no path trick)."""
+    name = path.name
+    if len(os.fsencode(name)) > 255:
+        fail(f"{option} name is {len(os.fsencode(name))} bytes long; at most 255")
+    if not re.fullmatch(RUN_ID_PATTERN, name):
+        fail(f"{option} name {one_line(repr(name))} is not allowed: use letters, digits and . _ - + = "
+             "(starting with a letter or digit)")
+
+
+def check_parent(path: Path, option: str = "--out") -> None:
+    """The folder that will hold `path` is a folder, or can be created."""
+    for p in [path.parent, *path.parent.parents]:
+        if p.exists():
+            if not p.is_dir():
+                fail(f"{option} {path}: {p} is not a folder")
+            if not os.access(p, os.W_OK | os.X_OK):
+                fail(f"{option} {path}: cannot create it, {p} is not writable")
+            return
+
+
+def claim_run_dir(path: Path, pick_free_name: bool = False) -> Path:
+    """Create the run folder with one `os.mkdir`: the process that creates it owns it, so two runs never
+    share one. With `pick_free_name` (the default --out) a taken name gets a suffix -2, -3, …"""
+    check_folder_name(path)
+    if path.exists() and not path.is_dir():
+        fail(f"--out {path} is a file, not a folder")
+    check_parent(path)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        fail(f"--out {path}: cannot create {path.parent} ({e.strerror})")
+    base = path
+    for i in range(2, 1000):
+        try:
+            os.mkdir(path)
+            return path
+        except FileExistsError:
+            if not pick_free_name:
+                fail(f"--out {path} already exists (another run has it); choose another")
+            path = base.with_name(f"{base.name}-{i}")
+        except OSError as e:
+            fail(f"--out {path}: cannot create it ({e.strerror})")
+    fail(f"--out {base}: no free name")
+
+
+def release_run_dir(path: Path | None) -> None:
+    """Remove the folder `claim_run_dir` made if nothing was written to it."""
+    if path is not None:
+        try:
+            path.rmdir()
+        except OSError:
+            pass
+
+
+def _exit_now(code: int) -> None:
+    """Exit at once with `code`. Used after a Ctrl-C during start-up, when nothing is open: a Ctrl-C that
+    lands inside torch's lazy imports (seen in `use_deterministic_algorithms` importing sympy) made the
+    interpreter's normal exit end by SIGINT (status -2) instead of 130, about one time in three."""
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
+
+
+def check_data_root(cfg: TrainConfig) -> None:
+    if cfg.data_root is not None and not Path(cfg.data_root).expanduser().is_dir():
+        fail(f"--data-root {one_line(cfg.data_root)} is not a folder")
 
 
 @app.command()
@@ -97,18 +169,36 @@ def train(
         cfg = build_config(config, args)
     except ConfigError as e:
         fail(str(e))
-    run_dir = out or default_run_dir(cfg)
-    check_out(run_dir)
-    from .trainer import NonFiniteLoss, train as run_training
+    check_data_root(cfg)
+    if dump_frozen is not None:
+        check_parent(dump_frozen, "--dump-frozen")
+    run_dir = claim_run_dir(out or default_run_dir(cfg), pick_free_name=out is None) if cfg.record else None
     try:
-        res = run_training(cfg, run_dir if cfg.record else None, progress=not quiet)
-    except NonFiniteLoss as e:
-        fail(f"training stopped: {e}", code=1)
+        from .datasets import DatasetError
+        from .store import StoreWriteError
+        from .trainer import NonFiniteLoss, train as run_training
+        res = run_training(cfg, run_dir, progress=not quiet)
     except KeyboardInterrupt:
-        typer.echo(f"interrupted: the run in {run_dir} is readable up to its last record", err=True)
-        raise typer.Exit(130)
-    except (ValueError, FileNotFoundError, RuntimeError) as e:
-        fail(str(e), code=1)
+        if run_dir is not None and (run_dir / MANIFEST).exists():
+            typer.echo(f"interrupted: the run in {run_dir} is readable up to its last record", err=True)
+            raise typer.Exit(130)
+        release_run_dir(run_dir)
+        typer.echo("interrupted before QAT started: nothing was recorded", err=True)
+        _exit_now(130)
+    except BaseException as e:
+        if run_dir is not None and not (run_dir / MANIFEST).exists():
+            release_run_dir(run_dir)
+        if isinstance(e, StoreWriteError):
+            if e.records_kept is None:
+                e.records_kept = 0
+            fail(str(e), code=1)
+        if isinstance(e, NonFiniteLoss):
+            fail(f"training stopped: {e}", code=1)
+        if isinstance(e, DatasetError):
+            fail(str(e), code=2)
+        if isinstance(e, (ValueError, OSError, RuntimeError)):
+            fail(str(e), code=1)
+        raise
     if dump_frozen is not None and res.frozen_mask is not None:
         from .trainer import dist_info
         np.save(f"{dump_frozen}.rank{dist_info()[0]}.npy", res.frozen_mask.numpy())
@@ -118,8 +208,12 @@ def train(
                                                        "updates_eliminated_all_params", "backward_flops_saved")}}))
 
 
-def _parse_list(text: Optional[str], cast) -> list:
-    return [cast(x) for x in text.split(",") if x.strip()] if text else []
+def _parse_list(text: Optional[str], cast, option: str) -> list:
+    try:
+        return [cast(x) for x in text.split(",") if x.strip()] if text else []
+    except ValueError:
+        kind = {int: "integers", float: "numbers"}.get(cast, "values")
+        raise ConfigError(f"{option} {one_line(repr(text), 200)} is not a comma-separated list of {kind}") from None
 
 
 @app.command()
@@ -135,16 +229,21 @@ def sweep(
     """Train a grid of real LTS runs (thresholds × schedules × seeds), each a normal recorded run."""
     try:
         base = load_config_file(config) if config else {}
-        ths = _parse_list(thresholds, float)
-        grid = [make_config(**{**base, "rule": "none", "seed": sd}) for sd in _parse_list(seeds, int)] \
+        ths = _parse_list(thresholds, float, "--thresholds")
+        sds = _parse_list(seeds, int, "--seeds")
+        grid = [make_config(**{**base, "rule": "none", "seed": sd}) for sd in sds] \
             if baseline else []  # baselines first: the replay's predictions can show while LTS runs train
         grid += [make_config(**{**base, "rule": "lts", "threshold": r, "schedule": s, "seed": sd})
-                 for s, r, sd in itertools.product(_parse_list(schedules, str), ths, _parse_list(seeds, int))]
+                 for s, r, sd in itertools.product(_parse_list(schedules, str, "--schedules"), ths, sds)]
     except (ConfigError, ValueError) as e:
         fail(str(e))
     if not grid:
         fail("the sweep grid is empty")
-    out.mkdir(parents=True, exist_ok=True)
+    if out.exists() and not out.is_dir():
+        fail(f"--out {out} is a file, not a folder")
+    check_folder_name(out)
+    check_parent(out)
+    check_data_root(grid[0])
     jobs_todo = []
     for cfg in grid:
         run_dir = out / f"{cfg.label()}-s{cfg.seed}"
@@ -152,13 +251,29 @@ def sweep(
             typer.echo(f"skip {run_dir.name}: already exists")
             continue
         jobs_todo.append((cfg, run_dir))
-    # pre-train the FP model of every seed once, before the runs start in parallel
-    from .trainer import pretrain_fp, pick_device
-    from .datasets import load_dataset
-    for sd in sorted({c.seed for c, _ in jobs_todo}):
-        c0 = next(c for c, _ in jobs_todo if c.seed == sd)
-        pretrain_fp(c0, load_dataset(c0.dataset, root=c0.data_root, seed=sd, max_train=c0.max_train,
-                                     max_test=c0.max_test), pick_device(c0.device))
+    # pre-train the FP model of every seed once, before the runs start in parallel (and before --out exists)
+    try:
+        from .datasets import DatasetError, load_dataset
+        from .store import StoreWriteError
+        from .trainer import NonFiniteLoss, pick_device, pretrain_fp
+        for sd in sorted({c.seed for c, _ in jobs_todo}):
+            c0 = next(c for c, _ in jobs_todo if c.seed == sd)
+            pretrain_fp(c0, load_dataset(c0.dataset, root=c0.data_root, seed=sd, max_train=c0.max_train,
+                                         max_test=c0.max_test), pick_device(c0.device))
+    except KeyboardInterrupt:
+        typer.echo("sweep interrupted before any run started: nothing was recorded", err=True)
+        _exit_now(130)
+    except DatasetError as e:
+        fail(str(e), code=2)
+    except StoreWriteError as e:
+        e.records_kept = 0
+        fail(str(e), code=1)
+    except (NonFiniteLoss, ValueError, RuntimeError, OSError) as e:
+        fail(str(e), code=1)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        fail(f"--out {out}: cannot create it ({e.strerror})")
     running: list[tuple[subprocess.Popen, Path, Path]] = []
     failures = 0
 
@@ -203,21 +318,34 @@ def sweep(
 
 @app.command()
 def runs(folder: Optional[Path] = typer.Option(None, help="runs folder to list (default data/runs)")) -> None:
-    """List the runs of a folder with status and key figures (a broken run is listed with its error)."""
-    from .store import list_runs
+    """List the runs of a folder with status, progress and key figures (a broken run is listed with its
+    error)."""
+    from .manifest import one_line
+    from .store import RunError, list_runs
     for e in list_runs(folder or runs_dir()):
+        name = one_line(e.run_id, 200)
         if not e.ok:
-            typer.echo(f"{e.run_id:50s} BROKEN  {e.error}")
+            typer.echo(f"{name:50s} BROKEN  {e.error}")
             continue
-        m = e.run.metrics
+        try:
+            m, progress = e.run.metrics, e.run.progress
+        except RunError as err:
+            typer.echo(f"{name:50s} BROKEN  {one_line(err, 1000)}")
+            continue
         last = m.iloc[-1] if len(m) else None
         figs = "no epoch yet"
         if last is not None:
             figs = f"acc {last['test_acc']:.1f}%  updates eliminated {last['updates_eliminated']:.0%} of q-weights"
             if "updates_eliminated_all_params" in m.columns:
                 figs += f" ({last['updates_eliminated_all_params']:.0%} of all params)"
-        typer.echo(f"{e.run_id:50s} {e.status:11s} {figs}")
+        where = "" if e.status == "complete" else f"  ({progress})"
+        typer.echo(f"{name:50s} {e.status:11s} {figs}{where}")
+
+
+def _warning_line(message, category, filename, lineno, file=None, line=None) -> None:
+    typer.echo(f"warning: {one_line(message, 2000)}", err=True)
 
 
 def main() -> None:
+    warnings.showwarning = _warning_line
     app()

@@ -1,4 +1,8 @@
-"""Training configuration, validated with pydantic; one clear line per invalid field."""
+"""Training configuration, validated with pydantic; one clear line per invalid field.
+
+Types are strict: a JSON/TOML config must give numbers as numbers (``"bits": true`` or ``"epochs": "30"``
+is refused, an integer is accepted where a float is expected), and NaN or infinity nowhere.
+"""
 from __future__ import annotations
 
 import json
@@ -7,6 +11,8 @@ from pathlib import Path
 from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from .manifest import one_line
 
 from .datasets import DATASETS
 from .models import MODELS
@@ -27,6 +33,11 @@ REFERENCE_PRESET = {
     "bound_lr": 1e-4,            # Adam over the quantizer bounds
 }
 
+SEED_LIMIT = 2 ** 32
+BUILT_IN_DATASETS = ("digits", "mnist1d", "mnist1d-seq")  # bundled or generated locally; the others need files
+NEEDS_DATA_ROOT = tuple(d for d in DATASETS if d not in BUILT_IN_DATASETS)
+QUANTIZER_BITS = {"binary": 1, "ternary": 2}  # fixed widths: binary has 2 levels, ternary 3 (stored as 2 bits)
+
 
 class TrainConfig(BaseModel):
     """Everything that defines a run. Epoch counts are QAT epochs unless prefixed fp_.
@@ -38,7 +49,7 @@ class TrainConfig(BaseModel):
         cfg.first_last_bits, cfg.weight_output, cfg.drop_last, cfg.bound_lr   # (2, 'unit', False, 0.0001)
     """
 
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, strict=True, allow_inf_nan=False)
 
     preset: Literal["default", "reference"] = "default"
 
@@ -83,7 +94,7 @@ class TrainConfig(BaseModel):
     weight_decay: float = Field(1e-4, ge=0)
     bound_lr: float = Field(1e-3, gt=0, description="Adam learning rate of the quantizer bounds")
     lr_schedule: Literal["cosine", "step", "constant"] = "cosine"
-    seed: int = 0
+    seed: int = Field(0, ge=0, lt=SEED_LIMIT, description="0 ≤ seed < 2**32 (numpy's and sklearn's range)")
     device: Literal["auto", "cpu", "cuda"] = "auto"
 
     record: bool = True
@@ -91,8 +102,11 @@ class TrainConfig(BaseModel):
 
     @model_validator(mode="before")
     @classmethod
-    def _apply_preset(cls, data):
-        """Fill the preset's settings into the fields not given explicitly."""
+    def _fill_defaults(cls, data):
+        """`binary` / `ternary` without bits: their own width; then the preset's settings into the fields not
+        given explicitly."""
+        if isinstance(data, dict) and data.get("quantizer") in QUANTIZER_BITS and data.get("bits") is None:
+            data = {**data, "bits": QUANTIZER_BITS[data["quantizer"]]}
         if isinstance(data, dict) and data.get("preset") == "reference":
             data = dict(data)
             for key, value in REFERENCE_PRESET.items():
@@ -113,6 +127,13 @@ class TrainConfig(BaseModel):
             raise ValueError(f"granularity 'channel' is an LTS setting; it needs rule 'lts', not {self.rule!r}")
         if self.quantizer == "lsq" and self.bits < 2:
             raise ValueError("the lsq quantizer needs 2..8 bits (use liq or binary for 1 bit)")
+        fixed = QUANTIZER_BITS.get(self.quantizer)
+        if fixed is not None and self.bits != fixed:
+            raise ValueError(f"the {self.quantizer} quantizer is {fixed} bit{'s' if fixed > 1 else ''} wide; "
+                             f"bits={self.bits} does not apply (leave bits out)")
+        if self.dataset in NEEDS_DATA_ROOT and not self.data_root:
+            raise ValueError(f"dataset {self.dataset} needs data_root (--data-root DIR, the folder holding its "
+                             "files; nothing is downloaded)")
         return self
 
     # -- derived values ---------------------------------------------------------------------------
@@ -143,8 +164,8 @@ def format_validation_error(err: ValidationError) -> str:
     for e in err.errors():
         loc = ".".join(str(x) for x in e["loc"]) or "config"
         msg = e["msg"].removeprefix("Value error, ")
-        parts.append(f"{loc}: {msg}" if loc != "config" else msg)
-    return "invalid config — " + "; ".join(parts)
+        parts.append(one_line(f"{loc}: {msg}" if loc != "config" else msg, 300))
+    return "invalid config — " + "; ".join(parts[:5]) + (f" (and {len(parts) - 5} more)" if len(parts) > 5 else "")
 
 
 def make_config(**fields) -> TrainConfig:
@@ -155,14 +176,32 @@ def make_config(**fields) -> TrainConfig:
         raise ConfigError(format_validation_error(e)) from None
 
 
+MAX_CONFIG_BYTES = 1 << 20
+
+
 def load_config_file(path: str | Path) -> dict:
-    """Read a .json or .toml config file into a dict of TrainConfig fields."""
+    """Read a .json or .toml config file into a dict of TrainConfig fields (ConfigError, one line, if it is
+    missing, unreadable, not UTF-8, not parsable, too deep or not a table of options)."""
     p = Path(path)
+    name = one_line(str(p), 300)
+    if not p.exists():
+        raise ConfigError(f"config file not found: {name}")
     if not p.is_file():
-        raise ConfigError(f"config file not found: {p}")
+        raise ConfigError(f"config file {name} is not a file")
     try:
-        if p.suffix == ".toml":
-            return tomllib.loads(p.read_text())
-        return json.loads(p.read_text())
-    except (json.JSONDecodeError, tomllib.TOMLDecodeError) as e:
-        raise ConfigError(f"cannot parse config file {p}: {e}") from None
+        if p.stat().st_size > MAX_CONFIG_BYTES:
+            raise ConfigError(f"config file {name} is over {MAX_CONFIG_BYTES >> 20} MiB; not a config")
+        text = p.read_bytes().decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"config file {name} is not UTF-8 text (byte {e.start})") from None
+    except OSError as e:
+        raise ConfigError(f"cannot read config file {name}: {e.strerror}") from None
+    try:
+        data = tomllib.loads(text) if p.suffix == ".toml" else json.loads(text)
+    except (ValueError, RecursionError) as e:  # JSONDecodeError and TOMLDecodeError are ValueErrors
+        why = "nested too deeply" if isinstance(e, RecursionError) else one_line(e, 200)
+        raise ConfigError(f"cannot parse config file {name}: {why}") from None
+    if not isinstance(data, dict):
+        kind = "null" if data is None else type(data).__name__
+        raise ConfigError(f"config file {name} must hold a table of options (a JSON object), not {kind}")
+    return data

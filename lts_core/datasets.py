@@ -17,11 +17,13 @@ from __future__ import annotations
 
 import gzip
 import json
+import math
 import os
 import pickle
 import random
 import struct
 import tempfile
+import zlib
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
@@ -177,33 +179,40 @@ _IDX_FILES = {"train_x": "train-images-idx3-ubyte", "train_y": "train-labels-idx
               "test_x": "t10k-images-idx3-ubyte", "test_y": "t10k-labels-idx1-ubyte"}
 
 
-def _read_bytes(name: str, folder: Path, fname: str) -> bytes:
-    """Read `fname` or `fname.gz` from folder (plain file preferred)."""
-    for p in (folder / fname, folder / (fname + ".gz")):
-        if p.is_file():
-            try:
-                if p.suffix == ".gz":
-                    with gzip.open(p, "rb") as f:
-                        return f.read()
-                return p.read_bytes()
-            except (OSError, EOFError) as e:  # gzip.BadGzipFile is an OSError
-                raise _fail(name, p.name, folder, f"unreadable ({e})") from None
-    raise DatasetError(f"{name}: expected file '{fname}' (or .gz) in {folder} — not found")
+MAX_IDX_BYTES = 256 << 20  # MNIST's largest file holds 47 MB; a header promising more is not MNIST
 
 
 def _parse_idx(name: str, folder: Path, fname: str, ndim: int) -> np.ndarray:
-    """Parse an unsigned-byte IDX file: magic 0x0000 08 <ndim>, ndim big-endian uint32 dims, data."""
-    buf = _read_bytes(name, folder, fname)
-    if len(buf) < 4 + 4 * ndim:
-        raise _fail(name, fname, folder, f"truncated header ({len(buf)} bytes)")
-    magic = struct.unpack(">I", buf[:4])[0]
-    if magic != 0x0800 + ndim:
-        raise _fail(name, fname, folder, f"bad magic number 0x{magic:08x} (expected 0x{0x0800 + ndim:08x})")
-    dims = struct.unpack(f">{ndim}I", buf[4:4 + 4 * ndim])
-    need = 4 + 4 * ndim + int(np.prod(dims))
-    if len(buf) != need:
-        raise _fail(name, fname, folder, f"wrong length: {len(buf)} bytes, header {dims} implies {need}")
-    return np.frombuffer(buf, np.uint8, offset=4 + 4 * ndim).reshape(dims)
+    """Parse an unsigned-byte IDX file (`fname`, or `fname.gz`, plain preferred): magic 0x0000 08 <ndim>,
+    ndim big-endian uint32 dims, data. Reads at most the size its header announces (+1 byte to detect
+    trailing data), so a gzip bomb is refused after inflating no more than the expected IDX size."""
+    for p in (folder / fname, folder / (fname + ".gz")):
+        if p.is_file():
+            break
+    else:
+        raise DatasetError(f"{name}: expected file '{fname}' (or .gz) in {folder} — not found")
+    head_len = 4 + 4 * ndim
+    try:
+        with (gzip.open(p, "rb") if p.suffix == ".gz" else open(p, "rb")) as f:
+            head = f.read(head_len)
+            if len(head) < head_len:
+                raise _fail(name, fname, folder, f"truncated header ({len(head)} bytes)")
+            magic = struct.unpack(">I", head[:4])[0]
+            if magic != 0x0800 + ndim:
+                raise _fail(name, fname, folder,
+                            f"bad magic number 0x{magic:08x} (expected 0x{0x0800 + ndim:08x})")
+            dims = struct.unpack(f">{ndim}I", head[4:])
+            size = math.prod(dims)
+            if size > MAX_IDX_BYTES:
+                raise _fail(name, fname, folder, f"header {dims} announces {size} bytes of data, more than "
+                                                 f"{MAX_IDX_BYTES >> 20} MiB; not an MNIST-style file")
+            data = f.read(size + 1)
+    except (OSError, EOFError, zlib.error) as e:  # gzip.BadGzipFile is an OSError
+        raise _fail(name, p.name, folder, f"unreadable ({e})") from None
+    if len(data) != size:
+        got = f"{head_len + len(data)}{'+' if len(data) > size else ''}"
+        raise _fail(name, fname, folder, f"wrong length: {got} bytes, header {dims} implies {head_len + size}")
+    return np.frombuffer(data, np.uint8).reshape(dims)
 
 
 def _load_idx(name, root, seed, max_train, max_test) -> DatasetSplit:

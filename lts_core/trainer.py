@@ -6,6 +6,7 @@ Runs under `torchrun` with DDP (gloo on CPU, NCCL on GPU); only rank 0 records.
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import math
 import os
@@ -27,10 +28,8 @@ from .layers import quantize_model, quantized_layers
 from .models import ARCH_VERSION, build_model
 from .progress import report as report_progress
 from .rules import FreezingRule, LTSRule, OscillationRule
+from .store import StoreWriteError, write_file_atomic
 
-
-
-FLUSH_SECONDS = 2.0  # write buffered records at the end of an epoch when this long has passed since the last
 
 
 class NonFiniteLoss(RuntimeError):
@@ -127,16 +126,32 @@ def fp_cache_path(cfg: TrainConfig) -> Path:
     return data_dir() / "cache" / "fp" / f"{cfg.model}-{cfg.dataset}-{digest}.pt"
 
 
+def _load_fp_cache(path: Path, model: nn.Module, device: torch.device) -> bool:
+    """Load the cached FP weights into `model`. A file that does not load (truncated, corrupt, another
+    model's) is reported in one warning line naming it, removed, and False is returned: it is rebuilt."""
+    try:
+        model.load_state_dict(torch.load(path, map_location=device, weights_only=True))
+        return True
+    except Exception as e:
+        warnings.warn(f"the cached pre-trained model {path} is unreadable ({type(e).__name__}: truncated or "
+                      "corrupt?); pre-training again to rebuild it", RuntimeWarning, stacklevel=3)
+        path.unlink(missing_ok=True)
+        return False
+
+
 def pretrain_fp(cfg: TrainConfig, data: DatasetSplit, device: torch.device, run: str | None = None) -> nn.Module:
     """Full-precision pre-training (cached on disk by config and seed, so every rule starts identical).
-    `run` names the run in progress reports (`lts_core.progress`)."""
+    `run` names the run in progress reports (`lts_core.progress`). A cache that cannot be written raises
+    StoreWriteError (no temp file is left)."""
     torch.manual_seed(cfg.seed)
     model = build_model(cfg.model, data.in_shape, data.n_classes, width=cfg.width).to(device)
     path = fp_cache_path(cfg)
     if path.is_file():
-        model.load_state_dict(torch.load(path, map_location=device, weights_only=True))
-        report_progress("fp", cfg.fp_epochs, cfg.fp_epochs, run)
-        return model
+        if _load_fp_cache(path, model, device):
+            report_progress("fp", cfg.fp_epochs, cfg.fp_epochs, run)
+            return model
+        torch.manual_seed(cfg.seed)  # a failed load may have changed some weights: start from scratch
+        model = build_model(cfg.model, data.in_shape, data.n_classes, width=cfg.width).to(device)
     report_progress("fp", 0, cfg.fp_epochs, run)
     opt = torch.optim.SGD(model.parameters(), lr=cfg.fp_lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
     n = len(data.x_train)
@@ -156,10 +171,13 @@ def pretrain_fp(cfg: TrainConfig, data: DatasetSplit, device: torch.device, run:
             t += 1
         report_progress("fp", epoch + 1, cfg.fp_epochs, run)
     if dist_info()[0] == 0:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(f".tmp-{os.getpid()}")
-        torch.save(model.state_dict(), tmp)
-        os.replace(tmp, path)
+        buf = io.BytesIO()
+        torch.save(model.state_dict(), buf)  # in memory: a full disk then gives an OSError, not torch's message
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise StoreWriteError.from_oserror(e, path.parent) from None
+        write_file_atomic(path, buf.getvalue())
     return model
 
 
@@ -284,7 +302,6 @@ def train(cfg: TrainConfig, run_dir: str | Path | None = None, progress: bool = 
         from tqdm.auto import tqdm
         bar = tqdm(total=cfg.epochs, desc=cfg.label(), unit="epoch")
     t = 0
-    last_flush = time.monotonic()
     report_progress("qat", 0, cfg.epochs, run_name)
     try:
         with _SigtermAsInterrupt():
@@ -336,10 +353,7 @@ def train(cfg: TrainConfig, run_dir: str | Path | None = None, progress: bool = 
                        "step_seconds": clock.step_seconds, "backward_seconds": clock.backward_seconds}
                 result.metrics.append(row)
                 if rec is not None:
-                    rec.log_epoch(row)
-                    if time.monotonic() - last_flush > FLUSH_SECONDS:  # live views see records as they come
-                        rec.flush()
-                        last_flush = time.monotonic()
+                    rec.log_epoch(row)  # after the epoch's records are on disk (each is written as taken)
                 report_progress("qat", epoch + 1, cfg.epochs, run_name)
                 if on_epoch is not None:
                     on_epoch(row)
