@@ -98,7 +98,11 @@ SUMMARY_ARRAYS: dict[str, ArraySpec] = {  # summary/<name>.npy
     "settle_record": ArraySpec("int", ("N",), "first record from which the level stays final"),
     "flips": ArraySpec("int", ("N",), "level changes between consecutive records"),
 }
-CACHE_FILES: dict[str, str] = {}  # cache/<name>: derived files a reader may rebuild (file name -> what it holds)
+CACHE_FILES: dict[str, str] = {  # cache/<name> (regular expressions): derived files, rebuilt when missing
+    r"[A-Za-z0-9_-]{1,64}\.json": "an analysis item's meta, written last (lts_core.analysis.cache)",
+    r"[A-Za-z0-9_-]{1,64}\.[0-9a-f]{12}\.[A-Za-z0-9_]{1,64}\.npy": "an analysis item's per-weight array",
+    r"[A-Za-z0-9_-]{1,64}\.[0-9a-f]{12}\.npz": "an analysis item's small tables",
+}
 LEVEL_DELTA_ARRAYS = ("level_base", "level_change_at", "level_change_to")  # "level" as changes (level_delta)
 CORE_ARRAYS = ("step", "level", "dist", "bounds")  # what a schema-1 chunk without an "arrays" list holds
 REQUIRED_ARRAYS = ("step", "dist", "bounds")  # in every chunk, with "level" or all of LEVEL_DELTA_ARRAYS

@@ -129,3 +129,32 @@ def test_writer_refuses_unknown_names(tmp_path):
     with pytest.raises(ValueError, match="invalid run metadata.*bits"):
         RunWriter.create(tmp_path, "cfg", {"config": {"bits": True}})
     assert open_run(run).status == "complete"
+
+
+def test_crafted_analysis_cache_reads_nothing_outside(tmp_path):
+    """A cache meta file naming arrays with path separators (or a cache folder leading out of the run) is
+    ignored: the analysis recomputes, and no file outside the run is opened."""
+    import json as _json
+
+    from lts_core.analysis import cache
+    runs = tmp_path / "runs"
+    run_dir = make_good_run(runs, "r")
+    secret = tmp_path / "secret.npy"
+    np.save(secret, np.arange(17))
+    run = open_run(run_dir)
+    stamp = cache.run_stamp(run)
+    (run_dir / "cache").mkdir()
+    meta = {"version": cache.CACHE_VERSION, "stamp": stamp, "settings": {}, "key": "0123456789ab",
+            "arrays": ["../../../secret"], "tables": []}
+    (run_dir / "cache" / "levels.json").write_text(_json.dumps(meta))
+    assert cache.load(run, "levels", {}) is None
+    meta["arrays"], meta["key"] = ["x"], "../../.."
+    (run_dir / "cache" / "levels.json").write_text(_json.dumps(meta))
+    assert cache.load(run, "levels", {}) is None
+    with pytest.raises(KeyError):
+        run.cache_file("../manifest.json")
+    (run_dir / "cache" / "levels.json").unlink()
+    (run_dir / "cache").rmdir()
+    (run_dir / "cache").symlink_to(tmp_path)
+    (e,) = list_runs(runs)
+    assert not e.ok and "outside the run folder" in e.error

@@ -44,6 +44,12 @@ def cache_dir(run) -> Path:
     return Path(run.path) / CACHE_DIR
 
 
+def _file(run, name: str) -> Path:
+    """cache/<name>, as the store allows it (`Run.cache_file`: a name listed in `store.CACHE_FILES`, a regular
+    file inside the run folder; KeyError or RunError otherwise)."""
+    return run.cache_file(name) if hasattr(run, "cache_file") else cache_dir(run) / name
+
+
 class Cached:
     """What `load` found for an item: its meta, memory-mapped per-weight arrays, tables, and how it relates to
     the run now (`status`: 'fresh', 'prefix' (the run has more chunks) or 'stale')."""
@@ -59,11 +65,11 @@ class Cached:
 def load(run, item: str, settings: dict | None = None) -> Cached | None:
     """The cached `item` of `run` for `settings`, or None when absent, unreadable or of another version,
     settings or run."""
+    from ..store import RunError
     settings = settings or {}
-    d = cache_dir(run)
     try:
-        meta = json.loads((d / f"{item}.json").read_text())
-    except (OSError, ValueError):
+        meta = json.loads(_file(run, f"{item}.json").read_text())
+    except (OSError, ValueError, KeyError, RunError):
         return None
     if not isinstance(meta, dict) or meta.get("version") != CACHE_VERSION or meta.get("settings") != \
             json.loads(json.dumps(settings)):
@@ -79,15 +85,15 @@ def load(run, item: str, settings: dict | None = None) -> Cached | None:
     else:
         return None
     key = meta.get("key")
-    try:
-        arrays = {name: np.load(d / f"{item}.{key}.{name}.npy", mmap_mode="r", allow_pickle=False)
+    try:  # names from the meta file are checked by the store: nothing outside the run is read
+        arrays = {name: np.load(_file(run, f"{item}.{key}.{name}.npy"), mmap_mode="r", allow_pickle=False)
                   for name in meta.get("arrays", [])}
         tables = {}
         if meta.get("tables"):
-            with np.load(d / f"{item}.{key}.npz", allow_pickle=False) as z:
+            with np.load(_file(run, f"{item}.{key}.npz"), allow_pickle=False) as z:
                 tables = {name: z[name] for name in meta["tables"]}
-    except (OSError, ValueError, KeyError, EOFError):
-        return None   # removed by a newer build, or damaged: recompute
+    except (OSError, ValueError, KeyError, EOFError, TypeError, RunError):
+        return None   # removed by a newer build, damaged or crafted: recompute
     return Cached(meta, arrays, tables, status)
 
 
