@@ -6,7 +6,8 @@ Layout of ``runs_dir/<run-id>/``::
     metrics.parquet                    one row per finished epoch
     traj/<chunk:06d>.<array>.npy       step int64 [r]; level, dist, <state> uint8 [r, N]; bounds float32 [r, L, 2]
                                        (level may be stored as changes instead: level_base, level_change_at,
-                                       level_change_to, see lts_core.level_delta; readers decode it)
+                                       level_change_to, see lts_core.level_delta; readers decode it;
+                                       the 0/1 state `side` is stored as bits, side_bits uint8 [r, ⌈N/8⌉])
     summary/<name>.npy                 per-weight summaries (freeze_step int64, -1 = never; final_level, …)
 
 Which names may appear is listed once, in `TRAJ_ARRAYS`, `SUMMARY_ARRAYS` and `CACHE_FILES` below; a reader

@@ -314,3 +314,38 @@ def test_side_array_is_stored_as_packed_bits(tmp_path):
     buf = np.empty(100, np.uint8)
     np.testing.assert_array_equal(run.read_columns(1, "side", 11, 30, buf), sides[1][:, 11:30])
     assert run.weights([2, 30])["side"].tolist() == full[:, [2, 30]].tolist()
+
+
+@pytest.mark.parametrize("end", ["open", "killed", "sealed"])
+def test_side_bits_appended_record_by_record(tmp_path, end):
+    """The recorder's open chunk packs `side` as it appends: while the run is written, after a kill (the chunk
+    never sealed) and once sealed, every reader gets the 0/1 values of the records on disk back."""
+    rng = np.random.default_rng(7)
+    n, cap = 37, 6  # not a multiple of 8
+    layers = [{"name": "a", "shape": [3, 7], "n_levels": 4}, {"name": "b", "shape": [16], "n_levels": 4}]
+    w = RunWriter.create(tmp_path, "side", {"layers": layers})
+    buf = {"step": np.arange(cap, dtype=np.int64), "level": rng.integers(0, 4, (cap, n), dtype=np.uint8),
+           "dist": rng.integers(0, 65, (cap, n), dtype=np.uint8), "side": rng.integers(0, 2, (cap, n), np.uint8),
+           "bounds": np.zeros((cap, 2, 2), np.float32)}
+    chunk = w.open_chunk(buf)
+    chunk.append(2)
+    chunk.append(5)
+    kept = 5
+    if end == "killed":
+        buf["side"][5] = 2  # a bad value: refused, and the records already written stay readable
+        with pytest.raises(ValueError, match="0/1"):
+            chunk.append(6)
+        chunk.abandon()
+    elif end == "sealed":
+        chunk.seal()
+        assert np.load(chunk_file(tmp_path / "side", 0, "side_bits")).shape == (kept, 5)
+    run = open_run(tmp_path / "side")
+    arrays = (run.manifest["open_chunk"] if end != "sealed" else run.manifest["chunks"][0])["arrays"]
+    assert "side_bits" in arrays and "side" not in arrays and run.state_arrays == ["side"]
+    assert run.n_records == kept
+    full = buf["side"][:kept]
+    np.testing.assert_array_equal(run.state("side"), full)
+    np.testing.assert_array_equal(run.state("side", "b"), full[:, 21:])
+    for start, stop in ((0, 37), (3, 4), (5, 21), (8, 16), (36, 37)):
+        np.testing.assert_array_equal(run.read_columns(0, "side", start, stop), full[:, start:stop])
+    np.testing.assert_array_equal(run.levels(), buf["level"][:kept])
