@@ -27,21 +27,24 @@ N = 17
 
 
 def make_good_run(folder: Path, run_id: str, seed: int = 0) -> Path:
-    """Two chunks (the first dense, the second with levels stored as changes), metrics, a summary."""
+    """Two chunks (the first dense, the second with levels stored as changes; both with the optional
+    `raw_dist` and `side`, stored as `side_bits`), metrics, a summary."""
     rng = np.random.default_rng(seed)
     w = RunWriter.create(folder, run_id, {"layers": LAYERS, "steps_per_epoch": 4, "total_steps": 12,
-                                          "record_every": 2, "state_arrays": ["ema"],
+                                          "record_every": 2, "state_arrays": ["ema", "side"],
                                           "config": {"model": "mlp", "threshold": 0.1, "epochs": 3},
                                           "rule": {"name": "lts", "settings": {"warmup_steps": 2, "ratio": 0.1}}})
     dense = {"step": np.array([0, 2, 4]), "level": rng.integers(0, 4, (3, N), dtype=np.uint8),
              "dist": rng.integers(0, 256, (3, N), dtype=np.uint8), "ema": rng.integers(0, 256, (3, N), np.uint8),
-             "bounds": rng.standard_normal((3, 2, 2)).astype(np.float32)}
+             "bounds": rng.standard_normal((3, 2, 2)).astype(np.float32),
+             "raw_dist": rng.random((3, N), np.float32), "side": rng.integers(0, 2, (3, N), np.uint8)}
     w.append_chunk(dense)
     lv = np.repeat(rng.integers(0, 4, (1, N), dtype=np.uint8), 4, axis=0)
     lv[3, 5] = (lv[3, 5] + 1) % 4  # one change in four records: stored as changes
     sparse = {"step": np.array([6, 8, 10, 11]), "level": lv,
               "dist": rng.integers(0, 256, (4, N), dtype=np.uint8), "ema": rng.integers(0, 256, (4, N), np.uint8),
-              "bounds": rng.standard_normal((4, 2, 2)).astype(np.float32)}
+              "bounds": rng.standard_normal((4, 2, 2)).astype(np.float32),
+              "raw_dist": rng.random((4, N), np.float32), "side": rng.integers(0, 2, (4, N), np.uint8)}
     w.append_chunk(sparse)
     w.write_metrics(pd.DataFrame([{c: float(i + 1) for c in METRIC_COLUMNS} for i in range(3)]))
     w.write_summary("freeze_step", np.arange(N, dtype=np.int64) - 1)
@@ -201,7 +204,7 @@ class Case:
     needle: str
 
 
-_GOOD_ARRAYS_0 = ["step", "level", "dist", "ema", "bounds"]
+_GOOD_ARRAYS_0 = ["step", "level", "dist", "ema", "bounds", "raw_dist", "side_bits"]
 
 CASES: list[Case] = [
     # ---- manifest: not JSON, not an object, not a file --------------------------------------------------
@@ -313,6 +316,10 @@ CASES: list[Case] = [
     Case("chunk-step-float", "chunk files", _save("traj/000000.step.npy", np.zeros(3)), "broken", "dtype"),
     Case("level-base-wrong-length", "chunk files", _save("traj/000001.level_base.npy", np.zeros(N + 1, np.uint8)),
          "broken", "does not match"),
+    Case("side-bits-unpacked", "chunk files", _save("traj/000000.side_bits.npy", np.zeros((3, N), np.uint8)),
+         "broken", "shape 3×17 does not match the manifest (3×3)"),
+    Case("raw-dist-float64", "chunk files", _save("traj/000001.raw_dist.npy", np.zeros((4, N))), "broken",
+         "dtype"),
     Case("bounds-wrong-layers", "chunk files", _save("traj/000000.bounds.npy", np.zeros((3, 3, 2), np.float32)),
          "broken", "does not match"),
     Case("orphan-and-temp-files", "chunk files", _orphans, "ok", ""),

@@ -35,6 +35,9 @@ def test_good_run_beside_them_reads(corpus):
     good = entries["good"]
     assert good.ok and good.status == "complete" and good.run.n_records == 7
     assert good.run.levels().shape == (7, 17) and len(good.run.metrics) == 3
+    assert good.run.manifest["chunks"][0]["arrays"] == ["step", "level", "dist", "ema", "bounds", "raw_dist",
+                                                        "side_bits"]
+    assert good.run.state("side").shape == good.run.raw_dists().shape == (7, 17)
 
 
 @pytest.mark.parametrize("case", CASES, ids=[c.name for c in CASES])
@@ -55,6 +58,7 @@ def test_bad_run_is_reported_not_raised(corpus, case):
     if case.expect == "ok":
         good = entries["good"].run  # same seed: the same arrays
         assert np.array_equal(run.state("ema"), good.state("ema"))
+        assert np.array_equal(run.state("side"), good.state("side"))
         assert np.array_equal(run.levels(), good.levels()) and len(run.metrics) == 3
         return
     read = {"metrics": lambda: run.metrics, "levels": lambda: run.levels(),
