@@ -23,7 +23,7 @@ from typing import Optional
 import numpy as np
 import typer
 
-from .config import ConfigError, TrainConfig, load_config_file, make_config
+from .config import NEEDS_DATA_ROOT, ConfigError, TrainConfig, load_config_file, make_config
 from .datasets import DATASETS
 from .manifest import RUN_ID_PATTERN, one_line
 from .models import MODELS
@@ -114,6 +114,10 @@ def _exit_now(code: int) -> None:
 
 
 def check_data_root(cfg: TrainConfig) -> None:
+    """A dataset read from a folder needs an existing --data-root (checked here, not in TrainConfig, so that
+    the app can word its own message for its 'Data folder' field)."""
+    if cfg.dataset in NEEDS_DATA_ROOT and not cfg.data_root:
+        fail(f"dataset {cfg.dataset} needs --data-root DIR, the folder holding its files (nothing is downloaded)")
     if cfg.data_root is not None and not Path(cfg.data_root).expanduser().is_dir():
         fail(f"--data-root {one_line(cfg.data_root)} is not a folder")
 

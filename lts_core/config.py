@@ -131,9 +131,6 @@ class TrainConfig(BaseModel):
         if fixed is not None and self.bits != fixed:
             raise ValueError(f"the {self.quantizer} quantizer is {fixed} bit{'s' if fixed > 1 else ''} wide; "
                              f"bits={self.bits} does not apply (leave bits out)")
-        if self.dataset in NEEDS_DATA_ROOT and not self.data_root:
-            raise ValueError(f"dataset {self.dataset} needs data_root (--data-root DIR, the folder holding its "
-                             "files; nothing is downloaded)")
         return self
 
     # -- derived values ---------------------------------------------------------------------------

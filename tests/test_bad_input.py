@@ -82,7 +82,6 @@ def test_bad_config_files_one_line_exit_2_nothing_written(tmp_path, env):
     ({"seed": 2 ** 63}, "seed: Input should be less than 4294967296"),
     ({"quantizer": "binary", "bits": 4}, "binary quantizer is 1 bit wide"),
     ({"quantizer": "ternary", "bits": 3}, "ternary quantizer is 2 bits wide"),
-    ({"dataset": "mnist"}, "needs data_root"),
     ({"lr": float("inf")}, "finite"),
 ])
 def test_config_refuses(fields, needle):
@@ -107,7 +106,7 @@ def option_cases(tmp_path: Path) -> dict[str, tuple[list[str], str]]:
         "seed 2**63": (["--seed", str(2 ** 63)], "seed"),
         "binary 4 bits": (["--quantizer", "binary", "--bits", "4"], "binary"),
         "ternary 3 bits": (["--quantizer", "ternary", "--bits", "3"], "ternary"),
-        "mnist no root": (["--dataset", "mnist"], "needs data_root"),
+        "mnist no root": (["--dataset", "mnist"], "needs --data-root"),
         "mnist root missing": (["--dataset", "mnist", "--data-root", str(tmp_path / "nope")], "not a folder"),
         "out is a file": (["--out", str(a_file)], "is a file"),
         "out under a file": (["--out", str(a_file / "run")], "is not a folder"),
@@ -132,7 +131,7 @@ def sweep_cases(tmp_path: Path) -> dict[str, tuple[list[str], str]]:
     return {"seeds -1": (["--seeds", "-1", *out], "seed"), "seeds not numbers": (["--seeds", "1,x", *out], "--seeds"),
             "thresholds not numbers": (["--thresholds", "0.1,abc", *out], "--thresholds"),
             "out is a file": (["--out", str(a_file)], "is a file"),
-            "mnist without data root": (["--config", str(mnist), *out], "needs data_root"),
+            "mnist without data root": (["--config", str(mnist), *out], "needs --data-root"),
             "mnist files missing": (["--config", str(mnist_empty), *out], "not found")}
 
 
