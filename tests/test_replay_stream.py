@@ -17,8 +17,14 @@ LEVELS = {"uniform": [4, 4, 4, 4, 4], "mixed": [2, 4, 3, 8, 2]}
 BITS = {"uniform": [2, 2, 2, 2, 2], "mixed": [1, 2, 2, 3, 8]}
 
 
+def in_range(lv, n_levels):
+    """Levels clipped to each layer's range (the store refuses a level above its layer's n_levels)."""
+    return np.minimum(lv, np.repeat(np.array(LEVELS[n_levels]) - 1, SIZES).astype(np.uint8))
+
+
 def make_run(folder, n_levels="mixed", raw=False, first_step=0, gap=3, R=30, chunk=7, seed=0):
     lv, dist, _ = trajectories(R=R, p_move=0.25, seed=seed)
+    lv = in_range(lv, n_levels)
     rng = np.random.default_rng(seed)
     raw_d = (rng.random(lv.shape) * 0.3).astype(np.float32)
     layers = [{"name": f"l{i}", "shape": [n], "numel": n, "n_levels": L, "bits": b, "flops": 10 * (i + 1)}
@@ -137,6 +143,7 @@ def test_replay_caches_are_reused_and_rebuilt_when_the_run_changes(tmp_path, mon
     assert isinstance(rep2.freeze_steps, np.memmap) and res2.updates_eliminated == res.updates_eliminated
     # the run grows: the index is rebuilt over every record (its ticket precision depends on the last record)
     lv, dist, _ = trajectories(R=3, seed=9)
+    lv = in_range(lv, "mixed")
     RunWriter(tmp_path / "r", open_run(tmp_path / "r").manifest).append_chunk(
         {"step": np.array([60, 63, 66]), "level": lv, "dist": dist, "bounds": np.zeros((3, len(SIZES), 2), np.float32)})
     grown = open_run(tmp_path / "r")
