@@ -203,6 +203,7 @@ def _describe_row(row: dict, entry) -> None:
     elif warm is None and epochs:
         warm = 0.2 * epochs
     lts = rule_name == "lts"
+    frozen_rule = rule_name in ("lts", "osc")
     schedule = (_str(settings.get("schedule")) or _str(cfg.get("schedule"))) if lts else None
     threshold = _num(settings.get("ratio", cfg.get("threshold"))) if lts else None
     if lts and threshold is None:
@@ -218,6 +219,10 @@ def _describe_row(row: dict, entry) -> None:
         device=_str(manifest.get("device")), fp_acc=_num(manifest.get("fp_test_acc")), reason=None, epochs_done=0,
         test_acc=None, updates_eliminated=None, updates_eliminated_all_params=None, backward_flops_saved=None,
         n_records=0, n_layers=0, preset=_str(cfg.get("preset")), n_trainable=_int(manifest.get("n_trainable_params")),
+        granularity=(_str(settings.get("granularity")) or _str(cfg.get("granularity")) or "weight") if lts else None,
+        channel_quantile=_num(settings.get("channel_quantile", cfg.get("channel_quantile"))) if lts else None,
+        bound_grad=(_str(settings.get("bound_grad")) or _str(cfg.get("bound_grad")) or "all") if frozen_rule else None,
+        backward_flops_skippable=None, step_seconds=None, backward_seconds=None,
         setup=tuple(cfg.get(k) if isinstance(cfg.get(k), (str, int, float, type(None))) else str(cfg.get(k))
                     for k in SETUP_KEYS),
     )
@@ -233,7 +238,16 @@ def _describe_row(row: dict, entry) -> None:
         row.update(epochs_done=int(len(m)), test_acc=_num(last.get("test_acc")),
                    updates_eliminated=_num(last.get("updates_eliminated")),
                    updates_eliminated_all_params=_num(last.get("updates_eliminated_all_params")),
-                   backward_flops_saved=_num(last.get("backward_flops_saved")))
+                   backward_flops_saved=_num(last.get("backward_flops_saved")),
+                   backward_flops_skippable=_num(last.get("backward_flops_skippable")),
+                   step_seconds=_column_sum(m, "step_seconds"), backward_seconds=_column_sum(m, "backward_seconds"))
+
+
+def _column_sum(m: pd.DataFrame, column: str) -> float | None:
+    """Sum of a metrics column over the epochs, or None when a run did not record it (older runs)."""
+    if column not in m or m[column].isna().any():
+        return None
+    return _num(float(m[column].sum()))
 
 
 @st.cache_data(show_spinner=False, max_entries=16, ttl=5)
@@ -305,15 +319,34 @@ def osc_replay(row):
 
 
 @st.cache_data(show_spinner="Replaying LTS weight by weight…", max_entries=32)
-def _freeze_steps(path: str, stamp: tuple, schedule: str, ratio: float, warmup_steps: int, decay: float):
+def _freeze_steps(path: str, stamp: tuple, schedule: str, ratio: float, warmup_steps: int, decay: float,
+                  granularity: str, quantile: float):
     from lts_core.analysis import replay_freeze_steps
     return replay_freeze_steps(_open(path, stamp), schedule=schedule, ratio=float(ratio),
-                               warmup_steps=int(warmup_steps), decay=float(decay))
+                               warmup_steps=int(warmup_steps), decay=float(decay), granularity=granularity,
+                               channel_quantile=float(quantile))
 
 
-def replay_freeze_steps_cached(row, schedule: str, ratio: float, warmup_steps: int, decay: float) -> np.ndarray:
+def replay_freeze_steps_cached(row, schedule: str, ratio: float, warmup_steps: int, decay: float,
+                               granularity: str = "weight", quantile: float = 0.5) -> np.ndarray:
     return _freeze_steps(row["path"], run_stamp(row["path"]), schedule, float(ratio), int(warmup_steps),
-                         float(decay))
+                         float(decay), granularity, float(quantile))
+
+
+@st.cache_data(show_spinner=False, max_entries=64)
+def _accounting(path: str, stamp: tuple, schedule: str, ratio: float, warmup_steps: int, decay: float,
+                granularity: str, quantile: float):
+    from lts_core.analysis import replay_accounting
+    return replay_accounting(_open(path, stamp), schedule=schedule, ratio=float(ratio),
+                             warmup_steps=int(warmup_steps), decay=float(decay), granularity=granularity,
+                             channel_quantile=float(quantile))
+
+
+def replay_accounting_cached(row, schedule: str, ratio: float, warmup_steps: int, decay: float,
+                             granularity: str = "weight", quantile: float = 0.5):
+    """`ReplayResult` of one threshold with the structural share (`lts_core.analysis.replay_accounting`)."""
+    return _accounting(row["path"], run_stamp(row["path"]), schedule, float(ratio), int(warmup_steps), float(decay),
+                       granularity, float(quantile))
 
 
 @st.cache_data(show_spinner=False, max_entries=32)
@@ -398,9 +431,14 @@ RULE_NAMES = {"none": "baseline QAT", "lts": "LTS", "osc": "oscillation freezing
 
 def rule_text(row) -> str:
     rule = row.get("rule") or "none"
+    text = RULE_NAMES.get(rule, str(rule))
     if rule == "lts":
-        return f"LTS {SCHEDULE_NAMES.get(row.get('schedule'), row.get('schedule'))} ρ={_g(row.get('threshold'))}"
-    return RULE_NAMES.get(rule, str(rule))
+        text = f"LTS {SCHEDULE_NAMES.get(row.get('schedule'), row.get('schedule'))} ρ={_g(row.get('threshold'))}"
+        if row.get("granularity") == "channel":
+            text += f", channels (q={_g(row.get('channel_quantile'))})"
+    if row.get("bound_grad") == "active":
+        text += ", active bounds"
+    return text
 
 
 def describe(row) -> str:
@@ -411,6 +449,34 @@ def describe(row) -> str:
     bits = f"{row.get('bits')} bit" if row.get("bits") is not None else "? bit"
     ep = f"{row.get('epochs')} ep" if row.get("epochs") else ""
     return " · ".join(str(x) for x in (row.get("model"), row.get("dataset"), bits, rule_text(row), ep) if x)
+
+
+# ---- what freezing saved: the three figures of every run (Runs and Compare tables) ----------------------------
+SAVINGS_HELP = {
+    "bwd accounted (%)": "backward FLOPs saved as the paper counts them: the weight-gradient FLOPs "
+                                      "of frozen weights, mean over the steps. A dense backward still computes "
+                                      "them: this is bookkeeping, not time",
+    "bwd skippable (%)": "share of backward FLOPs in output channels (rows, filters) all of whose weights "
+                                  "are frozen, mean over the steps: what a planned backward can skip (it does "
+                                  "with bound-grad 'active')",
+    "bwd s": "measured: wall-clock seconds of the backward passes (loss.backward()), summed over the epochs",
+    "step s": "measured: wall-clock seconds of whole training steps (forward, backward, rule, optimizers), "
+              "summed over the epochs",
+}
+
+
+def savings_columns(row) -> dict:
+    """The accounted and structural shares (%) and the measured seconds of a run; None where not recorded."""
+    def p(x):
+        return None if x is None else 100.0 * x
+    return {"bwd accounted (%)": p(row.get("backward_flops_saved")),
+            "bwd skippable (%)": p(row.get("backward_flops_skippable")),
+            "bwd s": row.get("backward_seconds"), "step s": row.get("step_seconds")}
+
+
+def savings_column_config() -> dict:
+    num = st.column_config.NumberColumn
+    return {k: num(format="%.1f", help=h) for k, h in SAVINGS_HELP.items()}
 
 
 def _g(x) -> str:

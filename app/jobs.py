@@ -152,9 +152,9 @@ def train_command(cfg, out: Path) -> list[str]:
     """`python -m lts_core train …` for a TrainConfig (only the options that differ from the defaults)."""
     from lts_core.config import TrainConfig
     default = TrainConfig()
-    opts = ["preset", "model", "width", "dataset", "data_root", "bits", "quantizer", "rule", "schedule", "threshold", "decay",
-            "warmup_epochs", "epochs", "fp_epochs", "batch_size", "lr", "seed", "device", "record_every",
-            "max_train"]
+    opts = ["preset", "model", "width", "dataset", "data_root", "bits", "quantizer", "rule", "schedule", "threshold",
+            "decay", "granularity", "channel_quantile", "bound_grad", "warmup_epochs", "epochs", "fp_epochs",
+            "batch_size", "lr", "seed", "device", "record_every", "max_train"]
     cmd = [sys.executable, "-m", "lts_core", "train"]
     for name in opts:
         value = getattr(cfg, name)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from lts_core.analysis.replay import ReplayIndex, freeze_accounting, replay_freeze_steps
+from lts_core.analysis.replay import ReplayIndex, freeze_accounting, replay_accounting, replay_freeze_steps
 from lts_core.config import make_config
 from lts_core.store import open_run
 from lts_core.trainer import train
@@ -34,6 +34,16 @@ def test_channel_lts_run_replays_itself_exactly(data_env, tmp_path):
     # channel freezing: the structural share is the accounted one, and the live rule counted the same
     assert q.backward_flops_skippable == pytest.approx(q.backward_flops_saved, abs=1e-12)
     assert q.backward_flops_skippable == pytest.approx(last["backward_flops_skippable"], abs=1e-9)
+    # one threshold with its accounting (what the Sweep page shows): the live rule's own figures
+    acc = replay_accounting(run, ratio=0.5, **kw)
+    for key in ("updates_eliminated", "backward_flops_saved", "backward_flops_skippable"):
+        assert getattr(acc, key) == pytest.approx(last[key], abs=1e-9), key
+    per_weight = replay_accounting(run, ratio=0.5, schedule="linear", decay=s["decay"])   # streamed
+    pw_idx = ReplayIndex.build(run, warmup_steps=s["warmup_steps"], schedule="linear", decay=s["decay"],
+                               structural=True).query(0.5)
+    assert per_weight.backward_flops_skippable == pytest.approx(pw_idx.backward_flops_skippable, abs=1e-12)
+    assert per_weight.updates_eliminated == pytest.approx(pw_idx.updates_eliminated, abs=1e-12)
+    assert per_weight.backward_flops_skippable < per_weight.backward_flops_saved
     for ratio in (0.4, 0.7):   # any other threshold: the index equals the direct replay
         direct = replay_freeze_steps(run, ratio=ratio, **kw)
         assert idx.query(ratio).n_frozen == int((direct >= 0).sum())

@@ -43,9 +43,12 @@ def body() -> None:
         "upd. elim., q-weights (%)": None if r["updates_eliminated"] is None else 100 * r["updates_eliminated"],
         "upd. elim., all params (%)": None if r.get("updates_eliminated_all_params") is None
         else 100 * r["updates_eliminated_all_params"],
-        "bwd FLOPs saved (%)": None if r["backward_flops_saved"] is None else 100 * r["backward_flops_saved"],
+        **C.savings_columns(r),
+        "backward ÷ first run": ratio(r.get("backward_seconds"), sel[0].get("backward_seconds")),
+        "step ÷ first run": ratio(r.get("step_seconds"), sel[0].get("step_seconds")),
         "epochs": r.get("epochs_done"),
-    } for r in sel]), hide_index=True, width="stretch", column_config={
+    } for r in sel]), hide_index=True, width="stretch", placeholder="—", column_config={
+        "run": st.column_config.TextColumn(pinned=True),   # stays while scrolling sideways
         "setup": st.column_config.TextColumn(width="large"),
         "test acc (%)": st.column_config.NumberColumn(format="%.2f"),
         "FP acc (%)": st.column_config.NumberColumn(format="%.2f"),
@@ -54,13 +57,24 @@ def body() -> None:
         "upd. elim., all params (%)": st.column_config.NumberColumn(
             format="%.1f", help="the same frozen weight-steps over all trainable parameters (the paper's "
                                 "denominator); empty for runs recorded before it was stored"),
-        "bwd FLOPs saved (%)": st.column_config.NumberColumn(format="%.1f", help="backward-pass FLOPs saved")})
+        **C.savings_column_config(),
+        "backward ÷ first run": st.column_config.NumberColumn(
+            format="%.2f", help=f"measured backward seconds ÷ those of the first run listed "
+                                f"({sel[0]['run_id']}); same epochs and machine load needed for a fair ratio"),
+        "step ÷ first run": st.column_config.NumberColumn(
+            format="%.2f", help=f"measured step seconds ÷ those of the first run listed ({sel[0]['run_id']})")})
+    st.caption("Accounted FLOPs are the paper's bookkeeping; structurally skippable FLOPs lie in fully frozen "
+               "channels; bwd s and step s are measured wall-clock (sums over the epochs). Timings depend on "
+               "the machine and its load while each run trained: compare runs trained side by side.")
 
     s, log = C.series_controls("cmp_curves")
     acc = C.figure("Test accuracy", "epoch", "test accuracy (%)")
     loss = C.figure("Train loss", "epoch", "cross-entropy (mean over the epoch)")
     frz = C.figure("Frozen fraction", "epoch", "frozen weights (%)")
     stl = C.figure("Weights at their final level (cumulative)", "epoch", "settled weights (%)")
+    bwd = C.figure("Measured backward seconds per epoch", "epoch", "seconds (sum over the epoch's steps)")
+    stp = C.figure("Measured step seconds per epoch", "epoch", "seconds (sum over the epoch's steps)")
+    timed = False
     for i, r in enumerate(sel):
         run = C.load_run(r)
         m = run.metrics
@@ -74,6 +88,12 @@ def body() -> None:
                                  hovertemplate="%{y:.4f}")
             frz.add_scatter(x=m["epoch"], y=C.smoothed(100 * m["frozen_fraction"], s), name=name,
                             line=dict(color=col), hovertemplate="%{y:.1f}%")
+            if "backward_seconds" in m and "step_seconds" in m:
+                timed = True
+                bwd.add_scatter(x=m["epoch"], y=m["backward_seconds"], name=name, line=dict(color=col),
+                                hovertemplate="%{y:.2f} s")
+                stp.add_scatter(x=m["epoch"], y=m["step_seconds"], name=name, line=dict(color=col),
+                                hovertemplate="%{y:.2f} s")
         if run.n_records >= 2:
             st_ = C.settle(r)
             stl.add_scatter(x=C.record_epochs(run), y=100 * st_.curve, name=name, line=dict(color=col),
@@ -90,6 +110,20 @@ def body() -> None:
         C.show(stl, key="cmp_settle")
     st.caption("Settle curves are computed from each run's own records (the level a weight ends at, and the first "
                "record from which it stays there). " + C.EPOCH_HELP)
+    if timed:
+        for f in (bwd, stp):
+            f.update_yaxes(rangemode="tozero")
+        c1, c2 = st.columns(2)
+        with c1:
+            C.show(bwd, key="cmp_backward_s")
+        with c2:
+            C.show(stp, key="cmp_step_s")
+    else:
+        st.caption("None of these runs recorded step and backward seconds (recorded since issue 10).")
+
+
+def ratio(a, b) -> float | None:
+    return None if a is None or not b else a / b
 
 
 C.guard(body)

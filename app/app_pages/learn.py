@@ -213,8 +213,84 @@ def step_flops() -> None:
                "(e.g. whole frozen rows).")
 
 
+SAVE_CHANNELS, SAVE_WIDTH = 12, 24   # Learn step 6: the toy layer's output channels × weights per channel
+
+
+def toy_frozen(f: float, granularity: str, seed: int = 0) -> np.ndarray:
+    """bool [channels, weights]: a share f of a toy layer frozen, weight by weight (weights picked at random
+    over the whole layer) or channel by channel (whole rows picked at random)."""
+    rng = np.random.default_rng(seed)
+    if granularity == "channel":
+        out = np.zeros((SAVE_CHANNELS, SAVE_WIDTH), dtype=bool)
+        out[rng.permutation(SAVE_CHANNELS)[:int(round(f * SAVE_CHANNELS))]] = True
+        return out
+    n = SAVE_CHANNELS * SAVE_WIDTH
+    out = np.zeros(n, dtype=bool)
+    out[rng.permutation(n)[:int(round(f * n))]] = True
+    return out.reshape(SAVE_CHANNELS, SAVE_WIDTH)
+
+
+def step_savings() -> None:
+    st.markdown(
+        "**6 · Accounted, structural, measured: is anything saved for real?** Step 5 counts the multiply-adds of "
+        "frozen weights: that is the *accounted* saving the paper reports. But **dW = dYᵀ·X** is one matrix "
+        "product: each output channel (a row of W, a filter of a convolution) is one row of it. A kernel can "
+        "leave out whole rows; it cannot leave out single entries scattered across rows. So only channels "
+        "whose **every** weight is frozen can be skipped: the *structurally skippable* share. And even those are "
+        "computed when the quantizer's learned bounds take their gradient from all of the layer's weights "
+        "(the reference, bound-grad 'all'): the bounds' gradient is a sum over the whole dW. Only when the "
+        "bounds learn from the unfrozen weights alone (bound-grad 'active') does the backward run a smaller "
+        "product: the *measured* seconds drop.")
+    c = st.columns([2, 2, 2])
+    f = c[0].slider("Frozen fraction of the layer's weights", 0.0, 1.0, 0.6, 0.05, key="learn_save_f")
+    gran = c[1].radio("LTS freezes", ["weight", "channel"], key="learn_save_gran", horizontal=True,
+                      format_func={"weight": "single weights", "channel": "whole channels"}.get)
+    bounds = c[2].radio("Bounds learn from", ["all", "active"], key="learn_save_bounds", horizontal=True,
+                        format_func={"all": "all weights", "active": "unfrozen only"}.get)
+    frozen = toy_frozen(f, gran)
+    full = frozen.all(axis=1)
+    z = np.where(frozen, 1.0, 0.0)
+    z[full] = 2.0
+    fig = go.Figure()
+    fig.add_heatmap(z=z, zmin=0, zmax=2, xgap=1, ygap=1, showscale=False,
+                    colorscale=[[0, C.color(0)], [0.33, C.color(0)], [0.33, "#b9b9b9"], [0.66, "#b9b9b9"],
+                                [0.66, C.color(2)], [1, C.color(2)]],
+                    customdata=np.where(full[:, None], "whole channel frozen: skippable",
+                                        np.where(frozen, "frozen (accounted only)", "updated")),
+                    hovertemplate="channel %{y}, weight %{x}: %{customdata}<extra></extra>")
+    fig.update_layout(height=300, margin=dict(l=10, r=10, t=10, b=10),
+                      xaxis=dict(title="weights of a channel", showticklabels=False),
+                      yaxis=dict(title="output channels", showticklabels=False, autorange="reversed"))
+    left, right = st.columns([2, 1])
+    with left:
+        C.show(fig, key="learn_save_grid")
+        st.caption("Blue: updated. Grey: frozen, counted but still computed. Green: a whole channel frozen — "
+                   "its row of dW can be left out.")
+    accounted = float(frozen.mean()) / 2
+    structural = float(full.mean()) / 2
+    right.metric("Accounted", f"{100 * accounted:.0f}%", help="frozen share of dW, over the 2F of the backward pass")
+    right.metric("Structurally skippable", f"{100 * structural:.0f}%",
+                 help="share of dW in whole frozen channels, over the 2F of the backward pass")
+    right.metric("Skipped in time (at best)", f"{100 * (structural if bounds == 'active' else 0.0):.0f}%",
+                 help="what a planned backward leaves out: the structural share with bound-grad 'active', nothing "
+                      "with 'all'. The clock shows less saved than this: the rule itself costs time every step")
+    if gran == "weight" and f < 1:
+        st.info("Single weights freeze at their own times, scattered over every channel: a channel is complete "
+                f"only when all {SAVE_WIDTH} of its weights are frozen, which at {100 * f:.0f}% per weight practically "
+                "does not happen. That is why the paper's per-weight freezing saves FLOPs on paper and no time on "
+                "the clock (BENCHMARKS.md measures it).")
+    elif bounds == "all" and structural > 0:
+        st.warning("Whole channels are frozen, but the bounds still learn from every weight: dW is computed in "
+                   "full for their gradient, so no time is saved. Bound-grad 'active' turns the structural share "
+                   "into seconds.")
+    st.caption("In a run these three are columns of the Runs and Compare pages (backward FLOPs saved, accounted; "
+                "structurally skippable; backward and step seconds, measured), and the Threshold sweep page "
+                "predicts the structural share for any threshold. Train with --granularity channel --bound-grad "
+                "active to save time.")
+
+
 def step_real() -> None:
-    st.markdown("**6 · The same idea on a real run.** Below is the share of weights at their final level in a "
+    st.markdown("**7 · The same idea on a real run.** Below is the share of weights at their final level in a "
                 "recorded run. The Settling page shows the scratch-off grid of a real layer; the Threshold sweep "
                 "page replays LTS on it for any threshold.")
     rows = C.ok_runs()
@@ -244,11 +320,12 @@ def step_real() -> None:
 
 def body() -> None:
     st.title("Learn — the partly scratch-off lottery ticket")
-    st.caption("Six short steps, from a single weight to a real network. Based on Zhong et al., *Exploiting the "
+    st.caption("Seven short steps, from a single weight to a real network. Based on Zhong et al., *Exploiting the "
                "Partly Scratch-off Lottery Ticket for Quantization-Aware Training* (arXiv 2211.08544).")
     tabs = st.tabs(["1 · Levels", "2 · One weight", "3 · EMA & threshold", "4 · Scratch-off", "5 · Backward FLOPs",
-                    "6 · Real run"])
-    for tab, step in zip(tabs, (step_levels, step_one_weight, step_ema, step_scratch, step_flops, step_real)):
+                    "6 · Saved for real?", "7 · Real run"])
+    for tab, step in zip(tabs, (step_levels, step_one_weight, step_ema, step_scratch, step_flops, step_savings,
+                                step_real)):
         with tab:
             C.guard(step)
 

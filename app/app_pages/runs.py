@@ -33,7 +33,7 @@ def table(rows: list[dict]) -> pd.DataFrame:
         "test acc (%)": r.get("test_acc"), "FP acc (%)": r.get("fp_acc"),
         "upd. elim., q-weights (%)": p(r.get("updates_eliminated")),
         "upd. elim., all params (%)": p(r.get("updates_eliminated_all_params")),
-        "bwd FLOPs saved (%)": p(r.get("backward_flops_saved")),
+        **C.savings_columns(r),
     } for r in rows])
 
 
@@ -90,20 +90,64 @@ def run_list() -> None:
     c4.metric("Broken", len(broken))
     overview(good)
     num = st.column_config.NumberColumn
-    st.dataframe(table(rows), hide_index=True, width="stretch", column_config={
-        "run": st.column_config.TextColumn(width="medium"),
+    st.dataframe(table(rows), hide_index=True, width="stretch", placeholder="—", column_config={
+        "run": st.column_config.TextColumn(width="medium", pinned=True),   # stays while scrolling sideways
         "status": st.column_config.TextColumn(width="small"),
         "setup": st.column_config.TextColumn(width="medium"),
         "epochs": st.column_config.TextColumn(width="small"),
         "test acc (%)": num(format="%.2f", width="small"), "FP acc (%)": num(format="%.2f", width="small"),
-        "updates elim. (%)": num(format="%.1f", width="small",
-                                 help="weight updates eliminated, over the watched quantized weights"),
-        "bwd FLOPs saved (%)": num(format="%.1f", width="small", help="backward-pass FLOPs saved")})
+        "upd. elim., q-weights (%)": num(format="%.1f", width="small",
+                                         help="weight updates eliminated, over the watched quantized weights"),
+        "upd. elim., all params (%)": num(format="%.1f", width="small",
+                                          help="the same, over all trainable parameters (the paper's denominator)"),
+        **C.savings_column_config()})
+    st.caption("*bwd accounted*: backward FLOPs saved as the paper reports them (a dense backward still computes "
+               "them). *bwd skippable*: the structural share, in fully frozen channels, which a planned backward "
+               "skips with `--bound-grad active`. *bwd s* and *step s*: measured wall-clock, summed over the "
+               "epochs (compare runs trained on the same machine under the same load). '—': not recorded by that "
+               "run. Scroll the table sideways for every column.")
     for r in broken:
         st.error(f"**{C.plain(r['run_id'])}** is broken and cannot be opened: {C.plain(r['error'])}")
     for r in good:
         if r["status"] == "failed":
             st.warning(f"**{C.plain(r['run_id'])}** failed: {C.plain(r.get('reason') or 'no reason recorded')}")
+
+
+def seconds(x) -> str:
+    return "—" if x is None else f"{x:,.1f} s"
+
+
+def savings_metrics(row: dict) -> None:
+    """Structural share and measured seconds of one run, beside the accounted figure."""
+    c = st.columns(6)
+    c[0].metric("Structurally skippable", C.pct(row.get("backward_flops_skippable")),
+                help=C.SAVINGS_HELP["bwd skippable (%)"])
+    c[1].metric("Backward seconds (measured)", seconds(row.get("backward_seconds")), help=C.SAVINGS_HELP["bwd s"])
+    c[2].metric("Step seconds (measured)", seconds(row.get("step_seconds")), help=C.SAVINGS_HELP["step s"])
+    how = row.get("granularity") or "weight"
+    text = {"weight": "single weights", "channel": "whole output channels"}.get(how, how)
+    if row.get("rule") == "lts":
+        c[3].metric("LTS freezes", text, help="granularity: single weights (the paper) or whole output channels")
+    if row.get("bound_grad"):
+        c[4].metric("Bounds learn from", {"all": "all weights", "active": "unfrozen weights"}.get(
+            row["bound_grad"], row["bound_grad"]), help="bound-grad: 'all' (the reference) keeps every weight in "
+                                                        "the quantizer bounds' gradient, so frozen weights still "
+                                                        "cost their weight-gradient GEMM; 'active' skips frozen "
+                                                        "channels")
+
+
+def time_curves(m: pd.DataFrame) -> None:
+    """Measured seconds per epoch (whole steps and their backward passes), when the run recorded them."""
+    if "step_seconds" not in m or "backward_seconds" not in m:
+        st.caption("This run did not record its step and backward seconds (recorded since issue 10).")
+        return
+    fig = C.figure("Measured time per epoch", "epoch", "seconds (sum over the epoch's steps)", height=300)
+    fig.add_scatter(x=m["epoch"], y=m["step_seconds"], name="whole steps", mode="lines+markers",
+                    hovertemplate="%{y:.2f} s")
+    fig.add_scatter(x=m["epoch"], y=m["backward_seconds"], name="backward passes", mode="lines+markers",
+                    line=dict(color=C.color(1)), hovertemplate="%{y:.2f} s")
+    fig.update_yaxes(rangemode="tozero")
+    C.show(fig, key="runs_time")
 
 
 def curves(row: dict, m: pd.DataFrame) -> None:
@@ -160,9 +204,10 @@ def body() -> None:
                 help="the same frozen weight-steps over all trainable parameters (weights, biases, BatchNorm, "
                      "quantizer bounds): the paper's and the reference code's denominator. Compare this one with "
                      "the paper's 50–70%. '—' for runs recorded before both were stored.")
-    c[4].metric("Backward FLOPs saved", C.pct(row["backward_flops_saved"]),
+    c[4].metric("Backward FLOPs saved (accounted)", C.pct(row["backward_flops_saved"]),
                 help="accounted as the paper does: the weight-gradient FLOPs of frozen weights")
     c[5].metric("Records × weights", f"{row.get('n_records', 0)} × {row.get('n_weights') or 0:,}")
+    savings_metrics(row)
     if row.get("preset") == "reference":
         st.caption("Trained with the **reference preset** (every layer quantized, 2q − 1 output, the reference "
                    "code's optimizers and epoch length).")
@@ -170,6 +215,7 @@ def body() -> None:
     m = run.metrics
     if len(m):
         curves(row, m)
+        time_curves(m)
     else:
         st.info("This run has not finished an epoch yet.")
 

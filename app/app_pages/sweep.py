@@ -79,8 +79,9 @@ def _sweep(row: dict, lts: dict | None) -> None:
     m[5].metric("… of all trainable params", C.pct(None if upd_all != upd_all else upd_all),
                 help="the same frozen weight-steps over all trainable parameters of the model: the paper's "
                      "denominator ('—' when the run did not record its parameter count)")
-    m[1].metric("Backward FLOPs saved", C.pct(res.backward_flops_saved),
-                help="weight-gradient FLOPs of frozen weights, over the whole backward pass (≈ half)")
+    m[1].metric("Backward FLOPs saved (accounted)", C.pct(res.backward_flops_saved),
+                help="weight-gradient FLOPs of frozen weights, over the whole backward pass (≈ half), as the "
+                     "paper counts them; the structural share is below")
     m[2].metric("Ticket precision", C.pct(res.ticket_precision),
                 help="share of frozen weights already at their final level when they froze")
     m[3].metric("Frozen, then changed level", C.pct(None if not res.n_frozen else
@@ -105,6 +106,7 @@ def _sweep(row: dict, lts: dict | None) -> None:
     fig.update_yaxes(range=[0, 101])
     C.show(fig, key="sweep_frozen")
 
+    _structural(row, lts, s, W)
     if lts is not None:
         _agreement(row, lts)
 
@@ -138,19 +140,49 @@ def _sweep(row: dict, lts: dict | None) -> None:
     _oscillation(row, res, epochs)
 
 
+def _structural(row: dict, lts: dict | None, s, W: int) -> None:
+    """The replay's prediction of what is structurally skippable at the chosen threshold, per granularity."""
+    own = next((r for r in (lts, row) if r is not None and r.get("granularity") == "channel"), None)
+    st.markdown(f"**Accounted vs structural at ρ = {s.ratio:.4g}** — the accounted FLOPs are bookkeeping; only "
+                "channels whose every weight is frozen can be skipped by a planned backward (with bound-grad "
+                "'active'). Per-weight freezing leaves few such channels.")
+    c = st.columns([1.2, 1, 1, 1, 1])
+    gran = c[0].selectbox("Granularity of the replay", ["weight", "channel"], key="sweep_granularity",
+                          index=1 if own is not None else 0,
+                          format_func={"weight": "single weights (paper)", "channel": "whole channels"}.get,
+                          help="channel: a channel freezes when a quantile of its weights' EMA distances passes "
+                               "the threshold (--granularity channel)")
+    q = 0.5
+    if gran == "channel":
+        q = c[1].number_input("Channel quantile", 0.01, 1.0, float((own or {}).get("channel_quantile") or 0.5),
+                              0.05, key="sweep_channel_quantile", help="0.5 = median (the default), 1 = max")
+    acc = C.replay_accounting_cached(row, s.schedule, s.ratio, W, s.decay, gran, q)
+    c[2].metric("Updates eliminated", C.pct(acc.updates_eliminated),
+                help="over the watched quantized weights, with the granularity on the left")
+    c[3].metric("Accounted", C.pct(acc.backward_flops_saved),
+                help="backward FLOPs saved as the paper counts them (weight-gradient FLOPs of frozen weights)")
+    skip = acc.backward_flops_skippable
+    c[4].metric("Skippable (predicted)", C.pct(None if skip != skip else skip),
+                help="share of backward FLOPs in output channels all of whose weights are frozen, mean over the "
+                     "steps: what a planned backward skips. '—' when the run did not record its layer shapes")
+
+
 def _agreement(row: dict, lts: dict) -> None:
     lrun = C.load_run(lts)
     actual = lrun.freeze_steps()
     own = C.own_settings(lts)
     st.markdown(f"**Replay vs reality** — LTS replayed on *{C.plain(row['run_id'])}* with the settings of "
-                f"*{C.plain(lts['run_id'])}* ({C.plain(own.text())}), compared weight by weight with the freeze "
+                f"*{C.plain(lts['run_id'])}* ({C.plain(own.text())}"
+                f"{', whole channels' if lts.get('granularity') == 'channel' else ''}), compared weight by weight "
+                "with the freeze "
                 "steps that run recorded.")
     if actual is None:
         st.info("That run has no recorded freeze steps yet (they are written when a run finishes).")
         return
     from lts_core.analysis import agreement
     pred = C.replay_freeze_steps_cached(row, own.schedule, own.ratio, C.epochs_to_steps(lts, own.warmup_epochs),
-                                        own.decay)
+                                        own.decay, lts.get("granularity") or "weight",
+                                        float(lts.get("channel_quantile") or 0.5))
     ag = agreement(pred, actual)
     spe = float(row.get("steps_per_epoch") or 1)
     c = st.columns(5)

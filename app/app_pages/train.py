@@ -60,6 +60,7 @@ def settings_form(prefix: str, with_rule: bool) -> dict:
                                            placeholder="0.1 fixed · 1.0 growth",
                                            help="empty: 0.1 for fixed, 1.0 for the growth schedules")
         f["decay"] = c[3].select_slider("EMA decay m", C.DECAYS, value=0.99, key=f"{prefix}_decay")
+        savings_form(prefix, f)
     c = st.columns(4)
     f["epochs"] = c[0].number_input("QAT epochs", 1, J.LIMITS["epochs"], 30, step=1, key=f"{prefix}_epochs",
                                     help=f"at most {J.LIMITS['epochs']:,} here")
@@ -78,6 +79,33 @@ def settings_form(prefix: str, with_rule: bool) -> dict:
         f["preset"] = "reference"
     f["device"] = "auto"
     return f
+
+
+def savings_form(prefix: str, f: dict) -> None:
+    """What a frozen weight saves: LTS granularity (and its channel quantile) and what the bounds learn from."""
+    if f["rule"] == "none":
+        return
+    c = st.columns([2, 2, 2, 2])
+    if f["rule"] == "lts":
+        f["granularity"] = c[0].selectbox(
+            "Freeze", ["weight", "channel"], key=f"{prefix}_granularity",
+            format_func={"weight": "single weights (the paper)", "channel": "whole output channels"}.get,
+            help="--granularity: 'channel' freezes a whole row of a Linear or filter of a Conv at once, which a "
+                 "planned backward can skip; 'weight' is the paper's rule")
+        if f["granularity"] == "channel":
+            f["channel_quantile"] = c[1].number_input(
+                "Channel quantile", min_value=0.01, max_value=1.0, value=0.5, step=0.05,
+                key=f"{prefix}_channel_quantile",
+                help="--channel-quantile: a channel freezes when this quantile of its weights' EMA distances "
+                     "passes the threshold (0.5 = median, the default; 1 = max: every weight settled)")
+    f["bound_grad"] = c[2].selectbox(
+        "Bounds learn from", ["all", "active"], key=f"{prefix}_bound_grad",
+        format_func={"all": "all weights (the reference)", "active": "unfrozen weights only"}.get,
+        help="--bound-grad: with 'all' every weight stays in the quantizer bounds' gradient, so the weight-gradient "
+             "computation runs in full and no time is saved; 'active' lets frozen channels skip it")
+    if f.get("granularity") == "channel" and f["bound_grad"] == "all":
+        c[3].caption("Whole channels with bounds learning from all weights: accounted and structural FLOPs, but "
+                     "no measured time saved. Pick 'unfrozen weights only' to save backward time.")
 
 
 def validate(fields: dict):

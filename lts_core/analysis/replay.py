@@ -39,7 +39,8 @@ from .channel_replay import StructuralCounter, channel_bins, channel_freeze, cha
 from .settle import RunArrays, arrays_from_run, check_layer_sizes, is_run
 
 __all__ = [
-    "replay_freeze_steps", "ema_trace", "ema_records", "ReplayIndex", "ReplayResult", "freeze_accounting",
+    "replay_freeze_steps", "replay_accounting", "ema_trace", "ema_records", "ReplayIndex", "ReplayResult",
+    "freeze_accounting",
     "ticket_correct", "ticket_precision", "replay_oscillation", "OscReplay", "oscillation_summary", "osc_threshold_at",
     "osc_ema_update", "agreement", "resolve_device", "grid_bins",
 ]
@@ -461,6 +462,22 @@ def freeze_accounting(freeze_steps, steps, layer_sizes=None, layer_flops=None, t
             skippable_counts(fs, steps, sizes, list(layer_channels)), sizes, _effective_flops(layer_flops, sizes),
             _record_weights(steps, E), float(E))
     return res
+
+
+def replay_accounting(run, schedule: str = "linear", ratio: float = 1.0, warmup_steps: int | None = None,
+                      decay: float = 0.99, *, granularity: str = "weight",
+                      channel_quantile: float = DEFAULT_CHANNEL_QUANTILE) -> ReplayResult:
+    """LTS replayed on a stored run for one threshold, with its accounting: frozen fraction per record, updates
+    eliminated, backward FLOPs saved as the paper counts them (accounted) and `backward_flops_skippable`, the
+    share of backward FLOPs in output channels all of whose weights are frozen (structural: what a planned
+    backward can skip). `replay_freeze_steps` then `freeze_accounting` with the run's layers, channels and
+    parameter count; per weight the records are streamed, `granularity="channel"` reads them
+    (`channel_replay`). No ticket precision (nan): `ReplayIndex` gives it."""
+    fs = replay_freeze_steps(run, schedule=schedule, ratio=ratio, warmup_steps=warmup_steps, decay=decay,
+                             granularity=granularity, channel_quantile=channel_quantile)
+    arr = arrays_from_run(run, with_levels=False)
+    return freeze_accounting(fs, arr.steps, arr.layer_sizes, arr.layer_flops, arr.total_steps, arr.steps_per_epoch,
+                             ratio=float(ratio), n_trainable=arr.n_trainable, layer_channels=arr.layer_channels)
 
 
 def accounting_from_counts(counts, frozen_steps_sum, n_froz, n_corr, sizes, layer_flops, steps, E: int,
