@@ -17,7 +17,9 @@ Two parts, one process:
    (`rule.freeze_weights`, the same masks per layer; ResNet-20's quantized layers have the same shapes at
    8×8 and 32×32), then rounds alternate baseline, variant, baseline, variant … (`--rounds`), each the median
    of `--steps` full steps (zero_grad, forward, backward, rule.step, optimizer steps; the backward timed
-   separately). The ratio at that state is median(variant) ÷ median(baseline) over the rounds.
+   separately). The ratio at that state is median(variant) ÷ median(baseline) over the rounds, for wall-clock
+   and for the process's CPU time (`time.process_time`: on a machine shared with other processes the CPU time
+   a step consumes moves far less with the load than its wall-clock does; with `--threads 1` it is the work).
    `--states` epochs are measured (`--weight-states` for per-weight freezing, whose skippable share hardly moves:
    spread over its frozen fraction instead), chosen to span the run's structurally skippable share; every other epoch
    takes the ratio interpolated linearly in that share between the measured ones (nothing frozen = the first
@@ -167,7 +169,8 @@ def skippable_share(masks, flops) -> float:
 
 
 def make_step(model_name: str, shape, width, rule_kw: dict | None, masks=None, batch: int = 128):
-    """A closure running one training step, returning (step seconds, backward seconds)."""
+    """A closure running one training step, returning (step seconds, backward seconds) of wall-clock, then the
+    same two of the process's CPU time (`time.process_time`, all its threads)."""
     torch.manual_seed(0)
     x, y = torch.randn(batch, *shape), torch.randint(0, 10, (batch,))
     kw = {} if width is None else {"width": width}
@@ -186,33 +189,39 @@ def make_step(model_name: str, shape, width, rule_kw: dict | None, masks=None, b
             rule.freeze_weights(i, torch.from_numpy(np.ascontiguousarray(m)))
 
     def step():
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.process_time()
         opt.zero_grad(set_to_none=True)
         bopt.zero_grad(set_to_none=True)
         loss = F.cross_entropy(model(x), y)
-        b0 = time.perf_counter()
+        b0, cb0 = time.perf_counter(), time.process_time()
         loss.backward()
-        b1 = time.perf_counter()
+        b1, cb1 = time.perf_counter(), time.process_time()
         if rule is not None:
             rule.step()
         opt.step()
         bopt.step()
-        return time.perf_counter() - t0, b1 - b0
+        return time.perf_counter() - t0, b1 - b0, time.process_time() - c0, cb1 - cb0
     for _ in range(2):   # warm-up (allocator, the rule's EMA start)
         step()
     return step
 
 
-def measure_pair(base_step, var_step, rounds: int, steps: int) -> tuple[float, float, float, float]:
-    """Interleaved rounds; returns (step ratio, backward ratio, baseline step s, baseline backward s)."""
-    b_s, b_b, v_s, v_b = [], [], [], []
+MEASURES = ("step", "backward", "cpu step", "cpu backward")   # what a step returns, in that order
+
+
+def measure_pair(base_step, var_step, rounds: int, steps: int) -> dict:
+    """Interleaved rounds (baseline, variant, baseline, variant …), each the median of `steps` steps; returns
+    per measure the variant ÷ baseline ratio of the medians over the rounds, and 'base <measure>' (seconds)."""
+    base = {k: [] for k in MEASURES}
+    var = {k: [] for k in MEASURES}
     for _ in range(rounds):
-        for fn, ss, bb in ((base_step, b_s, b_b), (var_step, v_s, v_b)):
+        for fn, out in ((base_step, base), (var_step, var)):
             ts = [fn() for _ in range(steps)]
-            ss.append(statistics.median(t[0] for t in ts))
-            bb.append(statistics.median(t[1] for t in ts))
-    return (statistics.median(v_s) / statistics.median(b_s), statistics.median(v_b) / statistics.median(b_b),
-            statistics.median(b_s), statistics.median(b_b))
+            for i, k in enumerate(MEASURES):
+                out[k].append(statistics.median(t[i] for t in ts))
+    res = {k: statistics.median(var[k]) / statistics.median(base[k]) for k in MEASURES}
+    res.update({f"base {k}": statistics.median(base[k]) for k in MEASURES})
+    return res
 
 
 def pick_states(shares: list[float], k: int) -> list[int]:
@@ -248,19 +257,25 @@ def bench_model(model_name: str, args) -> list[str]:
             var_step = make_step(model_name, shape, width, rule_kw, states[e])
             meas[e] = measure_pair(base_step, var_step, args.rounds, args.steps)
             print(f"  {model_name} {name} epoch {e + 1}: frozen {frozen[e]:.1%}, skippable {shares[e]:.1%}, "
-                  f"step ratio {meas[e][0]:.3f}, backward ratio {meas[e][1]:.3f}", flush=True)
+                  f"ratios wall step {meas[e]['step']:.3f} backward {meas[e]['backward']:.3f}, CPU step "
+                  f"{meas[e]['cpu step']:.3f} backward {meas[e]['cpu backward']:.3f} (load {os.getloadavg()[0]:.1f})",
+                  flush=True)
         xs = np.array([xvar[e] for e in picked])
         order = np.argsort(xs, kind="stable")
         xs = xs[order]
-        interp = lambda col: np.interp(xvar, xs, np.array([meas[e][col] for e in picked])[order])
-        step_r, bwd_r = interp(0), interp(1)
+        saved = {k: 1 - float(np.mean(np.interp(xvar, xs, np.array([meas[e][k] for e in picked])[order])))
+                 for k in MEASURES}
         lines.append(f"| {model_name} | {name} | {acc:.2f} ({acc - base_acc:+.2f}) | "
                      f"{rec['updates_eliminated']:.1%} | {rec['backward_flops_saved']:.1%} | "
                      f"{rec['backward_flops_skippable']:.1%} | "
-                     f"{1 - float(np.mean(bwd_r)):.1%} | {1 - float(np.mean(step_r)):.1%} | "
-                     f"{', '.join(f'e{e + 1}: {meas[e][1]:.2f}/{meas[e][0]:.2f}' for e in picked)} |")
+                     f"{saved['backward']:.1%} / {saved['cpu backward']:.1%} | "
+                     f"{saved['step']:.1%} / {saved['cpu step']:.1%} | "
+                     + ", ".join(f"e{e + 1}: {meas[e]['backward']:.2f}/{meas[e]['step']:.2f} · "
+                                 f"{meas[e]['cpu backward']:.2f}/{meas[e]['cpu step']:.2f}" for e in picked) + " |")
+    b = meas[picked[0]]
     lines.append(f"| {model_name} | baseline QAT | {base_acc:.2f} | – | – | – | – | – | "
-                 f"step {meas[picked[0]][2] * 1e3:.0f} ms, backward {meas[picked[0]][3] * 1e3:.0f} ms |")
+                 f"wall: step {b['base step'] * 1e3:.0f} ms, backward {b['base backward'] * 1e3:.0f} ms · CPU: "
+                 f"step {b['base cpu step'] * 1e3:.0f} ms, backward {b['base cpu backward'] * 1e3:.0f} ms |")
     return lines
 
 
@@ -285,8 +300,8 @@ def main() -> None:
     print(f"torch {torch.__version__}, {args.threads} threads, CPU, epochs {args.epochs}, rounds {args.rounds} × "
           f"{args.steps} steps, load average at start {load[0]:.1f} / end {os.getloadavg()[0]:.1f}")
     print("| model | variant | test acc (Δ vs baseline) | updates elim. (quantized w.) | bwd FLOPs saved "
-          "(accounted) | structurally skippable | whole-run backward time saved | whole-run step "
-          "time saved | measured backward/step ratio at epochs |")
+          "(accounted) | structurally skippable | whole-run backward time saved (wall / CPU) | whole-run step "
+          "time saved (wall / CPU) | measured backward/step ratio at epochs (wall · CPU) |")
     print("|---|---|---|---|---|---|---|---|---|")
     print("\n".join(rows))
 
