@@ -318,35 +318,25 @@ def osc_replay(row):
     return _osc(row["path"], run_stamp(row["path"]))
 
 
-@st.cache_data(show_spinner="Replaying LTS weight by weight…", max_entries=32)
-def _freeze_steps(path: str, stamp: tuple, schedule: str, ratio: float, warmup_steps: int, decay: float,
-                  granularity: str, quantile: float):
-    from lts_core.analysis import replay_freeze_steps
-    return replay_freeze_steps(_open(path, stamp), schedule=schedule, ratio=float(ratio),
-                               warmup_steps=int(warmup_steps), decay=float(decay), granularity=granularity,
-                               channel_quantile=float(quantile))
+@st.cache_data(show_spinner="Replaying LTS weight by weight…", max_entries=64)
+def _replayed(what: str, path: str, stamp: tuple, schedule: str, ratio: float, warmup_steps: int, decay: float,
+              granularity: str, quantile: float):
+    import lts_core.analysis as A   # what: "replay_freeze_steps" or "replay_accounting"
+    return getattr(A, what)(_open(path, stamp), schedule=schedule, ratio=float(ratio), warmup_steps=int(warmup_steps),
+                            decay=float(decay), granularity=granularity, channel_quantile=float(quantile))
 
 
 def replay_freeze_steps_cached(row, schedule: str, ratio: float, warmup_steps: int, decay: float,
                                granularity: str = "weight", quantile: float = 0.5) -> np.ndarray:
-    return _freeze_steps(row["path"], run_stamp(row["path"]), schedule, float(ratio), int(warmup_steps),
-                         float(decay), granularity, float(quantile))
-
-
-@st.cache_data(show_spinner=False, max_entries=64)
-def _accounting(path: str, stamp: tuple, schedule: str, ratio: float, warmup_steps: int, decay: float,
-                granularity: str, quantile: float):
-    from lts_core.analysis import replay_accounting
-    return replay_accounting(_open(path, stamp), schedule=schedule, ratio=float(ratio),
-                             warmup_steps=int(warmup_steps), decay=float(decay), granularity=granularity,
-                             channel_quantile=float(quantile))
+    return _replayed("replay_freeze_steps", row["path"], run_stamp(row["path"]), schedule, float(ratio),
+                     int(warmup_steps), float(decay), granularity, float(quantile))
 
 
 def replay_accounting_cached(row, schedule: str, ratio: float, warmup_steps: int, decay: float,
                              granularity: str = "weight", quantile: float = 0.5):
     """`ReplayResult` of one threshold with the structural share (`lts_core.analysis.replay_accounting`)."""
-    return _accounting(row["path"], run_stamp(row["path"]), schedule, float(ratio), int(warmup_steps), float(decay),
-                       granularity, float(quantile))
+    return _replayed("replay_accounting", row["path"], run_stamp(row["path"]), schedule, float(ratio),
+                     int(warmup_steps), float(decay), granularity, float(quantile))
 
 
 @st.cache_data(show_spinner=False, max_entries=32)

@@ -1,6 +1,6 @@
 """Measured savings of frozen channels: backward and step wall-clock of LTS variants ÷ baseline QAT, on CPU.
 
-Usage: python bench/bench_savings.py [--model resnet20|mlp1m|all] [--epochs 30] [--rounds 5] [--steps 4]
+Usage: python bench/bench_savings.py [--model resnet20|mlp1m|all|convgrad] [--epochs 30] [--rounds 5] [--steps 4]
                                      [--states 5] [--weight-states 3] [--work DIR] [--threads 2]
 
 Two parts, one process:
@@ -279,9 +279,37 @@ def bench_model(model_name: str, args) -> list[str]:
     return lines
 
 
+def conv_weight_grad_costs(rounds: int = 7) -> list[str]:
+    """Why partly frozen convolutions save little: one ResNet-20-sized convolution (batch 128, 3×3, stride 1),
+    the weight gradient of all filters vs of every other filter (`channel_grad.conv_weight_grad_active`), and
+    the input gradient, in process CPU time; interleaved rounds, medians."""
+    from lts_core.channel_grad import ConvSpec, conv_weight_grad_active
+    spec, cb = ConvSpec((1, 1), (1, 1), (1, 1), 1), torch.ops.aten.convolution_backward
+    lines = ["| filters × input size | input gradient | weight gradient, all filters | every other filter | "
+             "ratio half ÷ all |", "|---|---|---|---|---|"]
+    for c, h in ((16, 32), (32, 16), (64, 8)):
+        torch.manual_seed(0)
+        x, w, g = torch.randn(128, c, h, h), torch.randn(c, c, 3, 3), torch.randn(128, c, h, h)
+        half = torch.arange(0, c, 2)
+        fns = {"input": lambda: cb(g, x, w, None, [1, 1], [1, 1], [1, 1], False, [0, 0], 1, (True, False, False)),
+               "all": lambda: cb(g, x, w, None, [1, 1], [1, 1], [1, 1], False, [0, 0], 1, (False, True, False)),
+               "half": lambda: conv_weight_grad_active(x, g, w, spec, half)}
+        times = {k: [] for k in fns}
+        for _ in range(rounds):
+            for k, fn in fns.items():
+                c0 = time.process_time()
+                fn()
+                times[k].append(time.process_time() - c0)
+        med = {k: statistics.median(v) * 1e3 for k, v in times.items()}
+        lines.append(f"| {c} × {h}×{h} | {med['input']:.1f} ms | {med['all']:.1f} ms | {med['half']:.1f} ms | "
+                     f"{med['half'] / med['all']:.2f} |")
+    return lines
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--model", default="all", choices=["all", *MODELS])
+    ap.add_argument("--model", default="all", choices=["all", "convgrad", *MODELS],
+                    help="convgrad: only the cost of one convolution's weight gradient, all vs half its filters")
     ap.add_argument("--epochs", type=int, default=30)
     ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--steps", type=int, default=4)
@@ -291,9 +319,13 @@ def main() -> None:
     ap.add_argument("--work", type=Path, default=None, help="folder for the real runs (kept; reused if there)")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
+    load = os.getloadavg()
+    if args.model == "convgrad":
+        print("\n".join(conv_weight_grad_costs(args.rounds)))
+        print(f"{args.threads} threads, CPU time, load average {load[0]:.1f} / {os.getloadavg()[0]:.1f}")
+        return
     args.work = args.work or Path(tempfile.mkdtemp(prefix="bench_savings_"))
     args.work.mkdir(parents=True, exist_ok=True)
-    load = os.getloadavg()
     rows = []
     for m in (MODELS if args.model == "all" else [args.model]):
         rows += bench_model(m, args)

@@ -6,7 +6,6 @@ from __future__ import annotations
 import base64
 import json
 import shutil
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -14,12 +13,8 @@ import pandas as pd
 import pytest
 
 pytest.importorskip("streamlit")
-from streamlit.testing.v1 import AppTest  # noqa: E402
+from test_app import metric, no_problem, page  # noqa: E402  (the page helpers of the app's tests)
 
-ROOT = Path(__file__).resolve().parent.parent
-APP = ROOT / "app"
-if str(APP) not in sys.path:
-    sys.path.insert(0, str(APP))
 SAVINGS_COLUMNS = ["bwd accounted (%)", "bwd skippable (%)", "bwd s", "step s"]
 NEW_METRICS = ["backward_flops_skippable", "step_seconds", "backward_seconds"]
 
@@ -47,22 +42,6 @@ def runs(tmp_path_factory):
     C.refresh_runs()
     yield folder
     mp.undo()
-
-
-def page(name: str) -> AppTest:
-    return AppTest.from_file(str(APP / "app_pages" / f"{name}.py"), default_timeout=120)
-
-
-def metric(at: AppTest, label: str) -> str:
-    for m in at.metric:
-        if m.label == label:
-            return m.value
-    raise AssertionError(f"no metric {label!r}; metrics: {[m.label for m in at.metric]}")
-
-
-def no_problem(at: AppTest) -> None:
-    assert not at.exception, [e.value for e in at.exception]
-    assert not at.error, [e.value for e in at.error]
 
 
 def stored(folder: Path, name: str) -> pd.DataFrame:

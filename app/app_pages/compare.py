@@ -101,25 +101,20 @@ def body() -> None:
     if log:
         for f in (acc, loss):
             f.update_yaxes(type="log")
-    c1, c2 = st.columns(2)
-    with c1:
-        C.show(acc, key="cmp_acc")
-        C.show(frz, key="cmp_frozen")
-    with c2:
-        C.show(loss, key="cmp_loss")
-        C.show(stl, key="cmp_settle")
-    st.caption("Settle curves are computed from each run's own records (the level a weight ends at, and the first "
-               "record from which it stays there). " + C.EPOCH_HELP)
+    left, right = [(acc, "cmp_acc"), (frz, "cmp_frozen")], [(loss, "cmp_loss"), (stl, "cmp_settle")]
     if timed:
         for f in (bwd, stp):
             f.update_yaxes(rangemode="tozero")
-        c1, c2 = st.columns(2)
-        with c1:
-            C.show(bwd, key="cmp_backward_s")
-        with c2:
-            C.show(stp, key="cmp_step_s")
-    else:
-        st.caption("None of these runs recorded step and backward seconds (recorded since issue 10).")
+        left.append((bwd, "cmp_backward_s"))
+        right.append((stp, "cmp_step_s"))
+    for col, figs in zip(st.columns(2), (left, right)):
+        with col:
+            for f, key in figs:
+                C.show(f, key=key)
+    st.caption("Settle curves are computed from each run's own records (the level a weight ends at, and the first "
+               "record from which it stays there). " + C.EPOCH_HELP
+               + ("" if timed else " None of these runs recorded step and backward seconds (recorded since "
+                                   "issue 10)."))
 
 
 def ratio(a, b) -> float | None:
