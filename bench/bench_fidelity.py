@@ -1,6 +1,7 @@
 """Fidelity of the LTS rule and of its replay, and the headline figures with both denominators.
 
     python bench/bench_fidelity.py [--dataset digits] [--epochs 30] [--headline-only | --replay-only]
+    python bench/bench_fidelity.py --recording-cost [--rounds 3] [--steps 100]
 
 1. Reference traces (tests/data/reference_traces): share of weights whose freeze step equals the reference
    code's, in lock-step, for all six traces.
@@ -10,6 +11,9 @@
    cadence; the decay compounds between records). Plus the bytes per weight per record of each cadence.
 3. Headline table: digits and mnist1d, baseline QAT vs LTS (linear growth, the defaults), with "updates
    eliminated" over the quantized weights and over all trainable parameters (the paper's denominator).
+4. (--recording-cost) What exact replays cost in time: the step with the recorder every step storing the
+   distance codes only, and storing the exact raw distances too, over a plain step and over the LTS rule's step
+   (bench_recording.py's 1M-weight model and loop, rounds interleaved A, B, C, A, B, C…, median per mode).
 """
 from __future__ import annotations
 
@@ -117,14 +121,45 @@ def headline(epochs: int, tmp: Path) -> None:
     print()
 
 
+def recording_cost(rounds: int, steps: int, tmp: Path) -> None:
+    sys.path.insert(0, str(ROOT / "bench"))
+    from bench_recording import time_mode
+    modes = [("plain QAT step", None, None, False), ("+ rec every step, codes only", 1, None, False),
+             ("+ rec every step, codes + exact raw distances", 1, None, True),
+             ("LTS rule step", None, "lts", False), ("LTS + rec every step, codes only", 1, "lts", False),
+             ("LTS + rec every step, codes + exact raw distances", 1, "lts", True)]
+    time_mode("cpu", 20, 128, 5, tmp, None, None)  # process warm-up (allocator, threads)
+    ms = {m[0]: [] for m in modes}
+    for _ in range(rounds):
+        for label, every, rule, raw in modes:
+            ms[label].append(time_mode("cpu", steps, 128, 10, tmp, every, rule, True, "store", raw)["ms"])
+    med = {k: float(np.median(v)) for k, v in ms.items()}
+    print(f"## 4. Recording cost of exact replays (1M weights, batch 128, {steps} steps, median of {rounds} "
+          "interleaved rounds)\n")
+    print("| mode | ms/step | × same step without recording | × codes only |")
+    print("|---|---:|---:|---:|")
+    for label, every, rule, raw in modes:
+        base = med["LTS rule step" if rule else "plain QAT step"]
+        codes = med["LTS + rec every step, codes only" if rule else "+ rec every step, codes only"]
+        print(f"| {label} | {med[label]:.2f} | {med[label] / base:.2f} | "
+              f"{med[label] / codes:.2f} |" if every else f"| {label} | {med[label]:.2f} | – | – |")
+    print()
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--dataset", default="digits")
     ap.add_argument("--epochs", type=int, default=30)
     ap.add_argument("--headline-only", action="store_true")
     ap.add_argument("--replay-only", action="store_true")
+    ap.add_argument("--recording-cost", action="store_true", help="only section 4")
+    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--steps", type=int, default=100)
     args = ap.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
+        if args.recording_cost:
+            recording_cost(args.rounds, args.steps, Path(tmp))
+            return
         if not args.headline_only:
             reference_traces()
             self_replay(args.dataset, args.epochs, Path(tmp))

@@ -47,7 +47,8 @@ def main() -> None:
         res = train(make_config(**{**COMMON, **fields}), run_dir=run_dir, progress=True)
         last = res.metrics[-1]
         print(f"{name}: FP {res.fp_test_acc:.1f}% → QAT {last['test_acc']:.1f}%, "
-              f"updates eliminated {last['updates_eliminated']:.0%}")
+              f"updates eliminated {last['updates_eliminated']:.0%} of quantized weights "
+              f"({last['updates_eliminated_all_params']:.0%} of all trainable parameters)")
 
 
 if __name__ == "__main__":
