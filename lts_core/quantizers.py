@@ -75,9 +75,14 @@ class WeightQuantizer(nn.Module):
     @torch.no_grad()
     def measure(self, w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(level index int64 in [0, L-1], distance to that level in Δ units, float32)."""
-        pos = self.position(w.detach()).float()
-        level = torch.round(pos).clamp_(0, self.n_levels - 1)
+        pos, level = self._position_level(w.detach())
         return level.to(torch.int64), pos.sub_(level).abs_()
+
+    def _position_level(self, w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(position in steps, level index) as fresh float32 tensors: the level the forward pass rounds to.
+        Default: level = round(position) clamped to [0, L−1]."""
+        pos = self.position(w).float()
+        return pos, torch.round(pos).clamp_(0, self.n_levels - 1)
 
     def _remembered(self, w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
         """(normalised position, level) of the last forward pass when it saw this very `w` and these bounds
@@ -100,9 +105,8 @@ class WeightQuantizer(nn.Module):
 
     def _fresh_x_level(self, w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(normalised position, level index) as float32, computed from `w`; level = round(position) clamped."""
-        pos = self.position(w).float()
-        level = torch.round(pos).clamp_(0, self.n_levels - 1)
-        return pos / (self.n_levels - 1), level
+        pos, level = self._position_level(w)
+        return pos.div_(self.n_levels - 1), level
 
     @torch.no_grad()
     def measure_code(self, w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -116,8 +120,7 @@ class WeightQuantizer(nn.Module):
             level = seen[1].float()
             code = seen[0].float() * (self.n_levels - 1)
         else:
-            code = self.position(w.detach()).float()
-            level = torch.round(code).clamp_(0, self.n_levels - 1)
+            code, level = self._position_level(w.detach())
         code.sub_(level).abs_().mul_(DIST_SCALE).round_().clamp_(max=DIST_MAX_CODE)
         return level, code
 
@@ -249,6 +252,15 @@ class LSQQuantizer(WeightQuantizer):
         if not bool(self.initialized):
             self.init_from(w)
         return w / self.step - self.qn
+
+    def _position_level(self, w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The level from w/s, as the forward pass rounds it: round(w/s) − Qn. Rounding w/s − Qn instead can
+        differ at a tie, where adding Qn loses the bits that put w/s just above or below k + ½."""
+        if not bool(self.initialized):
+            self.init_from(w)
+        u = (w / self.step).float()
+        k = torch.round(u).clamp_(self.qn, self.qp)
+        return u.sub_(self.qn), k.sub_(self.qn)
 
     def forward(self, w: torch.Tensor) -> torch.Tensor:
         if not bool(self.initialized):

@@ -105,6 +105,23 @@ def test_properties_all_bits(bits, seed, method):
     assert torch.all(torch.isclose(out[:, None], grid[None, :], atol=1e-5).any(dim=1))
 
 
+def test_lsq_measure_takes_the_forward_level_at_a_tie():
+    """w/s just above 6.5 (float32) rounds to 7 in the forward pass; w/s − Qn = 134.5000005 is 134.5 in float32,
+    which round() takes to 134. The measurement must report the forward's level 135 (found by Hypothesis,
+    8 bits, seed 551)."""
+    q = make_weight_quantizer("lsq", 8)
+    q.init_from(torch.ones(4))
+    q.step.data.fill_(1.0)
+    w = torch.tensor([torch.nextafter(torch.tensor(6.5), torch.tensor(7.0)).item(), 6.5, -3.5, 200.0])
+    assert float(w[0] - q.qn) == 134.5  # the tie that adding Qn creates
+    level, dist = q.measure(w)
+    forward_level = torch.round(q(w).detach() / q.step.detach()) - q.qn
+    assert level.tolist() == forward_level.to(torch.int64).tolist() == [135, 134, 124, 255]
+    assert torch.allclose(dist[:3], torch.tensor([0.5, 0.5, 0.5]))
+    lev_f, _ = q.measure_code(w)
+    assert lev_f.to(torch.int64).tolist() == [135, 134, 124, 255]
+
+
 @settings(max_examples=40, deadline=None)
 @given(bits=st.integers(2, 8), seed=st.integers(0, 10_000), method=st.sampled_from(["liq", "lsq", "ternary"]))
 def test_measure_code_equals_encoded_measure(bits, seed, method):
