@@ -14,6 +14,9 @@ op 2, …, run B op 1, …). Operations:
 - `old-index`, `old-settle`: the in-memory path for comparison (`ReplayIndex.build` and `settle_summary` on the
   arrays gathered by `arrays_from_run(run)`); skipped with --no-old.
 
+"MB read" is what the operation read after the imports: read()/pread() bytes (`rchar`) plus the growth of the
+file pages mapped and resident (`RssFile`: memory-mapped cache files, and library code first touched).
+
 Also the speed of reading the chunk files with O_DIRECT (`dd iflag=direct`, i.e. from the disk, not from the
 page cache), the floor a disk-limited analysis approaches.
 
@@ -37,6 +40,21 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 
+def io_mb() -> float:
+    """MB this process read so far: read()/pread() bytes (`rchar` of /proc/self/io) plus the file pages it has
+    mapped and touched (`RssFile` of /proc/self/status), i.e. what it pulled from the run folder either way."""
+    rchar = rss_file = 0
+    with open("/proc/self/io") as f:
+        for line in f:
+            if line.startswith("rchar:"):
+                rchar = int(line.split()[1])
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("RssFile:"):
+                rss_file = int(line.split()[1]) * 1024
+    return (rchar + rss_file) / 1e6
+
+
 def do(op: str, path: str) -> dict:
     """Run one operation in this process; returns its timings."""
     from lts_core import open_run
@@ -46,9 +64,11 @@ def do(op: str, path: str) -> dict:
     from lts_core.analysis.settle import arrays_from_run
     from lts_core.analysis.stream import RunSource, run_passes
     from lts_core.analysis.summaries import run_settings
+    io0 = io_mb()
     t0, c0 = time.perf_counter(), time.process_time()
     run = open_run(path)
     s = run_settings(run)
+    held: list = []
     if op == "levels":
         run_passes(RunSource(run), [LevelStatsPass()])
     elif op == "index":
@@ -60,10 +80,9 @@ def do(op: str, path: str) -> dict:
     elif op == "cache":
         shutil.rmtree(Path(path) / "cache", ignore_errors=True)
         build_cache(run)
-    elif op == "open":
-        cached_settle_summary(run)
-        cached_replay_index(run, **s).sweep()
-        cached_oscillation_summary(run)
+    elif op == "open":   # held until measured: their memory maps count in "MB read"
+        held += [cached_settle_summary(run), cached_replay_index(run, **s), cached_oscillation_summary(run)]
+        held.append(held[1].sweep())
     elif op == "old-index":
         ReplayIndex.build(arrays_from_run(run), **s)
     elif op == "old-settle":
@@ -72,8 +91,8 @@ def do(op: str, path: str) -> dict:
     else:
         raise SystemExit(f"unknown op {op}")
     return {"wall": time.perf_counter() - t0, "cpu": time.process_time() - c0,
-            "maxrss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
-            "records": run.n_records, "weights": run.n_weights}
+            "maxrss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, "read_mb": io_mb() - io0,
+            "held": len(held), "records": run.n_records, "weights": run.n_weights}
 
 
 def in_child(op: str, path: Path) -> dict:
@@ -118,15 +137,16 @@ def main() -> None:
                 r = in_child(op, run)
                 res.setdefault((run.name, op), []).append(r)
                 print(f"round {rnd + 1} {run.name} {op}: {r['wall']:.2f} s wall, {r['cpu']:.2f} s CPU, peak "
-                      f"{r['maxrss_mb']:.0f} MB", flush=True)
+                      f"{r['maxrss_mb']:.0f} MB, read {r['read_mb']:.1f} MB", flush=True)
     gbps = {run.name: disk_read_gbps(run) for run in args.runs}
     print(f"\nload average at the end: {os.getloadavg()}\n")
-    print("| run | operation | wall (best of {0}) | CPU | records/s | peak memory |".format(args.rounds))
-    print("|---|---|---|---|---|---|")
+    print("| run | operation | wall (best of {0}) | CPU | records/s | peak memory | MB read |".format(args.rounds))
+    print("|---|---|---|---|---|---|---|")
     for (name, op), rs in res.items():
         best = min(rs, key=lambda r: r["wall"])
         print(f"| {name} ({best['weights'] / 1e6:g}M × {best['records']}) | {op} | {best['wall']:.2f} s | "
-              f"{best['cpu']:.2f} s | {best['records'] / best['wall']:.1f} | {max(r['maxrss_mb'] for r in rs):.0f} MB |")
+              f"{best['cpu']:.2f} s | {best['records'] / best['wall']:.1f} | {max(r['maxrss_mb'] for r in rs):.0f} MB | "
+              f"{best['read_mb']:.1f} |")
     for name, g in gbps.items():
         print(f"\n{name}: chunk files read with O_DIRECT at {g:.2f} GB/s")
     if not args.no_old:

@@ -13,6 +13,9 @@ first open of a run whose summaries were never computed (a run recorded before t
 hand). Then, on the last run, threshold moves on the Sweep page as `bench_browser.py` measures
 them (a new ratio typed + Enter → the "Updates eliminated" metric changed).
 
+`--script-only` times instead the server's share of those first views: each page's script run by Streamlit's
+AppTest (no browser, no network), in a fresh process, on the small run first and then on the big one.
+
     python bench/bench_scale_browser.py --warm-run /work/bigruns/example-16k /work/bigruns/syn-1m \
         /work/bigruns/syn-10m [--rounds 3] [--no-cache]
 """
@@ -92,6 +95,43 @@ def first_views(browser, run: Path, tmp: Path, warm_run: Path) -> dict:
         srv.stop()
 
 
+SCRIPT = """
+import os, sys, time
+from pathlib import Path
+from streamlit.testing.v1 import AppTest
+app = Path(sys.argv[1]); sys.path.insert(0, str(app))
+out = []
+for page, run in [(p, r) for p in ("settling", "sweep") for r in sys.argv[2:4]]:
+    at = AppTest.from_file(str(app / "app_pages" / f"{page}.py"), default_timeout=600)
+    at.query_params["run"] = run
+    t0 = time.perf_counter()
+    at.run()
+    out.append(f"{time.perf_counter() - t0:.3f}")
+    assert not at.exception, at.exception
+print(" ".join(out))
+"""
+
+
+def script_times(run: Path, tmp: Path, warm_run: Path) -> dict:
+    """Seconds of the server's script alone (Streamlit's AppTest, no browser) for the first view of Settling
+    and Threshold sweep: in a fresh process, each page is run on `warm_run` first (imports, the page's first
+    run), then on `run` (this process never opened it)."""
+    import os
+    import subprocess
+    runs_dir = tmp / f"script-{run.name}-{time.monotonic_ns()}"
+    runs_dir.mkdir()
+    for r in (warm_run, run):
+        (runs_dir / r.name).symlink_to(r.resolve())
+    app = Path(__file__).resolve().parents[1] / "app"
+    env = dict(os.environ, SCRATCHOFF_RUNS=str(runs_dir), SCRATCHOFF_DATA=str(tmp / "data"))
+    out = subprocess.run([sys.executable, "-c", SCRIPT, str(app), warm_run.name, run.name], env=env,
+                         capture_output=True, text=True)
+    if out.returncode:
+        raise SystemExit(f"AppTest on {run} failed:\n{out.stderr[-3000:]}")
+    t = [float(x) for x in out.stdout.split()[-4:]]
+    return {"settling_small": t[0], "settling": t[1], "sweep_small": t[2], "sweep": t[3]}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("runs", nargs="+", type=Path)
@@ -99,7 +139,27 @@ def main() -> None:
     ap.add_argument("--moves", type=int, default=10)
     ap.add_argument("--no-cache", action="store_true")
     ap.add_argument("--warm-run", type=Path, required=True, help="a small run the server opens first")
+    ap.add_argument("--script-only", action="store_true",
+                    help="only the server's script times (AppTest, no browser), interleaved rounds")
     args = ap.parse_args()
+    if args.script_only:
+        res: dict = {}
+        with tempfile.TemporaryDirectory(prefix="scratchoff-bench-scale-") as tmp:
+            for rnd in range(args.rounds):
+                for run in args.runs:
+                    r = script_times(run, Path(tmp), args.warm_run)
+                    res.setdefault(run.name, []).append(r)
+                    print(f"round {rnd + 1} {run.name}: " + ", ".join(f"{k} {v:.2f} s" for k, v in r.items()),
+                          flush=True)
+        print(f"\n| run | Settling script, first view | same process, {args.warm_run.name} | Threshold sweep "
+              f"script, first view | same process, {args.warm_run.name} |")
+        print("|---|---|---|---|---|")
+        for run, rs in res.items():
+            def med(k):
+                xs = [r[k] for r in rs]
+                return f"{statistics.median(xs):.2f} s ({min(xs):.2f}–{max(xs):.2f})"
+            print(f"| {run} | {med('settling')} | {med('settling_small')} | {med('sweep')} | {med('sweep_small')} |")
+        return
     reason = B.browser_unavailable_reason()
     if reason:
         raise SystemExit(reason)
