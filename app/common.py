@@ -13,6 +13,7 @@ import numbers
 import os
 import re
 import sys
+import threading
 import traceback
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,7 +21,6 @@ from typing import Any, Callable, Iterable
 
 import numpy as np
 import pandas as pd
-import plotly.graph_objects as go
 import streamlit as st
 
 from lts_core.store import RunError, list_runs, open_run, runs_dir
@@ -272,6 +272,30 @@ def refresh_runs() -> None:
     _scan.clear()
 
 
+# ---- warm-up: what later pages import, imported once per server while the first page is looked at -----------
+_WARM_UP: list[threading.Thread] = []
+
+
+def warm_up() -> None:
+    """Import the engine's analysis (with torch: 1–3 s) and Plotly in a low-priority background thread, once per
+    server, after the first page is served. The Runs page (the first view) needs neither; a first Settling,
+    Sweep or Distributions view then finds them imported instead of paying for them."""
+    if _WARM_UP:
+        return
+    _WARM_UP.append(threading.Thread(target=_import_later_pages, name="scratchoff-warm-up", daemon=True))
+    _WARM_UP[0].start()
+
+
+def _import_later_pages() -> None:
+    if sys.platform == "linux":   # a thread's own nice value (Linux only: elsewhere it would be the process's)
+        try:
+            os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), 10)
+        except OSError:
+            pass
+    import lts_core.analysis  # noqa: F401
+    import plotly.graph_objects  # noqa: F401
+
+
 # ---- loaders: every engine call of the pages goes through one of these -------------------------------------
 @st.cache_resource(show_spinner=False, max_entries=32)
 def _open(path: str, stamp: tuple):
@@ -389,6 +413,22 @@ def frozen_moved(row, replay: "ReplaySettings | None" = None) -> dict:
     if replay is not None:
         rp = (replay.schedule, float(replay.ratio), epochs_to_steps(row, replay.warmup_epochs), float(replay.decay))
     return _frozen_moved(row["path"], run_stamp(row["path"]), rp)
+
+
+WEIGHT_RECORDS_AT_ONCE = 20_000_000   # weight × record pairs replayed one by one without asking (≈ 0.3 s)
+
+
+def weight_by_weight_ok(row, key: str, label: str, container=st) -> bool:
+    """Whether a replay that follows every weight through every record (not the cached replay index) may run now.
+    Runs of up to `WEIGHT_RECORDS_AT_ONCE` weight-records: at once. Bigger runs: when the reader turns the toggle
+    on (10M weights × 100 records take 10–15 s on 2 cores), so that the page's first view does not wait for it;
+    the toggle stays on for the session, and each result is cached."""
+    size = int(row.get("n_weights") or 0) * int(row.get("n_records") or 0)
+    if size <= WEIGHT_RECORDS_AT_ONCE:
+        return True
+    return container.toggle(label, key=key, help=f"replays LTS weight by weight over {size / 1e6:,.0f}M "
+                            "weight-records (about 1.5 s per 100M on 2 cores); the page's other figures come from "
+                            "the precomputed replay index and need none of it")
 
 
 # ---- run facts --------------------------------------------------------------------------------------------
@@ -628,15 +668,19 @@ def page_link(key: str, label: str, icon: str | None = None) -> None:
 
 # ---- errors -----------------------------------------------------------------------------------------------
 def guard(body: Callable[[], None]) -> None:
-    """Run a page body: engine/run errors become a clear st.error (plain text), never a traceback."""
-    from lts_core.config import ConfigError
+    """Run a page body: engine/run errors become a clear st.error (plain text), never a traceback.
+
+    `lts_core.config` (which imports torch: seconds on a first view) is not imported here: a `ConfigError` can
+    only come from a body that imported it already."""
     try:
         body()
     except RunError as e:
         st.error(f"This run cannot be read: {plain(e)}")
-    except ConfigError as e:
-        st.error(plain(e))
     except (ValueError, KeyError, IndexError, OSError) as e:
+        config = sys.modules.get("lts_core.config")
+        if config is not None and isinstance(e, config.ConfigError):
+            st.error(plain(e))
+            return
         if os.environ.get("SCRATCHOFF_DEBUG"):
             raise
         st.error(f"Cannot show this view: {plain(e)}")
@@ -650,7 +694,10 @@ def guard(body: Callable[[], None]) -> None:
 
 # ---- plot helpers -----------------------------------------------------------------------------------------
 def figure(title: str | None = None, x: str | None = None, y: str | None = None, height: int = 360,
-           hovermode: str = "x unified") -> go.Figure:
+           hovermode: str = "x unified") -> "go.Figure":
+    """A Plotly figure in the app's style (pages other than the first views: see `charts`). Plotly is imported
+    here, not when the app starts: the Runs page, the cold start's first view, does not need it."""
+    import plotly.graph_objects as go
     fig = go.Figure()
     fig.update_layout(
         title=dict(text=title) if title else None, height=height, hovermode=hovermode,
@@ -660,7 +707,7 @@ def figure(title: str | None = None, x: str | None = None, y: str | None = None,
     return fig
 
 
-def show(fig: go.Figure, key: str | None = None) -> None:
+def show(fig: "go.Figure", key: str | None = None) -> None:
     st.plotly_chart(fig, width="stretch", key=key, config={"displaylogo": False})
 
 

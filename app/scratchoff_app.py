@@ -51,3 +51,4 @@ with st.sidebar:
         C.refresh_runs()
 
 nav.run()
+C.warm_up()   # after the first page: what the other pages import, in the background

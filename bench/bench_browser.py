@@ -216,7 +216,7 @@ def open_distributions(browser, srv: B.Server, run_id: str) -> dict:
             t0 = time.perf_counter()
             B.nav_link(page, "Distributions").click()
             page.locator("h1").filter(has_text="Distributions").first.wait_for(timeout=120_000)
-            page.wait_for_function("() => document.querySelectorAll('.js-plotly-plot').length >= 5", timeout=120_000)
+            page.wait_for_function("s => document.querySelectorAll(s).length >= 5", arg=B.DRAWN, timeout=120_000)
             B.wait_idle(page, timeout=120, settle_ms=0)
             out[key] = time.perf_counter() - t0
             B.nav_link(page, "Runs").click()
@@ -229,7 +229,7 @@ def open_distributions(browser, srv: B.Server, run_id: str) -> dict:
         t0 = time.perf_counter()
         page.goto(f"{srv.url}/distributions?run={run_id}&layer=fc", wait_until="domcontentloaded", timeout=120_000)
         page.locator("h1").filter(has_text="Distributions").first.wait_for(timeout=120_000)
-        page.wait_for_function("() => document.querySelectorAll('.js-plotly-plot').length >= 5", timeout=120_000)
+        page.wait_for_function("s => document.querySelectorAll(s).length >= 5", arg=B.DRAWN, timeout=120_000)
         B.wait_idle(page, timeout=120, settle_ms=0)
         out["url"] = time.perf_counter() - t0
     finally:
@@ -241,7 +241,7 @@ def record_moves(browser, srv: B.Server, run_id: str, moves: int) -> dict:
     page = B.new_page(browser)
     try:
         B.goto(page, srv.url, f"distributions?run={run_id}&layer=fc", title="Distributions", timeout=120)
-        page.wait_for_function("() => document.querySelectorAll('.js-plotly-plot').length >= 5", timeout=120_000)
+        page.wait_for_function("s => document.querySelectorAll(s).length >= 5", arg=B.DRAWN, timeout=120_000)
         B.wait_idle(page)
         thumb = B.slider_thumb(page, "Record (epoch)")
         keys = ["ArrowRight", "ArrowLeft"]

@@ -54,7 +54,7 @@ def open_page(browser, srv, page_name: str, run_id: str) -> tuple[float, int]:
         t0 = time.perf_counter()
         page.goto(f"{srv.url}/{page_name}?run={run_id}", wait_until="domcontentloaded", timeout=120_000)
         page.wait_for_function("([sel, n]) => document.querySelectorAll(sel).length >= n",
-                               arg=[".js-plotly-plot", CHARTS[page_name]], timeout=300_000)
+                               arg=[B.DRAWN, CHARTS[page_name]], timeout=300_000)
         page.locator(B.SCRIPT_IDLE).wait_for(timeout=300_000)
         t = time.perf_counter() - t0
         errors = page.locator("[data-testid=stException], [data-testid=stAlertContentError]").count()

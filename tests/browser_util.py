@@ -40,6 +40,10 @@ PAGES = [
 APP_READY = "[data-testid='stApp'][data-test-connection-state='CONNECTED']"
 SCRIPT_IDLE = "[data-testid='stApp'][data-test-script-state='notRunning']"
 PLOT = ".js-plotly-plot, [data-testid=stVegaLiteChart] canvas, [data-testid=stVegaLiteChart] svg"  # any chart
+CHART = ".js-plotly-plot, [data-testid=stVegaLiteChart]"   # a chart's container (one per chart)
+# charts drawn: a Plotly chart's svg, a Vega-Lite chart's canvas or svg marks (a JS expression's selector)
+DRAWN = ".js-plotly-plot .main-svg:first-of-type, [data-testid=stVegaLiteChart] canvas, " \
+        "[data-testid=stVegaLiteChart] svg.marks"
 
 
 def browser_unavailable_reason() -> str | None:
@@ -74,8 +78,12 @@ class Server:
     folder's parent), so that the app's own config (app/.streamlit/config.toml: localhost, no usage statistics)
     is what binds it. A subprocess; stop() always kills it."""
 
-    def __init__(self, runs_dir: Path, data_dir: Path, port: int | None = None, log: Path | None = None):
+    def __init__(self, runs_dir: Path, data_dir: Path, port: int | None = None, log: Path | None = None,
+                 app: Path | None = None):
+        """`app`: another checkout's `app/scratchoff_app.py` (benchmarks compare two versions; its repository
+        goes first on PYTHONPATH), default this one's."""
         self.runs_dir, self.data_dir = Path(runs_dir), Path(data_dir)
+        self.app = Path(app).resolve() if app else APP
         self.port = port or free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.log_path = Path(log) if log else self.data_dir / f"streamlit-{self.port}.log"
@@ -88,8 +96,8 @@ class Server:
         env.pop("SCRATCHOFF_DEBUG", None)
         for k in [k for k in env if k.startswith("STREAMLIT_")]:
             env.pop(k)
-        env["PYTHONPATH"] = str(REPO) + os.pathsep + env.get("PYTHONPATH", "")
-        cmd = [sys.executable, "-m", "streamlit", "run", str(APP), "--server.port", str(self.port),
+        env["PYTHONPATH"] = str(self.app.parent.parent) + os.pathsep + env.get("PYTHONPATH", "")
+        cmd = [sys.executable, "-m", "streamlit", "run", str(self.app), "--server.port", str(self.port),
                # no file watcher: edits to app/ during a test must not pop up "source changed" prompts
                "--server.fileWatcherType", "none"]
         self.log_path.parent.mkdir(parents=True, exist_ok=True)

@@ -92,6 +92,36 @@ def charts(at: AppTest) -> list[dict]:
     return [json.loads(c.proto.spec) for c in at.get("plotly_chart")]
 
 
+def vega_charts(at: AppTest) -> list[dict]:
+    """The page's Vega-Lite specs, each with its data frames back under "datasets" (sent as Arrow)."""
+    import pyarrow as pa
+    out = []
+    for c in at.get("vega_lite_chart"):
+        spec = json.loads(c.proto.spec)
+        spec["datasets"] = {d.name: pa.ipc.open_stream(d.data.data).read_all().to_pandas() for d in c.proto.datasets}
+        out.append(spec)
+    return out
+
+
+def chart_titles(at: AppTest) -> list[str]:
+    """Titles of every chart of the page, Plotly and Vega-Lite."""
+    return ([c["layout"].get("title", {}).get("text", "") for c in charts(at)]
+            + [(c.get("title") or {}).get("text", "") for c in vega_charts(at)])
+
+
+def vega_chart(at: AppTest, title: str) -> dict:
+    return next(c for c in vega_charts(at) if title in (c.get("title") or {}).get("text", ""))
+
+
+def vega_series(spec: dict) -> list[str]:
+    """The named series of a Vega-Lite chart (its colour legend), in order."""
+    for layer in spec["layer"]:
+        color = layer["encoding"].get("color", {})
+        if color.get("field") == "series":
+            return color["scale"]["domain"]
+    return []
+
+
 @pytest.mark.parametrize("name", PAGES)
 def test_every_page_renders(runs_dir, name):
     at = page(name).run()
@@ -103,10 +133,13 @@ def test_every_page_renders(runs_dir, name):
 def test_no_chart_uses_black_or_white_ink(runs_dir, name):
     """Theme-aware colours: nothing drawn in black (invisible on the dark theme) or white lines/markers."""
     at = page(name).run()
-    text = json.dumps([c["data"] for c in charts(at)]).lower()
-    assert at.get("plotly_chart")
+    vega = [{k: v for k, v in c.items() if k != "datasets"} for c in vega_charts(at)]
+    text = json.dumps([c["data"] for c in charts(at)] + vega).lower()
+    assert at.get("plotly_chart") or vega
     for ink in ('"color": "black"', '"color": "#000000"', '"color": "#000"', '"color": "white"'):
         assert ink not in text, f"{name}: a trace uses {ink}"
+    for ink in ('"black"', '"#000000"', '"#000"', '"white"', '"#ffffff"', '"#fff"'):
+        assert ink not in json.dumps(vega).lower(), f"{name}: a Vega-Lite chart uses {ink}"
 
 
 def test_entry_point_opens_runs_and_switches_pages(runs_dir, served_config):
@@ -303,8 +336,8 @@ def test_sweep_starts_from_the_overlaid_runs_settings_and_snaps_typed_values(run
     at.number_input(key="rho").set_value(0.02).run()
     shown = at.number_input(key="rho").value
     assert shown == 20 / 1024
-    legend = json.dumps(charts(at)[0]["data"])
-    assert f"\\u03c1={shown:.4g}" in legend or f"ρ={shown:.4g}" in legend
+    legend = vega_series(vega_chart(at, "Frozen fraction vs epoch"))
+    assert any(f"ρ={shown:.4g}" in name for name in legend), legend
 
 
 def test_url_reopens_the_same_view(runs_dir):
@@ -339,13 +372,12 @@ def test_distributions_record_slider_and_overlay(runs_dir):
     last = number(metric(at, "Frozen"))
     no_problem(at)
     assert first == 0 and last > 20  # nothing frozen during warm-up, most weights by the end
-    titles = [c["layout"].get("title", {}).get("text", "") for c in charts(at)]
+    titles = chart_titles(at)
     assert any("Weights of lts" in t for t in titles) and any("EMA distance" in t for t in titles)
     at.selectbox(key="overlay").set_value("base").run()
     no_problem(at)
     assert any("Overlay" in shown(s) for s in at.subheader)
-    ws = next(c for c in charts(at) if "Weights of" in c["layout"].get("title", {}).get("text", ""))
-    assert any("base" in tr.get("name", "") for tr in ws["data"])
+    assert any("base" in name for name in vega_series(vega_chart(at, "Weights of")))
 
 
 def test_settling_record_slider_reveals_cells_and_counts_frozen_moved(runs_dir):
@@ -618,8 +650,7 @@ def test_runs_page_picker_changes_the_figures(runs_dir):
     assert shown["base"] == 0.0 and shown["lts"] > 20  # the baseline eliminates nothing, the LTS run does
     # the paper's denominator (all trainable parameters) reads lower: the MLP's first and last layers stay FP
     assert 0 < shown["lts_all"] < shown["lts"]
-    titles = [c["layout"].get("title", {}).get("text", "") for c in charts(at)]
-    assert "Train loss" in titles
+    assert "Train loss" in chart_titles(at)
     overview = json.loads(at.get("vega_lite_chart")[0].proto.spec)
     enc = overview["encoding"]
     assert enc["x"]["scale"]["domain"][0] < 0  # points at 0 % are not clipped

@@ -13,7 +13,7 @@ import pandas as pd
 import pytest
 
 pytest.importorskip("streamlit")
-from test_app import metric, no_problem, page  # noqa: E402  (the page helpers of the app's tests)
+from test_app import metric, no_problem, page, vega_chart  # noqa: E402  (the page helpers of the app's tests)
 
 SAVINGS_COLUMNS = ["bwd accounted (%)", "bwd skippable (%)", "bwd s", "step s"]
 NEW_METRICS = ["backward_flops_skippable", "step_seconds", "backward_seconds"]
@@ -80,7 +80,9 @@ def test_runs_one_run_metrics_and_time_curve(runs):
     assert metric(at, "Structurally skippable") == f"{100 * chan['backward_flops_skippable'].iloc[-1]:.1f}%"
     assert metric(at, "LTS freezes") == "whole output channels"
     assert metric(at, "Bounds learn from") == "unfrozen weights"
-    assert any("Measured time per epoch" in str(c.proto.spec) for c in at.get("plotly_chart"))
+    time_chart = vega_chart(at, "Measured time per epoch")
+    drawn = pd.concat(time_chart["datasets"].values())
+    assert np.allclose(drawn[drawn.series == "backward passes"].y, chan["backward_seconds"])
     at.selectbox(key="run").set_value("old").run()
     no_problem(at)
     assert metric(at, "Backward seconds (measured)") == "—" and metric(at, "Structurally skippable") == "—"

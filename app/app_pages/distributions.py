@@ -13,6 +13,7 @@ import numpy as np  # noqa: E402
 import streamlit as st  # noqa: E402
 
 import common as C  # noqa: E402
+from charts import Chart, edges_from_centers  # noqa: E402
 from lts_core.analysis import common_weight_edges, rebin_codes, weight_axis, weight_histogram  # noqa: E402
 
 CLASS_NAMES = {"active": "not frozen", "frozen": "frozen, on the level it froze on",
@@ -118,18 +119,14 @@ def bin_positions(edges) -> list[float]:
 def distance_heatmap(d, epochs, r: int, k: int, log: bool) -> None:
     counts, edges = rebin_codes(d.dist.sum(axis=1), k)                 # [R, B+1], last = beyond ½ Δ
     pct = 100 * counts / max(d.n_weights, 1)
-    centers = bin_positions(edges)
+    centers = np.asarray(bin_positions(edges))
+    half = (edges[1] - edges[0]) / 2
     z = np.log10(np.maximum(pct.T, 1e-4)) if log else pct.T
-    fig = C.figure("Distance to the level over training", "epoch", "distance to the nearest level (Δ)",
-                   hovermode="closest")
-    fig.add_heatmap(x=epochs, y=centers, z=z, colorscale="Viridis", customdata=pct.T,
-                    colorbar=dict(title="log₁₀ %" if log else "% of weights"),
-                    hovertemplate="epoch %{x:.2f}<br>distance %{y:.3f} Δ<br>%{customdata:.2f}% of weights"
-                                  "<extra></extra>")
-    fig.add_vline(x=float(epochs[r]), line_color="white", line_dash="dot")
-    fig.update_yaxes(tickvals=[0, 0.1, 0.2, 0.3, 0.4, 0.5, centers[-1]],
-                     ticktext=["0", "0.1", "0.2", "0.3", "0.4", "0.5", "> ½"])
-    C.show(fig, key="dist_heat")
+    ticks = {t: f"{t:g}" for t in (0, 0.1, 0.2, 0.3, 0.4, 0.5)} | {float(centers[-1]): "> ½"}
+    (Chart("Distance to the level over training", "epoch", "distance to the nearest level (Δ)", y_ticks=ticks)
+     .heatmap(edges_from_centers(epochs), np.stack([centers - half, centers + half], axis=1), z,
+              "log₁₀ %" if log else "% of weights", hover={"pct": (pct.T, "% of weights", ".2f")})
+     .vline(float(epochs[r])).show("dist_heat"))
 
 
 def class_histogram(counts3, k: int, title: str, xlabel: str, key: str, last: int = C_INSIDE - 1,
@@ -139,25 +136,17 @@ def class_histogram(counts3, k: int, title: str, xlabel: str, key: str, last: in
     width = edges[1] - edges[0]
     x = bin_positions(edges)
     n = max(counts3.sum(), 1)
-    fig = C.figure(title, xlabel, "weights (%)", hovermode="x unified")
-    for ci, cls in enumerate(("active", "frozen", "moved")):
-        if binned[ci].any() or ci == 0:
-            fig.add_bar(x=x, y=100 * binned[ci] / n, name=CLASS_NAMES[cls], width=width,
-                        marker_color=C.WEIGHT_CLASS_COLORS[cls], customdata=binned[ci],
-                        hovertemplate="%{y:.2f}% (%{customdata:,})")
-    if threshold is not None and threshold >= 0:
-        fig.add_vline(x=threshold, line_color=C.INK, line_width=2)
-        fig.add_scatter(x=[None], y=[None], mode="lines", line=dict(color=C.INK, width=2),
-                        name=f"ρ_t·Δ at this record ({threshold:.3f} Δ)")
-    if next_threshold is not None and next_threshold >= 0:
-        fig.add_vline(x=next_threshold, line_color=C.INK, line_dash="dash")
-        fig.add_scatter(x=[None], y=[None], mode="lines", line=dict(color=C.INK, dash="dash"),
-                        name=f"at the next record ({next_threshold:.3f} Δ)")
-    fig.update_layout(barmode="stack", bargap=0)
     top = edges[-1]
-    ticks = [t for t in np.round(np.linspace(0, top, 6), 2)] + [x[-1]]
-    fig.update_xaxes(tickvals=ticks, ticktext=[f"{t:g}" for t in ticks[:-1]] + [f"> {top:.2g}"], tickangle=0)
-    C.show(fig, key=key)
+    ticks = [float(t) for t in np.round(np.linspace(0, top, 6), 2)]
+    fig = Chart(title, xlabel, "weights (%)",
+                x_ticks={t: f"{t:g}" for t in ticks} | {float(x[-1]): f"> {top:.2g}"})
+    fig.bars(x, {CLASS_NAMES[cls]: (100 * binned[ci] / n, C.WEIGHT_CLASS_COLORS[cls], binned[ci])
+                 for ci, cls in enumerate(("active", "frozen", "moved")) if binned[ci].any() or ci == 0}, width)
+    if threshold is not None and threshold >= 0:
+        fig.vline(threshold, dash=False, width=2, name=f"ρ_t·Δ at this record ({threshold:.3f} Δ)")
+    if next_threshold is not None and next_threshold >= 0:
+        fig.vline(next_threshold, name=f"at the next record ({next_threshold:.3f} Δ)")
+    fig.show(key)
 
 
 def weight_range(d) -> tuple[float, float]:
@@ -193,31 +182,26 @@ def weights_section(row, d, r: int, labels, overlay, layer) -> None:
     width = edges[1] - edges[0]
     pe = d.position_edges()
     n = max(d.n_weights, 1)
-    fig = C.figure(f"Weights of {C.plot_text(row['run_id'])} at epoch {labels[r]}", "weight value",
-                   "weights (%)", hovermode="x unified", height=400)
-    for ci, cls in enumerate(("active", "frozen", "moved")):
-        h = weight_histogram(d.positions[r, ci], pe, w0, dw, edges)
-        if h.any() or ci == 0:
-            fig.add_bar(x=centers, y=100 * h / n, width=width, name=CLASS_NAMES[cls],
-                        marker_color=C.WEIGHT_CLASS_COLORS[cls], customdata=h,
-                        hovertemplate="%{y:.2f}% (%{customdata:,.0f})")
+    fig = Chart(f"Weights of {row['run_id']} at epoch {labels[r]}", "weight value", "weights (%)", height=320,
+                x_domain=[edges[0], edges[-1]])
+    fig.bars(centers, {CLASS_NAMES[cls]: (100 * h / n, C.WEIGHT_CLASS_COLORS[cls], h)
+                       for ci, cls in enumerate(("active", "frozen", "moved"))
+                       for h in [weight_histogram(d.positions[r, ci], pe, w0, dw, edges)] if h.any() or ci == 0},
+             width)
     if other is not None:
         orow = overlay
         oe = C.steps_to_epochs(orow, other.steps)
         ro = nearest_record(oe, float(C.steps_to_epochs(row, d.steps[r])))
         ow0, odw = weight_axis(other.kind, other.bits, other.n_levels, other.bounds[ro])
         oh = weight_histogram(other.positions[ro].sum(0), other.position_edges(), ow0, odw, edges)
-        fig.add_scatter(x=centers, y=100 * oh / max(other.n_weights, 1), mode="lines", line=dict(color=C.INK, width=2,
-                        shape="hvh"), name=f"{C.plot_text(orow['run_id'])} at epoch {oe[ro]:.2f} (all weights)",
-                        hovertemplate="%{y:.2f}%")
+        fig.line(f"{orow['run_id']} at epoch {oe[ro]:.2f} (all weights)", centers,
+                 100 * oh / max(other.n_weights, 1), C.INK, points=False, step=True, fmt=".2f")
     L = int(d.n_levels)
     for kk in range(L):
-        fig.add_vline(x=w0 + kk * dw, line_color=C.INK, line_width=1.5, opacity=0.9)
+        fig.vline(w0 + kk * dw, dash=False, width=1.5, opacity=0.9)
     for kk in range(L - 1):
-        fig.add_vline(x=w0 + (kk + 0.5) * dw, line_color=C.INK, line_width=1, line_dash="dot", opacity=0.7)
-    fig.update_layout(barmode="stack", bargap=0)
-    fig.update_xaxes(range=[edges[0], edges[-1]])
-    C.show(fig, key="weights_hist")
+        fig.vline(w0 + (kk + 0.5) * dw, dash=[2, 3], opacity=0.7)
+    fig.show("weights_hist")
     lo, hi = sorted((w0, w0 + (L - 1) * dw))
     notes = [f"Solid lines: the {L} level values at this record ({lo:.4g} … {hi:.4g}); dotted: the rounding "
              "boundaries between them. Both move with the learned bounds — move the record to watch them."]
@@ -253,12 +237,11 @@ def ema_section(row, d, r: int, labels, epochs, k: int) -> None:
         if d.frozen_by[-1] == 0:
             st.info("No weight freezes in this run (with these settings).")
         else:
-            fig = C.figure("When weights froze", "epoch", "weights frozen at this record (%)", hovermode="closest")
-            fig.add_bar(x=epochs, y=100 * d.newly_frozen / max(d.n_weights, 1), customdata=d.newly_frozen,
-                        marker_color=C.WEIGHT_CLASS_COLORS["frozen"], name="newly frozen",
-                        hovertemplate="epoch %{x:.2f}<br>%{y:.2f}% (%{customdata:,})<extra></extra>")
-            fig.add_vline(x=float(epochs[r]), line_color=C.INK, line_dash="dot")
-            C.show(fig, key="freeze_hist")
+            width = float(np.min(np.diff(epochs))) * 0.8 if len(epochs) > 1 else 1.0
+            (Chart("When weights froze", "epoch", "weights frozen at this record (%)")
+             .bars(epochs, {"newly frozen": (100 * d.newly_frozen / max(d.n_weights, 1),
+                                             C.WEIGHT_CLASS_COLORS["frozen"], d.newly_frozen)}, width)
+             .vline(float(epochs[r])).show("freeze_hist"))
 
 
 CODE_MAX_EMA = 128  # EMA histogram axis: 0 … 1 Δ, then one bin above (a reset EMA is 1 Δ)
@@ -268,14 +251,11 @@ def occupancy_section(d, epochs, r: int) -> None:
     if d.occupancy is None:
         return
     st.subheader("Level occupancy over training")
-    fig = C.figure(None, "epoch", "weights at the level (%)", height=300)
     n = max(d.n_weights, 1)
-    for kk in range(d.occupancy.shape[1]):
-        fig.add_scatter(x=epochs, y=100 * d.occupancy[:, kk] / n, stackgroup="levels", name=f"level {kk}",
-                        line=dict(width=0.5, color=C.color(kk)), hovertemplate="%{y:.1f}%")
-    fig.add_vline(x=float(epochs[r]), line_color=C.INK, line_dash="dot")
-    fig.update_yaxes(range=[0, 100])
-    C.show(fig, key="occupancy")
+    (Chart(None, "epoch", "weights at the level (%)", height=240, y_domain=[0, 100])
+     .areas(epochs, {f"level {kk}": (100 * d.occupancy[:, kk] / n, C.color(kk))
+                     for kk in range(d.occupancy.shape[1])})
+     .vline(float(epochs[r])).show("occupancy"))
 
 
 def overlay_picker(row: dict) -> dict | None:
@@ -310,13 +290,13 @@ def overlay_distances(row, orow, d, r: int, epochs, k: int, layer) -> None:
     b, _ = rebin_codes(other.dist[ro].sum(0), k)
     width = edges[1] - edges[0]
     x = bin_positions(edges)
-    fig = C.figure(None, "distance to the nearest level (Δ)", "weights (%)", hovermode="x unified", height=320)
-    fig.add_bar(x=x, y=100 * a / max(d.n_weights, 1), width=width, opacity=0.6, marker_color=C.color(0),
-                name=f"{C.plot_text(row['run_id'])} at epoch {epochs[r]:.2f}", hovertemplate="%{y:.2f}%")
-    fig.add_bar(x=x, y=100 * b / max(other.n_weights, 1), width=width, opacity=0.6, marker_color=C.color(1),
-                name=f"{C.plot_text(orow['run_id'])} at epoch {oe[ro]:.2f}", hovertemplate="%{y:.2f}%")
-    fig.update_layout(barmode="overlay", bargap=0)
-    C.show(fig, key="overlay_dist")
-
+    top = edges[-1]
+    ticks = [float(t) for t in np.round(np.linspace(0, top, 6), 2)]
+    (Chart(None, "distance to the nearest level (Δ)", "weights (%)", height=260,
+           x_ticks={t: f"{t:g}" for t in ticks} | {float(x[-1]): f"> {top:.2g}"})
+     .bars(x, {f"{row['run_id']} at epoch {epochs[r]:.2f}": (100 * a / max(d.n_weights, 1), C.color(0)),
+               f"{orow['run_id']} at epoch {oe[ro]:.2f}": (100 * b / max(other.n_weights, 1), C.color(1))},
+           width, opacity=0.6, stack=False)
+     .show("overlay_dist"))
 
 C.guard(body)

@@ -8,10 +8,12 @@ _APP = str(Path(__file__).resolve().parents[1])
 if _APP not in sys.path:
     sys.path.insert(0, _APP)
 
+import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 import streamlit as st  # noqa: E402
 
 import common as C  # noqa: E402
+from charts import Chart  # noqa: E402
 
 STATUS_TEXT = {"complete": "✓ complete", "running": "running…", "interrupted": "interrupted",
                "failed": "✗ failed", "broken": "⚠ broken"}
@@ -141,39 +143,30 @@ def time_curves(m: pd.DataFrame) -> None:
     if "step_seconds" not in m or "backward_seconds" not in m:
         st.caption("This run did not record its step and backward seconds (recorded since issue 10).")
         return
-    fig = C.figure("Measured time per epoch", "epoch", "seconds (sum over the epoch's steps)", height=300)
-    fig.add_scatter(x=m["epoch"], y=m["step_seconds"], name="whole steps", mode="lines+markers",
-                    hovertemplate="%{y:.2f} s")
-    fig.add_scatter(x=m["epoch"], y=m["backward_seconds"], name="backward passes", mode="lines+markers",
-                    line=dict(color=C.color(1)), hovertemplate="%{y:.2f} s")
-    fig.update_yaxes(rangemode="tozero")
-    C.show(fig, key="runs_time")
+    top = float(np.nanmax(m[["step_seconds", "backward_seconds"]].to_numpy(dtype=float), initial=0.0))
+    (Chart("Measured time per epoch", "epoch", "seconds (sum over its steps)", height=240,
+           y_domain=[0, top * 1.05 or 1.0])
+     .line("whole steps", m["epoch"], m["step_seconds"], C.color(0), fmt=".2f")
+     .line("backward passes", m["epoch"], m["backward_seconds"], C.color(1), fmt=".2f")
+     .show("runs_time"))
 
 
 def curves(row: dict, m: pd.DataFrame) -> None:
     s, log = C.series_controls("runs_curves")
     left, right = st.columns(2)
     with left:
-        fig = C.figure("Test accuracy and frozen fraction", "epoch", "%")
-        fig.add_scatter(x=m["epoch"], y=C.smoothed(m["test_acc"], s), name="test accuracy (%)",
-                        mode="lines+markers", hovertemplate="%{y:.2f}%")
+        fig = Chart("Test accuracy and frozen fraction", "epoch", "%", y_log=log)
+        fig.line("test accuracy (%)", m["epoch"], C.smoothed(m["test_acc"], s), C.color(0), fmt=".2f")
         if row.get("rule") != "none":
-            fig.add_scatter(x=m["epoch"], y=C.smoothed(100 * m["frozen_fraction"], s), name="frozen fraction (%)",
-                            mode="lines+markers", hovertemplate="%{y:.1f}%")
-            fig.add_scatter(x=m["epoch"], y=C.smoothed(100 * m["updates_eliminated"], s),
-                            name="updates eliminated so far, over quantized weights (%)", mode="lines",
-                            line=dict(dash="dot"), hovertemplate="%{y:.1f}%")
-        if log:
-            fig.update_yaxes(type="log")
-        C.show(fig, key="runs_fig")
+            fig.line("frozen fraction (%)", m["epoch"], C.smoothed(100 * m["frozen_fraction"], s), C.color(1))
+            fig.line("updates eliminated so far, over quantized weights (%)", m["epoch"],
+                     C.smoothed(100 * m["updates_eliminated"], s), C.color(2), dash=[2, 3], points=False)
+        fig.show("runs_fig")
     with right:
-        fig = C.figure("Train loss", "epoch", "cross-entropy (mean over the epoch)")
+        fig = Chart("Train loss", "epoch", "cross-entropy (mean over the epoch)", y_log=log)
         if "train_loss" in m:
-            fig.add_scatter(x=m["epoch"], y=C.smoothed(m["train_loss"], s), name="train loss", mode="lines+markers",
-                            line=dict(color=C.color(1)), hovertemplate="%{y:.4f}")
-        if log:
-            fig.update_yaxes(type="log")
-        C.show(fig, key="runs_loss")
+            fig.line("train loss", m["epoch"], C.smoothed(m["train_loss"], s), C.color(1), fmt=".4f")
+        fig.show("runs_loss")
 
 
 def body() -> None:

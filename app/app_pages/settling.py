@@ -9,24 +9,23 @@ if _APP not in sys.path:
     sys.path.insert(0, _APP)
 
 import numpy as np  # noqa: E402
-import plotly.graph_objects as go  # noqa: E402
 import streamlit as st  # noqa: E402
 
 import common as C  # noqa: E402
+from charts import Chart  # noqa: E402
 
 
 COATING = "#b9b9b9"
 
 
-def level_colors(n_levels: int) -> list:
-    """A discrete colour scale (dark = lowest level … yellow = highest; never grey, the coating's colour)."""
-    import plotly.express as px
+def level_colors(n_levels: int) -> list[str]:
+    """One colour per level (dark = lowest level … yellow = highest; never grey, the coating's colour)."""
     n = max(int(n_levels), 1)
-    cols = ["#440154"] if n == 1 else px.colors.sample_colorscale("Viridis", [i / (n - 1) for i in range(n)])
-    scale = []
-    for i, c in enumerate(cols):
-        scale += [[i / n, c], [(i + 1) / n, c]]
-    return scale
+    return [VIRIDIS[0]] if n == 1 else [VIRIDIS[round(i * (len(VIRIDIS) - 1) / (n - 1))] for i in range(n)]
+
+
+VIRIDIS = ["#440154", "#482878", "#3e4989", "#31688e", "#26828e", "#1f9e89", "#35b779", "#6ece58", "#b5de2b",
+           "#fde725"]
 
 
 def body() -> None:
@@ -77,31 +76,27 @@ def body() -> None:
 
     left, right = st.columns(2)
     with left:
-        fig = C.figure("Weights at their final level (cumulative)", "epoch", "settled weights (%)")
-        fig.add_scatter(x=epochs, y=100 * s.curve, name="all layers", mode="lines+markers",
-                        line=dict(width=3, color=C.INK), hovertemplate="%{y:.1f}%")
+        fig = Chart("Weights at their final level (cumulative)", "epoch", "settled weights (%)", y_domain=[0, 101])
+        fig.line("all layers", epochs, 100 * s.curve, C.INK, width=3)
         if len(s.layer_names) > 1:
             for i, name in enumerate(s.layer_names):
-                fig.add_scatter(x=epochs, y=100 * s.layer_curves[i], name=C.plot_text(name), mode="lines",
-                                line=dict(color=C.color(i)), hovertemplate="%{y:.1f}%")
-        fig.add_vline(x=float(epochs[r]), line_dash="dot", line_color=C.INK)
-        fig.update_yaxes(range=[0, 101])
-        C.show(fig, key="settle_curve")
+                fig.line(name, epochs, 100 * s.layer_curves[i], C.color(i), points=False)
+        fig.vline(float(epochs[r]))
+        fig.show("settle_curve")
     with right:
         hist = s.histogram.astype(float)
         if not st.checkbox("include never-moved weights (epoch 0)", value=False, key="settle_hist_never",
                            help=f"{C.pct(fr['never_moved'])} of the weights never changed level"):
             hist[0] = np.nan
-        kind = np.array(["converged later"] * R, dtype=object)
-        kind[0], kind[-1] = "never moved", "still moving (last record)"
-        colors = np.array([C.color(2)] * R, dtype=object)
-        colors[0], colors[-1] = C.color(0), C.color(1)
-        fig = C.figure("Settle epoch histogram", "settle epoch", "weights (%)", hovermode="closest")
-        fig.add_bar(x=epochs, y=100 * hist / max(s.n_weights, 1), marker_color=list(colors),
-                    customdata=np.stack([s.histogram, kind], axis=1),
-                    hovertemplate="epoch %{x:.2f}<br>%{y:.2f}% of weights (%{customdata[0]:,.0f})"
-                                  "<br>%{customdata[1]}<extra></extra>")
-        C.show(fig, key="settle_hist")
+        pct = 100 * hist / max(s.n_weights, 1)
+        width = float(np.min(np.diff(epochs))) * 0.8 if R > 1 else 1.0
+        mid = np.arange(R)
+        mid = (mid > 0) & (mid < R - 1)
+        Chart("Settle epoch histogram", "settle epoch", "weights (%)").bars(epochs, {
+            "never moved (epoch 0)": (np.where(np.arange(R) == 0, pct, np.nan), C.color(0), s.histogram),
+            "converged later": (np.where(mid, pct, np.nan), C.color(2), s.histogram),
+            "still moving (last record)": (np.where(np.arange(R) == R - 1, pct, np.nan), C.color(1), s.histogram),
+        }, width=width).show("settle_hist")
         st.caption("Green: converged later. Red (last record): still changing level at the end of the run. "
                    "Blue (epoch 0, when included): never moved.")
 
@@ -121,32 +116,36 @@ def body() -> None:
     final = s.final_levels[off:off + n][flat_c].astype(float)
     n_levels = int(lay.get("n_levels") or (int(final.max()) + 1))
     revealed = valid & (sr <= r)
-    z = np.where(revealed, final, np.nan)
-    coat = np.where(valid & ~revealed, 1.0, np.nan)
     settle_ep = epochs[np.clip(sr, 0, R - 1)]
-    text = np.where(revealed,
-                    np.char.add(np.char.add("final level ", final.astype(int).astype(str)),
-                                np.char.add(" · settled at epoch ", np.char.mod("%.2f", settle_ep))),
-                    "not yet settled (scratch-off coating)")
-    text = np.where(valid, text, "")
     n_rev, n_cells = int(revealed.sum()), int(valid.sum())
     c = st.columns(3)
     c[0].metric("Revealed cells", f"{n_rev:,} / {n_cells:,}")
     c[1].metric("Revealed in this layer (all weights)",
                 C.pct(float(s.layer_curves[li][r])))
     c[2].metric("Shown", f"{len(ri)} × {len(ci)}" + (" (sample)" if len(ri) * len(ci) < n else ""))
-    fig = go.Figure()
-    fig.add_heatmap(z=coat, x=ci, y=ri, colorscale=[[0, COATING], [1, COATING]], showscale=False,
-                    text=text, hovertemplate="row %{y}, col %{x}<br>%{text}<extra></extra>", xgap=1, ygap=1)
-    fig.add_heatmap(z=z, x=ci, y=ri, zmin=-0.5, zmax=n_levels - 0.5, colorscale=level_colors(n_levels),
-                    text=text, hovertemplate="row %{y}, col %{x}<br>%{text}<extra></extra>", xgap=1, ygap=1,
-                    colorbar=dict(title="final level", tickvals=list(range(n_levels))))
-    fig.update_layout(height=620, margin=dict(l=10, r=10, t=30, b=10),
-                      title=dict(text=f"layer {C.plot_text(lay['name'])} at epoch {labels[r]}"),
-                      xaxis_title="input index (sampled)", yaxis_title="output index (sampled)")
-    fig.update_xaxes(constrain="domain")
-    fig.update_yaxes(autorange="reversed", scaleanchor="x", constrain="domain")
-    C.show(fig, key="settle_grid")
+    scratch_grid(ri, ci, final, revealed, valid, settle_ep, n_levels,
+                 f"layer {lay['name']} at epoch {labels[r]}").show("settle_grid", width=620)
+
+
+def scratch_grid(ri, ci, final, revealed, valid, settle_ep, n_levels: int, title: str) -> Chart:
+    """The sampled weights of a layer as square cells: grey (the coating) until settled, then the final level's
+    colour; hovering a cell gives its row, column, final level and settle epoch."""
+    state = np.where(revealed, np.char.add("level ", final.astype(int).astype(str)), "not yet settled")
+    rows, cols = np.meshgrid(ri, ci, indexing="ij")
+    frame = {"row": rows[valid], "col": cols[valid], "state": state[valid],
+             "settle epoch": np.where(revealed, settle_ep, np.nan)[valid]}
+    domain = ["not yet settled"] + [f"level {k}" for k in range(n_levels)]
+    chart = Chart(title, "input index (sampled)", "output index (sampled)", height=520, zoom=False, legend=False)
+    return chart.custom(frame, {
+        "mark": {"type": "rect", "stroke": None},
+        "encoding": {
+            "x": {"field": "col", "type": "ordinal", "axis": {"title": chart.x_title, "labelOverlap": "greedy"}},
+            "y": {"field": "row", "type": "ordinal", "axis": {"title": chart.y_title, "labelOverlap": "greedy"}},
+            "color": {"field": "state", "type": "nominal", "title": "final level",
+                      "scale": {"domain": domain, "range": [COATING] + level_colors(n_levels)},
+                      "legend": {"orient": "right"}},
+            "tooltip": [{"field": "row"}, {"field": "col"}, {"field": "state", "title": "state"},
+                        {"field": "settle epoch", "format": ".2f"}]}})
 
 
 C.guard(body)

@@ -14,6 +14,7 @@ import pandas as pd  # noqa: E402
 import streamlit as st  # noqa: E402
 
 import common as C  # noqa: E402
+from charts import Chart, edges_from_centers  # noqa: E402
 
 
 def body() -> None:
@@ -90,21 +91,18 @@ def _sweep(row: dict, lts: dict | None) -> None:
                      "another level than the one they froze on: frozen too early (1 − ticket precision)")
     m[4].metric("Frozen at the end", C.pct(res.frozen_fraction[-1]), help=f"{res.n_frozen:,} weights")
 
-    fig = C.figure("Frozen fraction vs epoch", "epoch", "frozen weights (%)")
-    fig.add_scatter(x=epochs, y=100 * res.frozen_fraction, mode="lines+markers", line=dict(width=3),
-                    name=f"replay: {C.SCHEDULE_NAMES[s.schedule]} ρ={s.ratio:.4g}", hovertemplate="%{y:.1f}%")
+    fig = Chart("Frozen fraction vs epoch", "epoch", "frozen weights (%)", y_domain=[0, 101])
+    if s.warmup_epochs > 0:
+        fig.band(0, s.warmup_epochs, "warm-up")
+    fig.line(f"replay: {C.SCHEDULE_NAMES[s.schedule]} ρ={s.ratio:.4g}", epochs, 100 * res.frozen_fraction,
+             C.color(0), width=3)
     if lts is not None:
         lm = C.load_run(lts).metrics
         if len(lm):
-            fig.add_scatter(x=lm["epoch"], y=100 * lm["frozen_fraction"], mode="lines+markers",
-                            line=dict(color=C.INK, dash="dash"), hovertemplate="%{y:.1f}%",
-                            name=f"actual: {C.plot_text(lts['run_id'])} ({C.SCHEDULE_NAMES.get(lts.get('schedule'))} "
-                                 f"ρ={C._g(lts.get('threshold'))})")
-    if s.warmup_epochs > 0:
-        fig.add_vrect(x0=0, x1=s.warmup_epochs, fillcolor="grey", opacity=0.12, line_width=0,
-                      annotation_text="warm-up", annotation_position="top left")
-    fig.update_yaxes(range=[0, 101])
-    C.show(fig, key="sweep_frozen")
+            fig.line(f"actual: {lts['run_id']} ({C.SCHEDULE_NAMES.get(lts.get('schedule'))} "
+                     f"ρ={C._g(lts.get('threshold'))})", lm["epoch"], 100 * lm["frozen_fraction"], C.INK,
+                     dash=[6, 4])
+    fig.show("sweep_frozen")
 
     _structural(row, lts, s, W)
     if lts is not None:
@@ -114,28 +112,23 @@ def _sweep(row: dict, lts: dict | None) -> None:
     left, right = st.columns(2)
     with left:
         sw = idx.sweep()
-        fig = C.figure("Whole-run figures vs threshold", "threshold ratio ρ (Δ)", "%")
-        fig.add_scatter(x=sw["ratio"], y=100 * sw["updates_eliminated"],
-                        name="updates eliminated, over quantized weights (%)", hovertemplate="%{y:.1f}%")
+        fig = Chart("Whole-run figures vs threshold", "threshold ratio ρ (Δ)", "%")
+        fig.line("updates eliminated, over quantized weights (%)", sw["ratio"], 100 * sw["updates_eliminated"],
+                 C.color(0), points=False)
         if np.all(np.isfinite(sw["updates_eliminated_all_params"])):
-            fig.add_scatter(x=sw["ratio"], y=100 * sw["updates_eliminated_all_params"],
-                            name="updates eliminated, over all trainable params (paper's, %)",
-                            line=dict(dash="dash"), hovertemplate="%{y:.1f}%")
-        fig.add_scatter(x=sw["ratio"], y=100 * sw["backward_flops_saved"], name="backward FLOPs saved (%)",
-                        hovertemplate="%{y:.1f}%")
-        fig.add_scatter(x=sw["ratio"], y=100 * sw["ticket_precision"], name="ticket precision (%)",
-                        hovertemplate="%{y:.1f}%")
-        fig.add_vline(x=s.ratio, line_dash="dot", line_color=C.INK)
-        C.show(fig, key="sweep_curve")
+            fig.line("updates eliminated, over all trainable params (paper's, %)", sw["ratio"],
+                     100 * sw["updates_eliminated_all_params"], C.color(0), dash=[6, 4], points=False)
+        fig.line("backward FLOPs saved (%)", sw["ratio"], 100 * sw["backward_flops_saved"], C.color(1),
+                 points=False)
+        fig.line("ticket precision (%)", sw["ratio"], 100 * sw["ticket_precision"], C.color(2), points=False)
+        fig.vline(s.ratio)
+        fig.show("sweep_curve")
     with right:
         ratios = np.linspace(0.0, idx.max_ratio, 81)
         hm = idx.heatmap(ratios)
-        fig = C.figure("Frozen fraction: threshold × epoch", "epoch", "threshold ratio ρ (Δ)", hovermode="closest")
-        fig.add_heatmap(z=100 * hm, x=epochs, y=ratios, colorscale="Viridis", zmin=0, zmax=100,
-                        colorbar=dict(title="frozen %"),
-                        hovertemplate="epoch %{x:.2f}<br>ρ = %{y:.3f} Δ<br>frozen %{z:.1f}%<extra></extra>")
-        fig.add_hline(y=s.ratio, line_color="white", line_dash="dot")
-        C.show(fig, key="sweep_heatmap")
+        (Chart("Frozen fraction: threshold × epoch", "epoch", "threshold ratio ρ (Δ)")
+         .heatmap(edges_from_centers(epochs), edges_from_centers(ratios), 100 * hm, "frozen %", 0, 100)
+         .hline(s.ratio).show("sweep_heatmap"))
 
     _oscillation(row, res, epochs)
 
@@ -156,6 +149,8 @@ def _structural(row: dict, lts: dict | None, s, W: int) -> None:
     if gran == "channel":
         q = c[1].number_input("Channel quantile", 0.01, 1.0, float((own or {}).get("channel_quantile") or 0.5),
                               0.05, key="sweep_channel_quantile", help="0.5 = median (the default), 1 = max")
+    if not C.weight_by_weight_ok(row, "sweep_structural_go", "Predict the structural share", container=c[1]):
+        return
     acc = C.replay_accounting_cached(row, s.schedule, s.ratio, W, s.decay, gran, q)
     c[2].metric("Updates eliminated", C.pct(acc.updates_eliminated),
                 help="over the watched quantized weights, with the granularity on the left")
@@ -178,6 +173,8 @@ def _agreement(row: dict, lts: dict) -> None:
                 "steps that run recorded.")
     if actual is None:
         st.info("That run has no recorded freeze steps yet (they are written when a run finishes).")
+        return
+    if not C.weight_by_weight_ok(row, "sweep_agreement_go", "Compare the replay with that run"):
         return
     from lts_core.analysis import agreement
     pred = C.replay_freeze_steps_cached(row, own.schedule, own.ratio, C.epochs_to_steps(lts, own.warmup_epochs),
@@ -214,12 +211,10 @@ def _oscillation(row: dict, res, epochs) -> None:
     ores, orep = C.osc_replay(row)
     left, right = st.columns([3, 2])
     with left:
-        fig = C.figure("Frozen fraction: LTS replay vs oscillation freezing", "epoch", "frozen weights (%)")
-        fig.add_scatter(x=epochs, y=100 * res.frozen_fraction, name=f"LTS replay ρ={res.ratio:.4g}",
-                        hovertemplate="%{y:.1f}%")
-        fig.add_scatter(x=epochs, y=100 * ores.frozen_fraction, name="oscillation freezing",
-                        line=dict(color=C.color(1)), hovertemplate="%{y:.2f}%")
-        C.show(fig, key="sweep_osc")
+        (Chart("Frozen fraction: LTS replay vs oscillation freezing", "epoch", "frozen weights (%)")
+         .line(f"LTS replay ρ={res.ratio:.4g}", epochs, 100 * res.frozen_fraction, C.color(0))
+         .line("oscillation freezing", epochs, 100 * ores.frozen_fraction, C.color(1), fmt=".2f")
+         .show("sweep_osc"))
     with right:
         n = max(len(orep.freeze_steps), 1)
         st.dataframe(pd.DataFrame({
