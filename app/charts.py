@@ -122,9 +122,11 @@ class Chart:
         return self
 
     def heatmap(self, x_edges, y_edges, z, colorbar: str, zmin: float | None = None, zmax: float | None = None,
-                scheme: str = "viridis", hover: dict[str, tuple[np.ndarray, str, str]] | None = None) -> "Chart":
+                scheme: str = "viridis", hover: dict[str, tuple[np.ndarray, str, str]] | None = None,
+                x_values=None, y_values=None) -> "Chart":
         """Cells [rows, columns] of `z` coloured on a continuous scale (no legend entry) between their edges.
-        `hover`: extra per-cell values shown on hover, field -> (array like z, title, d3 format)."""
+        `hover`: extra per-cell values shown on hover, field -> (array like z, title, d3 format); `x_values`,
+        `y_values`: what hovering a column / row shows (e.g. each record's epoch; default the cell's middle)."""
         xe, ye = np.asarray(x_edges, dtype=np.float64), np.asarray(y_edges, dtype=np.float64)
         z = np.asarray(z, dtype=np.float64)
         ny, nx = z.shape
@@ -135,8 +137,9 @@ class Chart:
         y0, y1 = (ye[yi, 0], ye[yi, 1]) if ye.ndim == 2 else (ye[yi], ye[yi + 1])
         # each cell reaches 1 % into its neighbours: no hairline gaps between them when drawn
         gx, gy = 0.01 * (x1 - x0), 0.01 * (y1 - y0)
-        frame = {"x": (x0 + x1) / 2, "x0": x0 - gx, "x1": x1 + gx, "y": (y0 + y1) / 2, "y0": y0 - gy, "y1": y1 + gy,
-                 "z": z.ravel()}
+        xv = (x0 + x1) / 2 if x_values is None else np.asarray(x_values, dtype=np.float64)[xi]
+        yv = (y0 + y1) / 2 if y_values is None else np.asarray(y_values, dtype=np.float64)[yi]
+        frame = {"x": xv, "x0": x0 - gx, "x1": x1 + gx, "y": yv, "y0": y0 - gy, "y1": y1 + gy, "z": z.ravel()}
         tips = [{"field": "x", "type": "quantitative", "title": self.x_title or "x", "format": ".4~g"},
                 {"field": "y", "type": "quantitative", "title": self.y_title or "y", "format": ".4~g"},
                 {"field": "z", "type": "quantitative", "title": colorbar, "format": ".3~g"}]

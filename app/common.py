@@ -277,9 +277,10 @@ _WARM_UP: list[threading.Thread] = []
 
 
 def warm_up() -> None:
-    """Import the engine's analysis (with torch: 1–3 s) and Plotly in a low-priority background thread, once per
-    server, after the first page is served. The Runs page (the first view) needs neither; a first Settling,
-    Sweep or Distributions view then finds them imported instead of paying for them."""
+    """Import the engine's replays (with torch: 1–3 s) and Plotly in a low-priority background thread, once per
+    server, after the first page is served. The Runs, Settling and Distributions pages need neither (they read
+    cached summaries and counts); a first Threshold sweep or Trajectories view then finds them imported
+    instead of paying for them."""
     if _WARM_UP:
         return
     _WARM_UP.append(threading.Thread(target=_import_later_pages, name="scratchoff-warm-up", daemon=True))
@@ -292,7 +293,7 @@ def _import_later_pages() -> None:
             os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), 10)
         except OSError:
             pass
-    import lts_core.analysis  # noqa: F401
+    import lts_core.analysis.replay  # noqa: F401   (torch: the Sweep and Trajectories pages' replays)
     import plotly.graph_objects  # noqa: F401
 
 
@@ -380,12 +381,12 @@ def layer_stats(row, layer: int) -> dict:
 @st.cache_resource(show_spinner="Counting the distributions of every record (one pass over the run)…",
                    max_entries=8)
 def _distributions(path: str, stamp: tuple, layer: int | None, replay: tuple | None):
-    from lts_core.analysis import record_distributions
+    from lts_core.analysis import cached_record_distributions   # kept beside the run: counted once, then read
     run = _open(path, stamp)
     if replay is not None:
         keys = ("schedule", "ratio", "warmup_steps", "decay")
-        return record_distributions(run, layer=layer, replay=dict(zip(keys, replay)))
-    return record_distributions(run, layer=layer, freeze_steps=run.freeze_steps(layer))
+        return cached_record_distributions(run, layer=layer, replay=dict(zip(keys, replay)))
+    return cached_record_distributions(run, layer=layer, freeze_steps=run.freeze_steps(layer))
 
 
 def distributions_of(row, layer: int | None, replay: "ReplaySettings | None" = None):

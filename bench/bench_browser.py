@@ -7,22 +7,24 @@
     key that commits a typed ρ to the "Updates eliminated" metric showing a new value, measured inside the
     browser (keydown listener + MutationObserver, performance.now()), and to the end of the rerun.
 (c) distributions view on a synthetic LTS-like run of `--weights` weights in one layer × `--records` records
-    (EMA, side and freeze steps recorded; written once under --big-dir through the public RunWriter): on a
-    fresh server, the Runs page loaded, time from the click on "Distributions" in the navigation to every chart
-    drawn (script idle): the first time (the one pass over the run is computed) and again (cached); and a fresh
-    browser page opening the view's URL.
+    (EMA, side and freeze steps recorded; written once under --big-dir through the public RunWriter, then its
+    first view's counts kept in its cache as the recorder keeps them at finish): on a fresh server, the Runs page
+    loaded, time from the click on "Distributions" in the navigation to every chart drawn (script idle): the
+    first time (the counts read from the run's cache; with --no-cache, the one pass over the run) and again
+    (cached on the server); and a fresh browser page opening the view's URL.
 (d) record move on that view: arrow key on the record slider → the "Frozen" metric changed / the rerun (a
     fragment) finished.
 
 Runs (a) and (b) over a temporary copy of the shipped example runs (data/runs/example-*), or --runs DIR.
 
-    python bench/bench_browser.py [--starts 3] [--moves 10] [--weights 1000000] [--records 100]
+    python bench/bench_browser.py [--starts 3] [--moves 10] [--weights 1000000] [--records 100] [--no-cache]
 """
 from __future__ import annotations
 
 import argparse
 import json
 import os
+import shutil
 import statistics
 import sys
 import tempfile
@@ -268,6 +270,9 @@ def main() -> None:
     ap.add_argument("--big-dir", type=Path, default=Path(tempfile.gettempdir()) / "scratchoff-bench-browser",
                     help="where the synthetic run is written (once; reused when present)")
     ap.add_argument("--skip", default="", help="comma-separated parts to skip: a,b,c,d")
+    ap.add_argument("--no-cache", action="store_true",
+                    help="(c) without the run's cached first-view counts (deleted before every open): the page "
+                         "makes its pass over the run, as for a run recorded before they were kept")
     args = ap.parse_args()
     reason = B.browser_unavailable_reason()
     if reason:
@@ -290,6 +295,13 @@ def run(args, tmp: Path) -> None:
         big_runs.mkdir(parents=True, exist_ok=True)
         write_lts_run(big_runs / big_id, args.weights, args.records)
         print(f"wrote {big_runs / big_id} in {time.perf_counter() - t0:.1f} s", flush=True)
+    if not {"c", "d"} <= skip and not args.no_cache:   # what the recorder keeps in the run's cache at finish
+        from lts_core.analysis import first_view_distributions
+        from lts_core.store import open_run
+        t0 = time.perf_counter()
+        first_view_distributions(open_run(big_runs / big_id))
+        print(f"first view's distributions in {big_runs / big_id}/cache: {time.perf_counter() - t0:.1f} s "
+              "(computed now, or read when already there)", flush=True)
     res: dict = {"starts": [], "opens_cold": [], "opens_warm": [], "opens_url": []}
     with sync_playwright() as pw:
         browser = B.launch_browser(pw)
@@ -304,7 +316,9 @@ def run(args, tmp: Path) -> None:
                 with B.running_server(runs_dir, data_dir) as srv:
                     res["rt"] = round_trips(browser, srv, run_id, args.moves)
             if "c" not in skip:
-                for i in range(args.starts):   # a fresh server each time: the first open computes the counts
+                for i in range(args.starts):   # a fresh server each time: the first open reads (or counts) them
+                    if args.no_cache:
+                        shutil.rmtree(big_runs / big_id / "cache", ignore_errors=True)
                     with B.running_server(big_runs, data_dir) as srv:
                         o = open_distributions(browser, srv, big_id)
                     res["opens_cold"].append(o["click"])

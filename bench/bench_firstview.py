@@ -157,8 +157,8 @@ def first_view(browser, srv, view: str, charts: int, trace: bool, t_launch: floa
             browser.start_tracing(page=page, categories=TRACE_CATEGORIES)
         t0 = time.perf_counter()
         page.goto(f"{srv.url}/{view}", wait_until="commit", timeout=120_000)
-        page.wait_for_function("n => window.__fv && window.__fv.charts.length >= n", arg=charts, timeout=300_000)
-        page.locator(B.SCRIPT_IDLE).wait_for(timeout=300_000)
+        page.wait_for_function("n => window.__fv && window.__fv.charts.length >= n", arg=charts, timeout=120_000)
+        page.locator(B.SCRIPT_IDLE).wait_for(timeout=120_000)
         t_end = time.perf_counter()
         tm = page.evaluate(TIMINGS)
         tr = browser.stop_tracing() if trace else None

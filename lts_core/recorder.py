@@ -531,6 +531,10 @@ class Recorder:
 
     def _write_summaries(self) -> None:
         self._write_level_summaries()
+        self._write_freeze_steps()
+        self._cache_first_views()
+
+    def _write_freeze_steps(self) -> None:
         rule = self.rule
         if rule is None or getattr(rule, "freeze_step", None) is None:
             return
@@ -558,6 +562,25 @@ class Recorder:
         stats = build_cache(run)["levels"]
         for name in ("final_level", "settle_record", "flips"):
             self.writer.write_summary(name, np.asarray(getattr(stats, name)))
+
+    FIRST_VIEW_REPLAY_LIMIT = 50_000_000   # weight-records: a bigger run without freeze steps is counted on first open
+
+    def _cache_first_views(self) -> None:
+        """The app's first Distributions view of the finished run (`analysis.first_view_distributions`: its first
+        layer with its own freezing, or LTS replayed on a run that froze nothing), counted now and kept in the run's
+        cache, so that opening the run reads binned counts instead of making a pass. A replay reads the run's
+        levels whole, so runs without freeze steps above FIRST_VIEW_REPLAY_LIMIT are left to the first open."""
+        from .analysis.summaries import first_view_distributions
+        from .store import RunError, open_run
+        run = open_run(self.path)
+        if not run.n_records:
+            return
+        if run.freeze_steps(0) is None and run.n_records * run.n_weights > self.FIRST_VIEW_REPLAY_LIMIT:
+            return
+        try:
+            first_view_distributions(run)
+        except (RunError, ValueError, OSError):   # a cache only: the page counts them itself when opened
+            pass
 
     def __enter__(self) -> "Recorder":
         return self

@@ -125,7 +125,7 @@ def distance_heatmap(d, epochs, r: int, k: int, log: bool) -> None:
     ticks = {t: f"{t:g}" for t in (0, 0.1, 0.2, 0.3, 0.4, 0.5)} | {float(centers[-1]): "> ½"}
     (Chart("Distance to the level over training", "epoch", "distance to the nearest level (Δ)", y_ticks=ticks)
      .heatmap(edges_from_centers(epochs), np.stack([centers - half, centers + half], axis=1), z,
-              "log₁₀ %" if log else "% of weights", hover={"pct": (pct.T, "% of weights", ".2f")})
+              "log₁₀ %" if log else "% of weights", hover={"pct": (pct.T, "% of weights", ".2f")}, x_values=epochs)
      .vline(float(epochs[r])).show("dist_heat"))
 
 

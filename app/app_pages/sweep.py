@@ -127,7 +127,8 @@ def _sweep(row: dict, lts: dict | None) -> None:
         ratios = np.linspace(0.0, idx.max_ratio, 81)
         hm = idx.heatmap(ratios)
         (Chart("Frozen fraction: threshold × epoch", "epoch", "threshold ratio ρ (Δ)")
-         .heatmap(edges_from_centers(epochs), edges_from_centers(ratios), 100 * hm, "frozen %", 0, 100)
+         .heatmap(edges_from_centers(epochs), edges_from_centers(ratios), 100 * hm, "frozen %", 0, 100,
+                  x_values=epochs, y_values=ratios)
          .hline(s.ratio).show("sweep_heatmap"))
 
     _oscillation(row, res, epochs)

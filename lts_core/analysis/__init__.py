@@ -1,26 +1,37 @@
-"""Analysis of recorded runs: settle statistics, freezing-rule replays and per-record distributions."""
-from .settle import (RunArrays, SettleSummary, arrays_from_run, curve_from_settle_records, direction_reversals,
-                     final_levels, flips, fraction_settled_curve, layer_fraction_settled_curves, level_occupancy,
-                     never_moved, oscillation_frequency, settle_histogram, settle_records, settle_summary)
-from .summaries import (build_cache, cached_level_stats, cached_oscillation_summary, cached_replay_index,
-                        cached_settle_summary)
-from .level_stats import LevelStats
-from .replay import (OscReplay, ReplayIndex, ReplayResult, agreement, ema_trace, freeze_accounting,
-                     osc_ema_update, osc_threshold_at, oscillation_summary, replay_accounting,
-                     replay_freeze_steps, replay_oscillation, resolve_device, ticket_correct, ticket_precision)
-from .distributions import (RecordDistributions, common_weight_edges, freeze_record_counts, rebin_codes,
-                            record_distributions, weight_axis, weight_histogram)
+"""Analysis of recorded runs: settle statistics, freezing-rule replays and per-record distributions.
 
-__all__ = [
-    "RunArrays", "SettleSummary", "arrays_from_run", "curve_from_settle_records", "direction_reversals",
-    "final_levels", "flips", "fraction_settled_curve", "layer_fraction_settled_curves", "level_occupancy",
-    "never_moved", "oscillation_frequency", "settle_histogram", "settle_records", "settle_summary",
-    "OscReplay", "ReplayIndex", "ReplayResult", "agreement", "ema_trace", "freeze_accounting", "osc_ema_update",
-    "osc_threshold_at", "oscillation_summary", "replay_accounting", "replay_freeze_steps", "replay_oscillation",
-    "resolve_device",
-    "ticket_correct", "ticket_precision",
-    "build_cache", "cached_level_stats", "cached_oscillation_summary", "cached_replay_index",
-    "cached_settle_summary", "LevelStats",
-    "RecordDistributions", "common_weight_edges", "freeze_record_counts", "rebin_codes", "record_distributions",
-    "weight_axis", "weight_histogram",
-]
+Names are imported on first use (PEP 562, as in `lts_core`): the replays need torch, the settle statistics,
+cached summaries and distributions do not, so a page that reads only those does not pay for importing it.
+"""
+from __future__ import annotations
+
+import importlib
+
+_EXPORTS = {
+    "settle": ["RunArrays", "SettleSummary", "arrays_from_run", "curve_from_settle_records", "direction_reversals",
+              "final_levels", "flips", "fraction_settled_curve", "layer_fraction_settled_curves", "level_occupancy",
+              "never_moved", "oscillation_frequency", "settle_histogram", "settle_records", "settle_summary"],
+    "summaries": ["build_cache", "cached_level_stats", "cached_oscillation_summary", "cached_record_distributions",
+              "cached_replay_index", "cached_settle_summary", "first_view_distributions"],
+    "level_stats": ["LevelStats"],
+    "replay": ["OscReplay", "ReplayIndex", "ReplayResult", "agreement", "ema_trace", "freeze_accounting",
+              "osc_ema_update", "osc_threshold_at", "oscillation_summary", "replay_accounting",
+              "replay_freeze_steps", "replay_oscillation", "resolve_device", "ticket_correct", "ticket_precision"],
+    "distributions": ["RecordDistributions", "common_weight_edges", "freeze_record_counts", "rebin_codes",
+              "record_distributions", "weight_axis", "weight_histogram"],
+}
+_WHERE = {name: module for module, names in _EXPORTS.items() for name in names}
+__all__ = sorted(_WHERE)
+
+
+def __getattr__(name: str):
+    module = _WHERE.get(name)
+    if module is None:
+        raise AttributeError(f"module 'lts_core.analysis' has no attribute {name!r}")
+    value = getattr(importlib.import_module(f".{module}", __name__), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(__all__))

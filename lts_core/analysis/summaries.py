@@ -229,6 +229,48 @@ def cached_level_stats(run, executor: Executor | None = None) -> LevelStats:
     return build_cache(run, [LevelsItem()], executor)[LEVELS]
 
 
+_DIST_ARRAYS = ("steps", "dist", "ema", "thresholds", "occupancy", "positions", "bounds", "frozen_by",
+                "newly_frozen")
+_DIST_SCALARS = ("n_weights", "ema_source", "pos_first", "pos_res", "signed", "n_levels", "kind", "bits")
+
+
+def cached_record_distributions(run, layer: int | None = None, freeze_steps=None, replay: dict | None = None):
+    """`record_distributions(run, layer, freeze_steps=…, replay=…)` kept beside the run (item
+    `dist-<hash of the settings>`, the 8 most recent kept): binned counts only, a few MB at most. The settings
+    are the layer, the replay's settings and a hash of the freeze steps given, so other freezing is another
+    item; a run that grew is counted again."""
+    from .distributions import RecordDistributions, record_distributions
+    fs_hash = None if freeze_steps is None else hashlib.sha1(
+        np.ascontiguousarray(freeze_steps, dtype=np.int64).tobytes()).hexdigest()[:16]
+    settings = {"layer": None if layer is None else int(layer), "freeze_steps": fs_hash,
+                "replay": None if replay is None else {k: (str(v) if k == "schedule" else float(v))
+                                                       for k, v in sorted(replay.items())}}
+    name = "dist-" + hashlib.sha1(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:10]
+    c = cache.load(run, name, settings)
+    if c is not None and c.status == "fresh":
+        return RecordDistributions(**{k: c.tables.get(k) for k in _DIST_ARRAYS}, **c.meta["scalars"])
+    _require_records(run)
+    stamp = cache.run_stamp(run)
+    d = record_distributions(run, layer=layer, freeze_steps=freeze_steps, replay=replay)
+    tables = {k: getattr(d, k) for k in _DIST_ARRAYS if getattr(d, k) is not None}
+    if cache.save(run, name, settings, {}, tables, {"scalars": {k: getattr(d, k) for k in _DIST_SCALARS}}, stamp):
+        cache.prune(run, "dist-", keep=8)
+    return d
+
+
+def first_view_distributions(run):
+    """The distributions the app's Distributions page opens a run with, kept beside the run: its first layer,
+    with the run's own freezing (recorded freeze steps) or, for a run that froze nothing, LTS replayed with the
+    run's settings (`run_settings`, ρ = 1). The recorder computes it when a run finishes."""
+    manifest = run.manifest or {}
+    rule, config = manifest.get("rule"), manifest.get("config")
+    name = (config.get("rule") if isinstance(config, dict) else None) or (
+        rule.get("name") if isinstance(rule, dict) else None) or "none"
+    if name != "none":   # as the app: a run's own freezing, whatever its rule
+        return cached_record_distributions(run, 0, freeze_steps=run.freeze_steps(0))
+    return cached_record_distributions(run, 0, replay={**run_settings(run), "ratio": 1.0})
+
+
 def _require_records(run) -> None:
     if not run.n_records:
         raise ValueError(f"run {run.run_id} has no record yet")
@@ -264,4 +306,4 @@ def cached_settle_summary(run, executor: Executor | None = None) -> SettleSummar
 
 __all__ = ["Item", "LevelsItem", "IndexItem", "OscItem", "run_settings", "default_items", "cached_replay_index",
            "cached_oscillation_summary", "build_cache", "cached_level_stats", "cached_settle_summary",
-           "settle_summary_from_stats"]
+           "settle_summary_from_stats", "cached_record_distributions", "first_view_distributions"]
