@@ -65,10 +65,11 @@ class Chart:
 
     def line(self, name: str, x, y, color: str, dash: Sequence[int] | None = None, width: float = 2,
              points: bool = True, fmt: str = ".1f", step: bool = False) -> "Chart":
-        """A named series drawn as a line (with its points, which show their values on hover)."""
+        """A named series drawn as a line, with its points when `points` and at most 60 of them (hovering the
+        line shows the nearest point's values either way)."""
         self._series(name, color, dash)
         mark = {"type": "line", "strokeWidth": width, "interpolate": "step" if step else "linear"}
-        if points:
+        if points and len(x) <= 60:
             mark["point"] = {"filled": True, "size": 30}
         self.layers.append({"data": self._data({"x": x, "y": y, "series": [name] * len(x)}), "mark": mark,
                             "encoding": {"strokeDash": {"field": "series", "type": "nominal", "legend": None},

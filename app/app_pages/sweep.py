@@ -150,7 +150,8 @@ def _structural(row: dict, lts: dict | None, s, W: int) -> None:
     if gran == "channel":
         q = c[1].number_input("Channel quantile", 0.01, 1.0, float((own or {}).get("channel_quantile") or 0.5),
                               0.05, key="sweep_channel_quantile", help="0.5 = median (the default), 1 = max")
-    if not C.weight_by_weight_ok(row, "sweep_structural_go", "Predict the structural share", container=c[1]):
+    if not C.weight_by_weight_ok(row, "sweep_structural_go", "Predict the structural share for this threshold "
+                                 "(replays every weight)"):
         return
     acc = C.replay_accounting_cached(row, s.schedule, s.ratio, W, s.decay, gran, q)
     c[2].metric("Updates eliminated", C.pct(acc.updates_eliminated),
