@@ -571,16 +571,15 @@ class Recorder:
         cache, so that opening the run reads binned counts instead of making a pass. A replay reads the run's
         levels whole, so runs without freeze steps above FIRST_VIEW_REPLAY_LIMIT are left to the first open."""
         from .analysis.summaries import first_view_distributions
-        from .store import RunError, open_run
-        run = open_run(self.path)
-        if not run.n_records:
-            return
-        if run.freeze_steps(0) is None and run.n_records * run.n_weights > self.FIRST_VIEW_REPLAY_LIMIT:
-            return
+        from .store import open_run
         try:
+            run = open_run(self.path)
+            if not run.n_records or (run.freeze_steps(0) is None
+                                     and run.n_records * run.n_weights > self.FIRST_VIEW_REPLAY_LIMIT):
+                return
             first_view_distributions(run)
-        except (RunError, ValueError, OSError):   # a cache only: the page counts them itself when opened
-            pass
+        except Exception:   # noqa: BLE001 - a cache only, never a reason to fail a finished run: the page counts
+            pass            # them itself when opened (and says why it cannot, if it cannot)
 
     def __enter__(self) -> "Recorder":
         return self
