@@ -32,12 +32,17 @@ def ema_update(d: torch.Tensor, r: torch.Tensor, changed: torch.Tensor, decay: f
     step in the units of `d`: 1.0 in Δ units, 1/(L−1) in normalised units (a float, or a per-weight tensor).
     With `scratch` (a float32 tensor like `r`, overwritten) d' is written into `d` itself: the same two products
     and one addition (commutative), so the same bits, with no allocation (the rule's per-step path).
+    `changed` is bool, or float32 1.0 / 0.0 (the fused rule's masks): then the reset is `torch.lerp(d', reset,
+    changed)`, which returns d' or `reset` exactly for finite values, in place and without a bool-masked kernel.
     """
     if scratch is not None:
         out = d.mul_(decay).add_(torch.mul(r, 1.0 - decay, out=scratch))
     else:
         out = r * (1.0 - decay)
         out += d * decay
+    if changed.dtype != torch.bool:
+        end = reset if isinstance(reset, torch.Tensor) else torch.tensor(reset, dtype=out.dtype, device=out.device)
+        return torch.lerp(out, end, changed, out=out)
     if isinstance(reset, torch.Tensor):
         return torch.where(changed, reset, out)
     return out.masked_fill_(changed, reset)

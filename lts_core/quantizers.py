@@ -12,6 +12,7 @@ import torch
 from torch import nn
 
 from .distance import DIST_MAX_CODE, DIST_SCALE
+from .fused import fused_enabled, interval_quantize
 
 QUANTIZER_KINDS = ("liq", "lsq", "binary", "ternary")
 
@@ -63,7 +64,8 @@ class WeightQuantizer(nn.Module):
         # Rules and recorders set this: forward() then keeps its normalised position and level for the
         # measure_* methods.
         self.remember_forward = False
-        self._seen: tuple | None = None  # (stamp, normalised position, level) of the last forward pass
+        # (stamp, normalised position x, level k, k/(L−1) or None) of the last forward pass
+        self._seen: tuple | None = None
 
     def normalized(self, w: torch.Tensor) -> torch.Tensor:
         """Unclamped normalised position (range [0, 1] maps to levels 0 … L−1). Default: position/(L−1)."""
@@ -84,12 +86,12 @@ class WeightQuantizer(nn.Module):
         pos = self.position(w).float()
         return pos, torch.round(pos).clamp_(0, self.n_levels - 1)
 
-    def _remembered(self, w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
-        """(normalised position, level) of the last forward pass when it saw this very `w` and these bounds
-        (same storage, no in-place change since: torch's version counters), else None."""
+    def _remembered(self, w: torch.Tensor) -> tuple | None:
+        """(normalised position x, level k, k/(L−1) or None) of the last forward pass when it saw this very `w`
+        and these bounds (same storage, no in-place change since: torch's version counters), else None."""
         seen = self._seen
         if seen is not None and seen[0] == self._stamp(w):
-            return seen[1], seen[2]
+            return seen[1:]
         return None
 
     @torch.no_grad()
@@ -100,6 +102,8 @@ class WeightQuantizer(nn.Module):
         when nothing changed since (bit for bit the same result). `out` (float32, w's shape) receives r."""
         seen = self._remembered(w)
         x, level = (seen[0].float(), seen[1].float()) if seen is not None else self._fresh_x_level(w.detach())
+        if seen is not None and seen[2] is not None:   # the fused forward's k/(L−1): one division fewer
+            return level, torch.sub(x, seen[2], **({} if out is None else {"out": out})).abs_()
         step = torch.div(level, self.n_levels - 1, out=out) if out is not None else level / (self.n_levels - 1)
         return level, torch.sub(x, step, out=step).abs_()
 
@@ -136,12 +140,15 @@ class WeightQuantizer(nn.Module):
         except RuntimeError:  # inference tensors carry no version counter
             return None
 
-    def _remember(self, w: torch.Tensor, x: torch.Tensor, level: torch.Tensor) -> None:
-        """Called by forward(): keep its (unclamped normalised position, level index) of `w`."""
+    def _remember(self, w: torch.Tensor, x: torch.Tensor, level: torch.Tensor,
+                  step: torch.Tensor | None = None) -> None:
+        """Called by forward(): keep its (unclamped normalised position, level index and, when at hand,
+        level/(L−1)) of `w`."""
         if not self.remember_forward:
             return
         stamp = self._stamp(w)
-        self._seen = None if stamp is None else (stamp, x.detach(), level.detach())
+        self._seen = None if stamp is None else (stamp, x.detach(), level.detach(),
+                                                 None if step is None else step.detach())
 
     def level_value(self, level: torch.Tensor) -> torch.Tensor:  # pragma: no cover - abstract
         raise NotImplementedError
@@ -206,7 +213,10 @@ class LearnedIntervalQuantizer(WeightQuantizer):
 
     def forward(self, w: torch.Tensor) -> torch.Tensor:
         """The reference's weight quantization, op for op: x = (w − l)/(u − l), clamp to [0, 1],
-        q = round(x·(L−1))/(L−1) with a straight-through gradient, then 2q − 1 ("unit") or l + q·(u − l)."""
+        q = round(x·(L−1))/(L−1) with a straight-through gradient, then 2q − 1 ("unit") or l + q·(u − l).
+        Runs as one autograd Function (`fused.IntervalQuantize`, the same bits) unless `fused.use_fused(False)`."""
+        if fused_enabled() and w.dtype == torch.float32:
+            return interval_quantize(self, w)
         lower, upper = self._lu()
         x = self.normalized(w)
         q, level = RoundToGrid.apply(torch.clamp(x, 0, 1), self.n_levels)

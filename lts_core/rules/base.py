@@ -13,7 +13,10 @@ from torch import nn
 
 from ..channel_grad import ConvSpec, plan_from_frozen
 from ..channels import check_bound_grad, fully_frozen_channels
+from ..fused import fused_enabled
 from ..layers import quantized_layers
+
+_F32_EXACT = 2 ** 24   # float32 holds every integer below this: counts and step numbers stay exact
 
 
 def _distributed() -> bool:
@@ -21,13 +24,20 @@ def _distributed() -> bool:
 
 
 class FreezingRule:
-    """Base class. Subclasses implement `_observe(i, level, r, w) -> (newly_frozen, freeze_value | None)`.
+    """Base class. Subclasses implement `_observe(i, level, r, w) -> (newly_frozen, freeze_value | None)`
+    (`newly_frozen`: bool, or float32 1.0 / 0.0, of the weight's shape).
 
     `bound_grad` says what the quantizer bounds learn from: `"all"` (the reference: every weight of the layer,
     frozen or not, so the weight-gradient GEMM runs in full and nothing is saved) or `"active"` (only unfrozen
     weights: each layer gets a `ChannelPlan`, its backward computes the weight gradient of output channels
     with an unfrozen weight only, and a layer whose weights are all frozen gets no weight or bound gradient at
     all, so its bounds stop too). A weight's contribution to the bounds stops from the step after it froze.
+
+    A rule built while `fused.fused_enabled()` (the default) keeps its masks also as float32 (1.0 / 0.0) and
+    freeze steps as float32, and freezes, masks gradients and restores weights with arithmetic on those
+    (`torch.lerp` with weights 0 and 1 returns one of its two ends exactly; bool-masked kernels cost 10–40× a
+    float pass on the CPU): the same values as the bool operations of a rule built under `use_fused(False)`.
+    `freeze_step` (int64) is brought up to date when read.
     """
 
     name = "none"
@@ -63,10 +73,20 @@ class FreezingRule:
         # (weights, biases, BatchNorm affine, quantizer bounds), counted once here.
         self.n_trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
         self.t = 0
+        self.fused = fused_enabled()
         self.frozen = [torch.zeros_like(m.weight, dtype=torch.bool) for m in self.modules]
         self._unfrozen = [torch.ones_like(m.weight, dtype=torch.bool) for m in self.modules]
-        self.freeze_step = [torch.full_like(m.weight, -1, dtype=torch.int64) for m in self.modules]
+        self._freeze_step = [torch.full_like(m.weight, -1, dtype=torch.int64) for m in self.modules]
         self.frozen_values = [torch.zeros_like(m.weight) for m in self.modules]
+        # fused path: 1.0 where unfrozen (float32), freeze steps as float32 (-1 never), frozen weights per channel
+        self._live: list[torch.Tensor] = []
+        self._freeze_step_f: list[torch.Tensor] = []
+        self._channel_frozen: list[torch.Tensor] = []
+        self._freeze_step_stale = False
+        if self.fused:
+            self._live = [torch.ones_like(m.weight, dtype=torch.float32) for m in self.modules]
+            self._freeze_step_f = [torch.full_like(m.weight, -1, dtype=torch.float32) for m in self.modules]
+            self._channel_frozen = [m.weight.new_zeros(m.weight.shape[0], dtype=torch.float32) for m in self.modules]
         # What the last step measured: level index (float32) and raw distance in normalised units (float32,
         # `measure_norm`); and, only for steps a Recorder asked for (`record_codes`), the uint8-grid distance
         # code of the forward pass (float32 0..255, `measure_code`) before any freezing moved a weight.
@@ -106,21 +126,38 @@ class FreezingRule:
     def granularity(self) -> str:
         return "weight"
 
+    @property
+    def freeze_step(self) -> list[torch.Tensor]:
+        """Per layer, int64 of the weight's shape: the step each weight froze at, -1 = not frozen."""
+        if self._freeze_step_stale:
+            for dst, src in zip(self._freeze_step, self._freeze_step_f):
+                dst.copy_(src)
+            self._freeze_step_stale = False
+        return self._freeze_step
+
     def _update_layer(self, i: int) -> None:
         """After layer i's frozen mask changed: count its fully frozen channels and, with `bound_grad="active"`,
         give it the plan of its active channels."""
         frozen = self.frozen[i]
-        self._n_frozen_channels[i] = (self.n_channels[i] if self._n_frozen[i] == self.numels[i]
-                                      else int(fully_frozen_channels(frozen).sum()) if self._n_frozen[i] else 0)
+        if self._n_frozen[i] in (0, self.numels[i]):
+            self._n_frozen_channels[i] = self.n_channels[i] if self._n_frozen[i] else 0
+        elif self.fused:
+            k = self.numels[i] // self.n_channels[i]
+            self._n_frozen_channels[i] = int(torch.eq(self._channel_frozen[i], k).sum())
+        else:
+            self._n_frozen_channels[i] = int(fully_frozen_channels(frozen).sum())
         if self.bound_grad == "active" and self._n_frozen[i]:
             self.modules[i].channel_plan = plan_from_frozen(frozen, per_weight=self.granularity == "weight",
                                                             none_when_frozen=not _distributed())
     @torch.no_grad()
     def restore(self) -> None:
         """Write the frozen weights back to the values they had when they froze."""
-        for m, fz, val, n, k in zip(self.modules, self.frozen, self.frozen_values, self._n_frozen, self.numels):
+        for i, (m, val, n, k) in enumerate(zip(self.modules, self.frozen_values, self._n_frozen, self.numels)):
             if n and not (n == k and m.weight.grad is None):   # no gradient: no optimizer moved it
-                torch.where(fz, val, m.weight, out=m.weight)
+                if self.fused:   # live 1 → the weight, 0 → its frozen value (both exact)
+                    torch.lerp(val, m.weight, self._live[i], out=m.weight)
+                else:
+                    torch.where(self.frozen[i], val, m.weight, out=m.weight)
 
     def _buffer(self, name: str, i: int, dtype: torch.dtype) -> torch.Tensor:
         """A per-layer scratch tensor of layer i's weight shape, reused every step (large CPU allocations are
@@ -161,8 +198,10 @@ class FreezingRule:
 
     @torch.no_grad()
     def _freeze(self, i: int, newly: torch.Tensor, value: torch.Tensor | None = None) -> int:
-        """Freeze layer i's weights selected by `newly` (bool, the weight's shape; consumed) at step `self.t`,
-        at their current value or at `value`. Returns how many were not frozen before."""
+        """Freeze layer i's weights selected by `newly` (bool or float32 1.0 / 0.0, the weight's shape; consumed)
+        at step `self.t`, at their current value or at `value`. Returns how many were not frozen before."""
+        if self.fused:
+            return self._freeze_fused(i, newly, value)
         w = self.modules[i].weight
         newly &= self._unfrozen[i]
         n_new = int(newly.sum())
@@ -177,6 +216,43 @@ class FreezingRule:
                 w.copy_(torch.where(newly, value, w))
             self._update_layer(i)
         return n_new
+
+    def _freeze_fused(self, i: int, newly: torch.Tensor, value: torch.Tensor | None) -> int:
+        """`_freeze` on the float32 masks: the same weights frozen, at the same step and values."""
+        w = self.modules[i].weight
+        live = self._live[i]
+        new = torch.mul(newly if newly.dtype == torch.float32 else newly.to(torch.float32), live,
+                        out=self._buffer("newly", i, torch.float32))
+        n_new = int(new.sum() if new.numel() < _F32_EXACT else new.sum(dtype=torch.float64))
+        if not n_new:
+            return 0
+        as_bool = new.to(torch.int16).to(torch.uint8).view(torch.bool)   # the fast cast (bool casts are slow)
+        self.frozen[i] |= as_bool
+        torch.logical_not(self.frozen[i], out=self._unfrozen[i])
+        if self.t < _F32_EXACT:
+            torch.lerp(self._freeze_step_f[i], torch.tensor(float(self.t), device=w.device), new,
+                       out=self._freeze_step_f[i])
+            self._freeze_step_stale = True
+        else:   # step numbers beyond float32's integers: the int64 record directly
+            self.freeze_step[i].masked_fill_(as_bool, self.t)
+            self._freeze_step_f[i].copy_(self._freeze_step[i])
+        torch.lerp(self.frozen_values[i], w if value is None else value, new, out=self.frozen_values[i])
+        if value is not None:  # oscillation freezing moves the weight onto its level
+            torch.lerp(w, value, new, out=w)
+        live.sub_(new)
+        self._channel_frozen[i].add_(new.reshape(new.shape[0], -1).sum(dim=1))
+        self._n_frozen[i] += n_new
+        self._update_layer(i)
+        return n_new
+
+    def _refresh_fused_state(self) -> None:
+        """Rebuild the float32 masks and freeze steps from `frozen` and `freeze_step` (after loading a state)."""
+        if not self.fused:
+            return
+        for i, fz in enumerate(self.frozen):
+            self._live[i].copy_(~fz)
+            self._freeze_step_f[i].copy_(self._freeze_step[i])
+            self._channel_frozen[i].copy_(fz.reshape(fz.shape[0], -1).sum(dim=1))
 
     def freeze_weights(self, i: int, mask: torch.Tensor) -> int:
         """Freeze the weights of layer i selected by `mask` now, at their current value (freeze step
@@ -201,9 +277,15 @@ class FreezingRule:
                 return
             if self._plannable[i]:
                 if newly is not None:
-                    w.grad.masked_fill_(newly, 0.0)
+                    if self.fused:
+                        w.grad.mul_(self._live[i])
+                    else:
+                        w.grad.masked_fill_(newly, 0.0)
                 return
-        w.grad.masked_fill_(self.frozen[i], 0.0)
+        if self.fused:   # 0 (of either sign) where frozen, the gradient elsewhere
+            w.grad.mul_(self._live[i])
+        else:
+            w.grad.masked_fill_(self.frozen[i], 0.0)
 
     # ---- accounting ---------------------------------------------------------------------------------
     def frozen_count(self) -> int:
@@ -277,6 +359,7 @@ class FreezingRule:
             for dst, src in zip(tensors, sd[k]):
                 dst.copy_(src)
         self._unfrozen = [~f for f in self.frozen]
+        self._refresh_fused_state()
         for i in range(len(self.modules)):
             self._update_layer(i)
 
@@ -313,6 +396,7 @@ class FreezingRule:
                     dist.broadcast(x, src)
         self._n_frozen = [int(f.sum()) for f in self.frozen]
         self._unfrozen = [~f for f in self.frozen]
+        self._refresh_fused_state()
         for i in range(len(self.modules)):
             self._update_layer(i)
         return True

@@ -86,7 +86,8 @@ class LTSRule(FreezingRule):
             self.ema[i] = r.clone()
         elif t >= 2:
             reset = 1 / (self.n_levels[i] - 1)
-            changed = torch.ne(level, self.prev_level[i], out=self._buffer("changed", i, torch.bool))
+            mask = torch.float32 if self.fused else torch.bool   # fused: a float32 1.0 / 0.0 mask (fast kernels)
+            changed = torch.ne(level, self.prev_level[i], out=self._buffer(f"changed_{mask}", i, mask))
             ema_update(self.ema[i], r, changed, self.decay, reset, scratch=self._buffer("ema_tmp", i, torch.float32))
         self.prev_level[i] = level
         rho = self.threshold(t)
@@ -104,7 +105,8 @@ class LTSRule(FreezingRule):
             if live is not None:
                 hit = torch.zeros(self.n_channels[i], dtype=torch.bool, device=hit.device).index_copy_(0, live, hit)
             return expand_channels(hit, self.ema[i].shape), None
-        return torch.le(self.ema[i], thr, out=self._buffer("decide", i, torch.bool)), None
+        mask = torch.float32 if self.fused else torch.bool
+        return torch.le(self.ema[i], thr, out=self._buffer(f"decide_{mask}", i, mask)), None
 
     def settings(self) -> dict:
         return {"rule": "lts", "schedule": self.schedule, "ratio": self.ratio, "decay": self.decay,
