@@ -177,6 +177,8 @@ def train(
     if dump_frozen is not None:
         check_parent(dump_frozen, "--dump-frozen")
     run_dir = claim_run_dir(out or default_run_dir(cfg), pick_free_name=out is None) if cfg.record else None
+    from .malloc import keep_freed_memory
+    keep_freed_memory()   # this process trains: reuse freed memory instead of page-faulting it back each step
     try:
         from .datasets import DatasetError
         from .store import StoreWriteError
