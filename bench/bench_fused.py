@@ -1,6 +1,7 @@
 """The per-step cost around the GEMMs, before and after the fused path (issue 10, item 5), on the CPU.
 
     python bench/bench_fused.py [--models mlp1m,mlp4m,resnet20] [--rounds 7] [--steps 5] [--threads 2]
+                                [--compile] [--glibc-defaults]
 
 One process, batch 128, SGD (momentum 0.9, weight decay 1e-4) on every parameter. Per model it builds, from
 the same seed, the variants
@@ -11,15 +12,17 @@ the same seed, the variants
   and a few weights freeze on most steps);
 - `QAT + rec` (MLP 1M only): QAT + a `Recorder` recording every step (exact raw distances included);
 
-each once **before** (`fused.use_fused(False)`: autograd's chain for the quantizer and the rule's bool-masked
-operations, the code path of commit 1b6816c) and once **after** (the default fused path). Rounds interleave all
+each in the modes **before** (`fused.use_fused(False)`: autograd's chain for the quantizer and the rule's
+bool-masked operations, the code path before the fused one), **after** (the default fused path) and, with
+`--compile`, **compiled** (`fused.use_compile(True)`; kernels are compiled before timing). Rounds interleave all
 variants (A, B, C, … A, B, C, …); in a round each variant runs one untimed step and then `--steps` timed steps,
 and its figure is the median of those. A ratio is taken inside each round (variant ÷ its denominator, both
 measured seconds apart) and the table gives the median over rounds with the range, for wall-clock time and for
 the process's CPU time (`time.process_time`: all its threads; on a machine shared with other jobs the CPU
-time does not count the waits for a core, so it is the steadier figure of the work a step does). Models: `mlp1m` (the `mlp`
-model, width 1024, on mnist1d's 40 features: fc2 holds 1024·1024 quantized weights), `mlp4m` (width 2048:
-4.2M), `resnet20` (3×32×32 input, 0.27M quantized weights).
+time does not count the waits for a core, so it is the steadier figure of the work a step does).
+`malloc.keep_freed_memory()` is applied first (as the CLI does) unless `--glibc-defaults`. Models: `mlp1m`
+(the `mlp` model, width 1024, on mnist1d's 40 features: fc2 holds 1024·1024 quantized weights), `mlp4m`
+(width 2048: 4.2M), `resnet20` (3×32×32 input, 0.27M quantized weights).
 """
 from __future__ import annotations
 
@@ -29,6 +32,7 @@ import statistics
 import sys
 import tempfile
 import time
+from contextlib import ExitStack
 from pathlib import Path
 
 import torch
@@ -37,7 +41,7 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from lts_core import LTSRule, Recorder, quantize_model  # noqa: E402
-from lts_core.fused import use_fused  # noqa: E402
+from lts_core.fused import use_compile, use_fused  # noqa: E402
 from lts_core.malloc import keep_freed_memory  # noqa: E402
 from lts_core.models import build_model  # noqa: E402
 
@@ -46,22 +50,29 @@ RATIOS = [  # (label, numerator, denominator)
     ("QAT ÷ FP", "QAT", "FP"), ("LTS ÷ QAT", "LTS", "QAT"), ("QAT + rec every step ÷ QAT", "QAT + rec", "QAT")]
 
 
-def make_step(arch: str, shape, width, kind: str, fused: bool, batch: int, runs_dir: str):
-    """A closure running one training step of variant `kind` ("FP", "QAT", "LTS", "QAT + rec")."""
+def mode_context(mode: str) -> ExitStack:
+    stack = ExitStack()
+    stack.enter_context(use_fused(mode != "before"))
+    stack.enter_context(use_compile(mode == "compiled"))
+    return stack
+
+
+def make_step(arch: str, shape, width, kind: str, mode: str, batch: int, runs_dir: str):
+    """A closure running one training step of variant `kind` ("FP", "QAT", "LTS", "QAT + rec") in `mode`."""
     torch.manual_seed(0)
     x, y = torch.randn(batch, *shape), torch.randint(0, 10, (batch,))
-    with use_fused(fused):
+    with mode_context(mode):
         model = build_model(arch, shape, 10, **({} if width is None else {"width": width}))
         if kind != "FP":
             quantize_model(model, bits=2, example_input=x[:2])
         opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9, weight_decay=1e-4)
         rule = LTSRule(model, opt, total_steps=10 ** 6, warmup_steps=0, schedule="fixed", ratio=0.05) \
             if kind == "LTS" else None
-        rec = Recorder.create(runs_dir, model, config={"name": f"bench-{kind}-{fused}"}, every=1,
+        rec = Recorder.create(runs_dir, model, config={"name": f"bench-{kind}-{mode}"}, every=1,
                               steps_per_epoch=1000) if kind == "QAT + rec" else None
 
     def step():
-        with use_fused(fused):
+        with mode_context(mode):
             opt.zero_grad(set_to_none=True)
             F.cross_entropy(model(x), y).backward()
             if rule is not None:
@@ -74,11 +85,14 @@ def make_step(arch: str, shape, width, kind: str, fused: bool, batch: int, runs_
     return step
 
 
-def bench_model(name: str, rounds: int, steps: int, batch: int, runs_dir: str) -> dict:
+def bench_model(name: str, modes: list[str], rounds: int, steps: int, batch: int, runs_dir: str) -> dict:
     arch, shape, width = MODELS[name]
     kinds = ["FP", "QAT", "LTS"] + (["QAT + rec"] if name == "mlp1m" else [])
-    variants = {(kind, fused): make_step(arch, shape, width, kind, fused, batch, runs_dir)
-                for kind in kinds for fused in ((True,) if kind == "FP" else (False, True))}
+    variants = {(kind, mode): make_step(arch, shape, width, kind, mode, batch, runs_dir)
+                for kind in kinds for mode in (["after"] if kind == "FP" else modes)}
+    for step in variants.values():   # compile (and warm) everything before timing
+        step()
+        step()
     times = {key: [] for key in variants}
     cpu = {key: [] for key in variants}
     for _ in range(rounds):
@@ -98,7 +112,7 @@ def bench_model(name: str, rounds: int, steps: int, batch: int, runs_dir: str) -
     return {"times": times, "cpu": cpu, "kinds": kinds}
 
 
-def ratio_cells(times: dict, num: tuple, den: tuple) -> str:
+def ratio_cell(times: dict, num: tuple, den: tuple) -> str:
     per_round = [a / b for a, b in zip(times[num], times[den])]
     return f"{statistics.median(per_round):.2f} ({min(per_round):.2f}–{max(per_round):.2f})"
 
@@ -110,11 +124,13 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=5)
     ap.add_argument("--batch", type=int, default=128)
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--compile", action="store_true", help="also time the compiled kernels (needs a C++ compiler)")
     ap.add_argument("--glibc-defaults", action="store_true",
                     help="leave glibc malloc at its defaults (no `malloc.keep_freed_memory()`, as the CLI applies)")
     args = ap.parse_args()
     kept = False if args.glibc_defaults else keep_freed_memory()
     torch.set_num_threads(args.threads)
+    modes = ["before", "after"] + (["compiled"] if args.compile else [])
     load0 = os.getloadavg()
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, batch {args.batch}, {args.rounds} rounds "
           f"× {args.steps} steps, malloc.keep_freed_memory: {kept}, load average at start "
@@ -122,27 +138,27 @@ def main() -> None:
     results = {}
     with tempfile.TemporaryDirectory(prefix="bench-fused-") as tmp:
         for name in args.models.split(","):
-            results[name] = bench_model(name, args.rounds, args.steps, args.batch, tmp)
+            results[name] = bench_model(name, modes, args.rounds, args.steps, args.batch, tmp)
             print(f"{name} done, load average {os.getloadavg()[0]:.1f}", flush=True)
-    print("\n| model | variant | before: ms/step | after: ms/step | after ÷ before |")
-    print("|---|---|---:|---:|---:|")
+    print("\nms per step (median over rounds of the per-round median), wall-clock / CPU time:\n")
+    print("| model | variant | " + " | ".join(modes) + " |")
+    print("|---|---|" + "---:|" * len(modes))
     for name, r in results.items():
-        t = r["times"]
         for kind in r["kinds"]:
-            b = statistics.median(t[(kind, False if kind != "FP" else True)]) * 1e3
-            a = statistics.median(t[(kind, True)]) * 1e3
-            print(f"| {name} | {kind} | {b:.1f} | {a:.1f} | {a / b:.2f} |" if kind != "FP" else
-                  f"| {name} | FP | {b:.1f} | {a:.1f} | – |")
-    print("\n| model | ratio | before (wall) | after (wall) | before (CPU) | after (CPU) |")
-    print("|---|---|---:|---:|---:|---:|")
-    for name, r in results.items():
-        for label, num, den in RATIOS:
-            if (num, True) not in r["times"]:
-                continue
-            den_b = (den, den == "FP")     # FP has one variant (fused changes nothing in a float model)
-            cells = [ratio_cells(r[clock], (num, fused), den_b if not fused else (den, True))
-                     for clock in ("times", "cpu") for fused in (False, True)]
-            print(f"| {name} | {label} | " + " | ".join(cells) + " |")
+            cells = [f"{statistics.median(r['times'][(kind, m)]) * 1e3:.1f} / "
+                     f"{statistics.median(r['cpu'][(kind, m)]) * 1e3:.1f}" if (kind, m) in r["times"] else "–"
+                     for m in modes]
+            print(f"| {name} | {kind} | " + " | ".join(cells) + " |")
+    for clock, label in (("times", "wall-clock"), ("cpu", "CPU time")):
+        print(f"\nratios, {label} (median over rounds, range):\n")
+        print("| model | ratio | " + " | ".join(modes) + " |")
+        print("|---|---|" + "---:|" * len(modes))
+        for name, r in results.items():
+            for lab, num, den in RATIOS:
+                if (num, "after") not in r[clock]:
+                    continue
+                cells = [ratio_cell(r[clock], (num, m), (den, "after" if den == "FP" else m)) for m in modes]
+                print(f"| {name} | {lab} | " + " | ".join(cells) + " |")
     load1 = os.getloadavg()
     print(f"\nload average at end {load1[0]:.1f} / {load1[1]:.1f} / {load1[2]:.1f}")
 

@@ -30,6 +30,7 @@ models where every-step recording is not the question.
 from __future__ import annotations
 
 import argparse
+import os
 import shutil
 import subprocess
 import sys
@@ -212,15 +213,30 @@ def main() -> None:
 
     ap.add_argument("--batch-sweep", default=None, metavar="B1,B2,...",
                     help="instead of the table: plain vs every-step recording at each of these batch sizes")
+    ap.add_argument("--path", choices=("fused", "unfused", "compiled"), default="fused",
+                    help="the quantizer / rule / recorder code path (lts_core.fused): the default fused one, the "
+                         "unfused reference (`use_fused(False)`), or the compiled kernels (`set_compile(True)`)")
+    ap.add_argument("--keep-freed-memory", action="store_true",
+                    help="apply lts_core.malloc.keep_freed_memory() first, as `python -m lts_core train` does")
     args = ap.parse_args()
+    from lts_core.fused import set_compile, set_fused
+    set_fused(args.path != "unfused")
+    set_compile(args.path == "compiled")
+    if args.keep_freed_memory:
+        from lts_core.malloc import keep_freed_memory
+        keep_freed_memory()
 
     n_q = sum(m.weight.numel() for _, m in quantized_layers(build("cpu", width=args.width)))
     print(f"\n{n_q:,} quantized 2-bit weights, {args.steps} timed steps, device {args.device}, "
-          f"torch {torch.__version__}, {torch.get_num_threads()} threads\n")
+          f"torch {torch.__version__}, {torch.get_num_threads()} threads, {args.path} path"
+          f"{', keep_freed_memory' if args.keep_freed_memory else ''}, load average {os.getloadavg()[0]:.1f}\n")
     tmp = Path(args.runs_dir) if args.runs_dir else Path(tempfile.mkdtemp(prefix="bench-rec-"))
     tmp.mkdir(parents=True, exist_ok=True)
     try:
         time_mode(args.device, 20, args.batch, 5, tmp, None, None, width=args.width)  # process warm-up
+        if args.path == "compiled":   # compile every kernel before anything is timed
+            for every, rule, raw in ((1, None, False), (1, None, True), (1, "lts", True), (3, "lts", False)):
+                time_mode(args.device, 6, args.batch, 2, tmp, every, rule, raw=raw, width=args.width)
         if args.per_epoch:
             per_epoch_table(args, tmp)
         elif args.batch_sweep:

@@ -157,6 +157,10 @@ def train(
     seed: Optional[int] = typer.Option(None),
     device: Optional[str] = typer.Option(None, help="auto | cpu | cuda"),
     record_every: Optional[int] = typer.Option(None, help="steps between trajectory records (default: 1 epoch)"),
+    compile: Optional[bool] = typer.Option(None, "--compile/--no-compile",
+                                           help="CPU: run the quantizer's, rule's and recorder's elementwise work "
+                                           "as torch.compile'd kernels (same results; needs a C++ compiler; "
+                                           "10–60 s of compiling at the start)"),
     max_train: Optional[int] = typer.Option(None, help="use only the first N training samples"),
     config: Optional[Path] = typer.Option(None, help="a .json or .toml file of these options"),
     out: Optional[Path] = typer.Option(None, help="the run folder to create (default data/runs/<id>)"),

@@ -99,6 +99,9 @@ class TrainConfig(BaseModel):
 
     record: bool = True
     record_every: int | None = Field(None, ge=1, description="steps between records; default once per epoch")
+    compile: bool = Field(False, description="run the quantizer's, the rule's and the recorder's elementwise work "
+                          "as torch.compile'd C++ kernels on the CPU (same results; needs a C++ compiler; "
+                          "compiling takes 10–60 s at the start)")
 
     @model_validator(mode="before")
     @classmethod
@@ -131,6 +134,10 @@ class TrainConfig(BaseModel):
         if fixed is not None and self.bits != fixed:
             raise ValueError(f"the {self.quantizer} quantizer is {fixed} bit{'s' if fixed > 1 else ''} wide; "
                              f"bits={self.bits} does not apply (leave bits out)")
+        if self.compile:
+            from .fused import compile_unavailable
+            if (reason := compile_unavailable()) is not None:
+                raise ValueError(f"compile is not available here: {reason}")
         return self
 
     # -- derived values ---------------------------------------------------------------------------

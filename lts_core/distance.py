@@ -16,7 +16,10 @@ RESET_DISTANCE = 1.0  # a weight that just changed level is one full step (1 Δ)
 
 def encode_distance(dist: torch.Tensor) -> torch.Tensor:
     """Distance in Δ (float) -> uint8 code (1/128 Δ per unit, saturating at 255)."""
-    return torch.clamp(torch.round(dist * DIST_SCALE), 0, DIST_MAX_CODE).to(torch.uint8)
+    code = torch.clamp(torch.round(dist * DIST_SCALE), 0, DIST_MAX_CODE)
+    if code.device.type == "cpu" and code.is_floating_point():
+        code = code.to(torch.int16)   # the same integers; float → int16 → uint8 is ~4× faster on the CPU
+    return code.to(torch.uint8)
 
 
 def decode_distance(code: torch.Tensor) -> torch.Tensor:

@@ -41,6 +41,7 @@ import numpy as np
 import torch
 
 from .distance import encode_distance
+from .fused import encode_remembered
 from .npy_direct import aligned_empty
 from .store import METRIC_COLUMNS, RAW_DIST, ChunkAppender, RunWriter, StoreWriteError
 
@@ -94,11 +95,14 @@ def _copy_u8(dst: torch.Tensor, src: torch.Tensor) -> None:
     dst.copy_(src)
 
 
-def _raw_distance(layer) -> torch.Tensor:
-    """Exact raw distance of a layer's weights in normalised units: the quantizer's `measure_norm`, or for a
-    custom quantizer offering only `measure()`, its Δ-unit distance divided by L−1."""
+def _raw_distance(layer, out: torch.Tensor | None = None) -> torch.Tensor:
+    """Exact raw distance of a layer's weights in normalised units: the quantizer's `measure_norm` (written into
+    `out`, a float32 tensor of the weight's shape, when given and on the weight's device), or for a custom
+    quantizer offering only `measure()`, its Δ-unit distance divided by L−1."""
     q = layer.weight_quantizer
     if hasattr(q, "measure_norm"):
+        if out is not None and out.device == layer.weight.device:
+            return q.measure_norm(layer.weight, out=out)[1]
         return q.measure_norm(layer.weight)[1]
     return q.measure(layer.weight)[1].float() / (int(q.n_levels) - 1)
 
@@ -356,7 +360,11 @@ class Recorder:
             sl = slice(off, off + n_i)
             off += n_i
             j = self._rule_map[i] if self._rule_map is not None else None
+            q = m.weight_quantizer
             raw = None
+            # level, code (and raw distance) written straight into the row by one compiled kernel, when it applies
+            fast = not self.record_side
+            encoded = raw_done = False
             if j is not None:
                 lev, code = rule.last_level[j], getattr(rule, "last_dist_code", [None] * (j + 1))[j]
                 raw = getattr(rule, "last_raw", [None] * (j + 1))[j]
@@ -364,18 +372,27 @@ class Recorder:
                     raise RuntimeError("the rule has no measurement for this step: call rule.step() "
                                        "before rec.step()")
                 if code is None:  # the rule was not asked for codes this step: measure now
-                    code = m.weight_quantizer.measure_code(m.weight)[1]
-            elif hasattr(m.weight_quantizer, "measure_code"):
-                lev, code = m.weight_quantizer.measure_code(m.weight)  # float32, copied into uint8 below
+                    encoded = fast and encode_remembered(q, m.weight, dst["level"][sl], dst["dist"][sl])
+                    if not encoded:
+                        code = q.measure_code(m.weight)[1]
+            elif hasattr(q, "measure_code"):
+                encoded = raw_done = fast and encode_remembered(q, m.weight, dst["level"][sl], dst["dist"][sl],
+                                                                None if raw_row is None else raw_row[sl])
+                if not encoded:
+                    lev, code = q.measure_code(m.weight)  # float32, copied into uint8 below
             else:  # a custom quantizer offering only measure()
-                lev, dist = m.weight_quantizer.measure(m.weight)
+                lev, dist = q.measure(m.weight)
                 code = encode_distance(dist)
-            if raw_row is not None:
-                raw_row[sl].copy_((_raw_distance(m) if raw is None else raw).reshape(-1))
-            if lev.numel() != n_i or code.numel() != n_i:
-                raise RuntimeError(f"layer {lname!r}: measured {lev.numel()} values, expected {n_i}")
-            _copy_u8(dst["level"][sl], lev)
-            _copy_u8(dst["dist"][sl], code)
+            if raw_row is not None and not raw_done:
+                if raw is None:   # measured straight into this record's row
+                    raw = _raw_distance(m, out=raw_row[sl].view(m.weight.shape))
+                if raw.data_ptr() != raw_row[sl].data_ptr():
+                    raw_row[sl].copy_(raw.reshape(-1))
+            if not encoded:
+                if lev.numel() != n_i or code.numel() != n_i:
+                    raise RuntimeError(f"layer {lname!r}: measured {lev.numel()} values, expected {n_i}")
+                _copy_u8(dst["level"][sl], lev)
+                _copy_u8(dst["dist"][sl], code)
             for name in self.state_names:
                 if j is None:
                     dst[name][sl].zero_()

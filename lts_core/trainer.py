@@ -24,6 +24,7 @@ from torch import nn
 
 from .config import TrainConfig
 from .datasets import DatasetSplit, data_dir, load_dataset
+from .fused import use_compile
 from .layers import quantize_model, quantized_layers
 from .models import ARCH_VERSION, build_model
 from .progress import report as report_progress
@@ -246,7 +247,13 @@ def train(cfg: TrainConfig, run_dir: str | Path | None = None, progress: bool = 
     """Pre-train (or load the cached FP model), then run QAT with `cfg.rule`, recording to `run_dir`.
 
     `run_dir=None` records nothing. `should_stop()` is polled every step: True closes the run 'interrupted'.
+    `cfg.compile` switches the compiled kernels on for the run (`fused.use_compile`).
     """
+    with use_compile(cfg.compile):
+        return _train(cfg, run_dir, progress, on_epoch, should_stop)
+
+
+def _train(cfg: TrainConfig, run_dir, progress, on_epoch, should_stop) -> TrainResult:
     from .recorder import Recorder  # the recorder imports the store; keep engine import light
 
     device = maybe_init_distributed(pick_device(cfg.device))

@@ -3,13 +3,15 @@ the same bits for ŵ, the weight and bound gradients and the measurement, and id
 training runs (every weight's freeze step, every weight after training)."""
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from lts_core import LTSRule, quantize_model, quantized_layers
-from lts_core.fused import IntervalQuantize, fused_enabled, set_fused, use_fused
+from lts_core.fused import (IntervalQuantize, compile_enabled, compile_unavailable, fused_enabled, set_compile, set_fused,
+                            use_compile, use_fused)
 from lts_core.quantizers import make_weight_quantizer
 
 
@@ -205,3 +207,87 @@ def test_fused_rule_state_round_trip():
         assert torch.equal(clone._channel_frozen[i], rule._channel_frozen[i])
         assert torch.equal(clone.freeze_step[i], rule.freeze_step[i])
     assert clone._n_frozen_channels == rule._n_frozen_channels
+
+
+needs_compiler = pytest.mark.skipif(compile_unavailable() is not None,
+                                    reason=f"compiled kernels unavailable: {compile_unavailable()}")
+
+
+@needs_compiler
+def test_compiled_kernels_same_bits_and_same_run():
+    """The compiled kernels (quantizer forward/backward, the LTS update, freezes) carry the same bits as the
+    unfused path: gradients through a Linear (transposed weight gradient) and a convolution, and a seeded LTS
+    run (every freeze step, the EMA, every parameter after every update)."""
+    torch.manual_seed(11)
+    for layer, (method, bits, output) in [("linear", ("liq", 2, "denorm")), ("conv", ("liq", 2, "unit")),
+                                          ("linear", ("ternary", 2, "denorm"))]:
+        q = make_weight_quantizer(method, bits, output)
+        shape = (96, 130) if layer == "linear" else (24, 12, 3, 3)
+        w0 = torch.randn(shape) * 0.05
+        q.init_from(w0 * 0.6)
+        inp = torch.randn(33, 130) if layer == "linear" else torch.randn(5, 12, 9, 9)
+
+        def consume(w_hat):
+            out = F.linear(inp, w_hat) if layer == "linear" else F.conv2d(inp, w_hat, padding=1)
+            return (out.sin() * 3).sum()
+
+        ref = _quantize_and_grad(q, w0, False, consume)
+        with use_compile(True):
+            got = _quantize_and_grad(q, w0, True, consume)
+        for a, b in zip(ref, got):
+            assert (a is None and b is None) or _same_bits(a, b)
+    before = _train("mlp", False, "lts")
+    with use_compile(True):
+        after = _train("mlp", True, "lts")
+    for a, b in zip(before[1], after[1]):
+        assert torch.equal(a, b)
+    for a, b in zip(before[2], after[2]):
+        assert _same_bits(a, b)
+    assert torch.equal(before[3], after[3])
+
+
+@needs_compiler
+@pytest.mark.parametrize("with_rule", [False, True], ids=["qat", "lts"])
+def test_compiled_recording_same_records(tmp_path, with_rule):
+    """A run recorded at every step stores the same levels, distance codes, raw distances and EMA codes
+    whether the recorder's encoding runs as the compiled kernel or not."""
+    from lts_core import Recorder, open_run
+    runs = []
+    for compiled in (False, True):
+        with use_compile(compiled):
+            torch.manual_seed(5)
+            model = quantize_model(nn.Sequential(nn.Linear(20, 64), nn.ReLU(), nn.Linear(64, 48), nn.ReLU(),
+                                                 nn.Linear(48, 10)), bits=2, first_last_bits=3)
+            opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
+            rule = LTSRule(model, opt, total_steps=12, warmup_steps=2, schedule="fixed", ratio=0.2) \
+                if with_rule else None
+            rec = Recorder.create(tmp_path, model, {"name": f"c{compiled}"}, rule=rule, every=1,
+                                  steps_per_epoch=6, total_steps=12)
+            g = torch.Generator().manual_seed(2)
+            for _ in range(12):
+                x, y = torch.randn(16, 20, generator=g), torch.randint(0, 10, (16,), generator=g)
+                opt.zero_grad()
+                F.cross_entropy(model(x), y).backward()
+                if rule is not None:
+                    rule.step()
+                rec.step()
+                opt.step()
+            rec.finish()
+            runs.append(open_run(rec.path))
+    a, b = runs
+    assert np.array_equal(a.levels(), b.levels()) and np.array_equal(a.dist_codes(), b.dist_codes())
+    assert np.array_equal(a.raw_dists().view(np.int32), b.raw_dists().view(np.int32))
+    if with_rule:
+        assert np.array_equal(a.state("ema"), b.state("ema"))
+        assert np.array_equal(a.freeze_steps(), b.freeze_steps())
+
+
+def test_compile_switch_reports_why_not():
+    reason = compile_unavailable()
+    if reason is None:
+        assert set_compile(True) is False and compile_enabled()
+        set_compile(False)
+    else:
+        with pytest.raises(RuntimeError, match="cannot compile"):
+            set_compile(True)
+    assert not compile_enabled()

@@ -13,7 +13,7 @@ from torch import nn
 
 from ..channel_grad import ConvSpec, plan_from_frozen
 from ..channels import check_bound_grad, fully_frozen_channels
-from ..fused import fused_enabled
+from ..fused import compiled_for, const, fused_enabled, kernel
 from ..layers import quantized_layers
 
 _F32_EXACT = 2 ** 24   # float32 holds every integer below this: counts and step numbers stay exact
@@ -41,6 +41,7 @@ class FreezingRule:
     """
 
     name = "none"
+    moves_weights = False   # whether step() may write weights (oscillation freezing puts them on their level)
 
     def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer | None, total_steps: int,
                  layer_filter=None, bound_grad: str = "all"):
@@ -175,18 +176,25 @@ class FreezingRule:
     def _observe(self, i: int, level: torch.Tensor, r: torch.Tensor, w: torch.Tensor):
         raise NotImplementedError
 
+    def _measure_observe(self, i: int, q, w: torch.Tensor):
+        """Measure layer i (`last_level`, `last_raw`) and `_observe` it. Subclasses may do both in one kernel."""
+        # float32 level index, exact raw distance (normalised units; a new tensor: `last_raw` stays valid)
+        level, r = q.measure_norm(w)
+        self.last_level[i] = level
+        self.last_raw[i] = r
+        return self._observe(i, level, r, w)
+
     @torch.no_grad()
     def step(self) -> None:
         """Observe step `self.t`, freeze, and zero the gradient of frozen weights."""
         for i, m in enumerate(self.modules):
             w = m.weight
             q = m.weight_quantizer
-            self.last_dist_code[i] = q.measure_code(w)[1] if self.record_codes else None
-            # float32 level index, exact raw distance (normalised units; a new tensor: `last_raw` stays valid)
-            level, r = q.measure_norm(w)
-            self.last_level[i] = level
-            self.last_raw[i] = r
-            newly, value = self._observe(i, level, r, w)
+            # the forward's distance code, before a freeze may move the weight; with the compiled kernels a rule
+            # that never moves weights in step() leaves it to the recorder (one pass from the same forward)
+            self.last_dist_code[i] = q.measure_code(w)[1] if self.record_codes and (
+                self.moves_weights or not compiled_for(w)) else None
+            newly, value = self._measure_observe(i, q, w)
             n_new = self._freeze(i, newly, value) if newly is not None else 0
             self._mask_grads(i, newly if n_new else None)
         self._frozen_count_sum += sum(self._n_frozen)
@@ -218,28 +226,37 @@ class FreezingRule:
         return n_new
 
     def _freeze_fused(self, i: int, newly: torch.Tensor, value: torch.Tensor | None) -> int:
-        """`_freeze` on the float32 masks: the same weights frozen, at the same step and values."""
+        """`_freeze` on the float32 masks: the same weights frozen, at the same step and values. `newly` may
+        be a float32 mask already limited to unfrozen weights (`_live_only`), else it is limited here."""
         w = self.modules[i].weight
         live = self._live[i]
-        new = torch.mul(newly if newly.dtype == torch.float32 else newly.to(torch.float32), live,
-                        out=self._buffer("newly", i, torch.float32))
+        if newly.dtype == torch.float32 and getattr(newly, "_live_only", False):
+            new = newly
+        else:
+            new = torch.mul(newly if newly.dtype == torch.float32 else newly.to(torch.float32), live,
+                            out=self._buffer("newly", i, torch.float32))
         n_new = int(new.sum() if new.numel() < _F32_EXACT else new.sum(dtype=torch.float64))
         if not n_new:
             return 0
         as_bool = new.to(torch.int16).to(torch.uint8).view(torch.bool)   # the fast cast (bool casts are slow)
         self.frozen[i] |= as_bool
         torch.logical_not(self.frozen[i], out=self._unfrozen[i])
-        if self.t < _F32_EXACT:
-            torch.lerp(self._freeze_step_f[i], torch.tensor(float(self.t), device=w.device), new,
-                       out=self._freeze_step_f[i])
-            self._freeze_step_stale = True
-        else:   # step numbers beyond float32's integers: the int64 record directly
+        t = const(self.t, w.device)
+        if self.t >= _F32_EXACT:   # step numbers beyond float32's integers: the int64 record directly
             self.freeze_step[i].masked_fill_(as_bool, self.t)
             self._freeze_step_f[i].copy_(self._freeze_step[i])
-        torch.lerp(self.frozen_values[i], w if value is None else value, new, out=self.frozen_values[i])
-        if value is not None:  # oscillation freezing moves the weight onto its level
-            torch.lerp(w, value, new, out=w)
-        live.sub_(new)
+        if value is None and self.t < _F32_EXACT and compiled_for(new, w) and w.is_contiguous():
+            kernel("freeze_update")(new.view(-1), w.view(-1), self.frozen_values[i].view(-1),
+                                    self._freeze_step_f[i].view(-1), live.view(-1), t)
+            self._freeze_step_stale = True
+        else:
+            if self.t < _F32_EXACT:
+                torch.lerp(self._freeze_step_f[i], t, new, out=self._freeze_step_f[i])
+                self._freeze_step_stale = True
+            torch.lerp(self.frozen_values[i], w if value is None else value, new, out=self.frozen_values[i])
+            if value is not None:  # oscillation freezing moves the weight onto its level
+                torch.lerp(w, value, new, out=w)
+            live.sub_(new)
         self._channel_frozen[i].add_(new.reshape(new.shape[0], -1).sum(dim=1))
         self._n_frozen[i] += n_new
         self._update_layer(i)

@@ -10,6 +10,7 @@ from torch import nn
 from ..channels import (DEFAULT_CHANNEL_QUANTILE, channel_statistic, check_granularity, check_quantile,
                         expand_channels)
 from ..distance import encode_distance, ema_update
+from ..fused import compiled_for, const, kernel
 from ..schedules import canonical_schedule, default_ratio, ratio_at, threshold_norm
 from .base import FreezingRule
 
@@ -80,6 +81,26 @@ class LTSRule(FreezingRule):
         """EMA distance of layer i in Δ units (float32)."""
         return self.ema[i] * (self.n_levels[i] - 1)
 
+    def _measure_observe(self, i, q, w):
+        """With the compiled kernels, a per-weight rule past its first two steps measures, updates the EMA and
+        decides in one pass over the forward's x, k and k/(L−1) (`fused.kernel("lts_update")`, the same ops
+        as `measure_norm`, `ema_update` and the comparison below)."""
+        seen = q._remembered(w) if self.fused and self.t >= 2 and self._granularity == "weight" else None
+        rho = self.threshold(self.t) if seen is not None else -1.0
+        if seen is None or seen[2] is None or rho < 0 or not compiled_for(seen[0], self.ema[i]) or not all(
+                t.is_contiguous() for t in (*seen, self.ema[i], self.prev_level[i], self._live[i])):
+            return super()._measure_observe(i, q, w)
+        x, level, step = seen
+        r, newly = kernel("lts_update")(
+            x.view(-1), step.view(-1), level.view(-1), self.prev_level[i].view(-1), self.ema[i].view(-1),
+            self._live[i].view(-1), const(threshold_norm(rho, self.n_levels[i])), const(self.decay),
+            const(1.0 - self.decay), const(1 / (self.n_levels[i] - 1)))
+        self.last_level[i] = self.prev_level[i] = level
+        self.last_raw[i] = r.view(w.shape)
+        newly = newly.view(w.shape)
+        newly._live_only = True      # already limited to unfrozen weights
+        return newly, None
+
     def _observe(self, i, level, r, w):
         t = self.t
         if t == 1:
@@ -104,6 +125,9 @@ class LTSRule(FreezingRule):
                                     self.channel_quantile) <= thr
             if live is not None:
                 hit = torch.zeros(self.n_channels[i], dtype=torch.bool, device=hit.device).index_copy_(0, live, hit)
+            if self.fused:   # a float32 view [C, 1, …] broadcast over the weight (the freeze limits it to live weights)
+                shape = self.ema[i].shape
+                return hit.to(torch.float32).reshape((shape[0],) + (1,) * (len(shape) - 1)).expand(shape), None
             return expand_channels(hit, self.ema[i].shape), None
         mask = torch.float32 if self.fused else torch.bool
         return torch.le(self.ema[i], thr, out=self._buffer(f"decide_{mask}", i, mask)), None
@@ -116,7 +140,9 @@ class LTSRule(FreezingRule):
 
     def record_state(self) -> dict[str, list[torch.Tensor]]:
         """The EMA as uint8 codes of 1/128 Δ (Δ units, saturating at ≈ 2 Δ)."""
-        return {"ema": [encode_distance(self.ema_steps(i)) for i in range(len(self.ema))]}
+        return {"ema": [kernel("encode_ema")(e.view(-1), const(self.n_levels[i] - 1)).view(e.shape)
+                        if compiled_for(e) and e.is_contiguous() else encode_distance(self.ema_steps(i))
+                        for i, e in enumerate(self.ema)]}
 
     def _state_tensors(self):
         return {**super()._state_tensors(), "ema": self.ema, "prev_level": self.prev_level}

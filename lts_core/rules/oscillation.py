@@ -16,6 +16,7 @@ from .base import FreezingRule
 
 class OscillationRule(FreezingRule):
     name = "osc"
+    moves_weights = True
 
     def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer | None, total_steps: int,
                  decay: float = 0.01, start_frac: float = 0.25, thr_start: float = 0.1, thr_end: float = 0.01,
