@@ -291,3 +291,37 @@ def test_compile_switch_reports_why_not():
         with pytest.raises(RuntimeError, match="cannot compile"):
             set_compile(True)
     assert not compile_enabled()
+
+
+def test_compile_config_is_a_clear_error_without_a_compiler(monkeypatch):
+    """`--compile` where it cannot work is one line naming the reason, before anything runs."""
+    import lts_core.fused as fused
+    from lts_core.config import ConfigError, make_config
+    monkeypatch.setattr(fused, "compile_unavailable", lambda: "no C++ compiler for torch.compile's CPU backend")
+    with pytest.raises(ConfigError, match="compile is not available here: no C\\+\\+ compiler"):
+        make_config(compile=True)
+    assert make_config(compile=False).compile is False
+
+
+@pytest.mark.skipif(__import__("platform").libc_ver()[0] != "glibc", reason="glibc only")
+def test_keep_freed_memory_serves_blocks_from_the_heap():
+    """After keep_freed_memory() an 8 MiB block comes from malloc's heap (glibc's default would map it afresh,
+    and unmap it on free: page faults on every reuse)."""
+    import ctypes
+    from lts_core.malloc import keep_freed_memory
+
+    class MallInfo2(ctypes.Structure):
+        _fields_ = [(name, ctypes.c_size_t) for name in ("arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks",
+                                                         "fsmblks", "uordblks", "fordblks", "keepcost")]
+    libc = ctypes.CDLL("libc.so.6")
+    libc.mallinfo2.restype = MallInfo2
+    libc.malloc.restype, libc.malloc.argtypes = ctypes.c_void_p, [ctypes.c_size_t]
+    libc.free.argtypes = [ctypes.c_void_p]
+    assert keep_freed_memory() is True
+    mapped = libc.mallinfo2().hblkhd
+    block = libc.malloc(8 << 20)
+    try:
+        assert libc.mallinfo2().hblkhd == mapped          # not a fresh mapping
+        assert libc.mallinfo2().uordblks >= 8 << 20         # but heap memory in use
+    finally:
+        libc.free(block)
