@@ -20,7 +20,9 @@ and its figure is the median of those. A ratio is taken inside each round (varia
 measured seconds apart) and the table gives the median over rounds with the range, for wall-clock time and for
 the process's CPU time (`time.process_time`: all its threads; on a machine shared with other jobs the CPU
 time does not count the waits for a core, so it is the steadier figure of the work a step does).
-`malloc.keep_freed_memory()` is applied first (as the CLI does) unless `--glibc-defaults`. Models: `mlp1m`
+`malloc.keep_freed_memory()` is applied first (as the CLI does) unless `--glibc-defaults`. On a machine shared
+with other jobs run it with `OMP_WAIT_POLICY=passive`: OpenMP's default spin-waiting then costs 3–15× a step at
+2 threads (BENCHMARKS.md). Models: `mlp1m`
 (the `mlp` model, width 1024, on mnist1d's 40 features: fc2 holds 1024·1024 quantized weights), `mlp4m`
 (width 2048: 4.2M), `resnet20` (3×32×32 input, 0.27M quantized weights).
 """
@@ -132,7 +134,8 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     modes = ["before", "after"] + (["compiled"] if args.compile else [])
     load0 = os.getloadavg()
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, batch {args.batch}, {args.rounds} rounds "
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads "
+          f"(OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY', 'unset')}), batch {args.batch}, {args.rounds} rounds "
           f"× {args.steps} steps, malloc.keep_freed_memory: {kept}, load average at start "
           f"{load0[0]:.1f} / {load0[1]:.1f} / {load0[2]:.1f}\n", flush=True)
     results = {}

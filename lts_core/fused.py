@@ -104,9 +104,16 @@ def use_compile(enabled: bool):
         set_compile(previous)
 
 
+# A compiled kernel's call costs ~60 µs (guards, wrapper): below ~64K elements the eager ops are as fast (measured:
+# BENCHMARKS.md), so small layers (all of ResNet-20's) keep the eager path.
+COMPILE_MIN_NUMEL = 1 << 16
+
+
 def compiled_for(*tensors: torch.Tensor) -> bool:
-    """Whether the compiled kernels take these tensors: switched on, fused, and CPU float32 throughout."""
-    return _COMPILE and _FUSED and all(t.device.type == "cpu" and t.dtype == torch.float32 for t in tensors)
+    """Whether the compiled kernels take these tensors: switched on, fused, CPU float32 throughout, and large
+    enough (the largest has ≥ `COMPILE_MIN_NUMEL` elements) for one kernel call to beat the eager ops."""
+    return (_COMPILE and _FUSED and max(t.numel() for t in tensors) >= COMPILE_MIN_NUMEL
+            and all(t.device.type == "cpu" and t.dtype == torch.float32 for t in tensors))
 
 
 # ---- the compiled kernels: pure functions, compiled once per process, dynamic in the tensors' sizes -----------

@@ -213,8 +213,19 @@ needs_compiler = pytest.mark.skipif(compile_unavailable() is not None,
                                     reason=f"compiled kernels unavailable: {compile_unavailable()}")
 
 
+@pytest.fixture
+def small_layers_compiled(monkeypatch):
+    """The compiled kernels for the tests' small layers too (by default only layers of ≥ 64K weights use them)."""
+    import lts_core.fused as fused
+    monkeypatch.setattr(fused, "COMPILE_MIN_NUMEL", 0)
+    from lts_core.fused import kernel
+    calls_before = kernel.cache_info().hits + kernel.cache_info().misses
+    yield
+    assert kernel.cache_info().hits + kernel.cache_info().misses > calls_before   # the kernels did run
+
+
 @needs_compiler
-def test_compiled_kernels_same_bits_and_same_run():
+def test_compiled_kernels_same_bits_and_same_run(small_layers_compiled):
     """The compiled kernels (quantizer forward/backward, the LTS update, freezes) carry the same bits as the
     unfused path: gradients through a Linear (transposed weight gradient) and a convolution, and a seeded LTS
     run (every freeze step, the EMA, every parameter after every update)."""
@@ -248,7 +259,7 @@ def test_compiled_kernels_same_bits_and_same_run():
 
 @needs_compiler
 @pytest.mark.parametrize("with_rule", [False, True], ids=["qat", "lts"])
-def test_compiled_recording_same_records(tmp_path, with_rule):
+def test_compiled_recording_same_records(tmp_path, with_rule, small_layers_compiled):
     """A run recorded at every step stores the same levels, distance codes, raw distances and EMA codes
     whether the recorder's encoding runs as the compiled kernel or not."""
     from lts_core import Recorder, open_run
