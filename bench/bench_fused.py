@@ -2,6 +2,7 @@
 
     python bench/bench_fused.py [--models mlp1m,mlp4m,resnet20] [--rounds 7] [--steps 5] [--threads 2]
                                 [--compile] [--glibc-defaults]
+    python bench/bench_fused.py --kernels [--compile] [--threads 1]     (single ops; compiled vs eager by size)
 
 One process, batch 128, SGD (momentum 0.9, weight decay 1e-4) on every parameter. Per model it builds, from
 the same seed, the variants
@@ -119,6 +120,55 @@ def ratio_cell(times: dict, num: tuple, den: tuple) -> str:
     return f"{statistics.median(per_round):.2f} ({min(per_round):.2f}–{max(per_round):.2f})"
 
 
+def kernels_table(rounds: int, compiled: bool) -> None:
+    """Single ops on 1M float32 values (best of `rounds`, CPU time per call), and the compiled quantizer forward
+    against the eager fused one by size: what the design choices rest on."""
+    from lts_core import fused
+    n = 1 << 20
+    a, b = torch.randn(n), torch.randn(n)
+    m = a > 1.0
+    mf = m.float()
+    out, outb = torch.empty(n), torch.empty(n, dtype=torch.bool)
+    ops = {"mul (float32, out=)": lambda: torch.mul(a, 2.0, out=out),
+           "lerp (float32 weight 0/1, out=)": lambda: torch.lerp(a, b, mf, out=out),
+           "le → float32 (out=)": lambda: torch.le(a, 0.3, out=out),
+           "le → bool (out=)": lambda: torch.le(a, 0.3, out=outb),
+           "masked_fill_ (bool mask)": lambda: out.masked_fill_(m, 0.0),
+           "where (bool mask, out=)": lambda: torch.where(m, a, b, out=out),
+           "float32 → int16 → uint8": lambda: mf.to(torch.int16).to(torch.uint8),
+           "float32 → uint8": lambda: mf.to(torch.uint8)}
+
+    def best(fn, calls=10):
+        fn()
+        times = []
+        for _ in range(rounds):
+            c0 = time.process_time()
+            for _ in range(calls):
+                fn()
+            times.append((time.process_time() - c0) / calls)
+        return min(times) * 1e3
+
+    print("| op on 1M float32 | ms (CPU time, best of rounds) |\n|---|---:|")
+    for name, fn in ops.items():
+        print(f"| {name} | {best(fn):.3f} |")
+    if not compiled:
+        return
+    print("\n| weights | eager fused quantizer forward (µs) | compiled (µs) |\n|---:|---:|---:|")
+    lo, up = torch.tensor(-1.0), torch.tensor(1.0)
+    for size in (1 << 10, 1 << 14, 1 << 16, 1 << 18, 1 << 20):
+        w = torch.randn(size)
+
+        def eager():
+            x = torch.sub(w, lo).div_(up - lo)
+            xc = torch.clamp(x, 0, 1)
+            fused.in_range_mask(x, xc)
+            q = torch.div(xc.mul_(3).round_(), 3)
+            return torch.mul(q, up - lo).add_(lo)
+
+        k, n1 = fused.kernel("quant_fwd"), fused.const(3)
+        print(f"| {size:,} | {best(eager, 50) * 1e3:.0f} | {best(lambda: k(w, lo, up - lo, n1), 50) * 1e3:.0f} |")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--models", default="mlp1m,mlp4m,resnet20")
@@ -127,11 +177,18 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=128)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--compile", action="store_true", help="also time the compiled kernels (needs a C++ compiler)")
+    ap.add_argument("--kernels", action="store_true",
+                    help="instead: single ops on 1M values (bool-masked vs float kernels) and, with --compile, "
+                         "the compiled quantizer forward against the eager one by layer size")
     ap.add_argument("--glibc-defaults", action="store_true",
                     help="leave glibc malloc at its defaults (no `malloc.keep_freed_memory()`, as the CLI applies)")
     args = ap.parse_args()
     kept = False if args.glibc_defaults else keep_freed_memory()
     torch.set_num_threads(args.threads)
+    if args.kernels:
+        print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, load average {os.getloadavg()[0]:.1f}\n")
+        kernels_table(args.rounds, args.compile)
+        return
     modes = ["before", "after"] + (["compiled"] if args.compile else [])
     load0 = os.getloadavg()
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads "
