@@ -11,7 +11,10 @@ the same seed, the variants
 - `QAT`: 2-bit learned-interval quantizer on the hidden layers (first and last stay float), no rule;
 - `LTS`: QAT + `LTSRule` with a fixed ρ = 0.05 from step 0 (its costliest phase: the rule decides every step
   and a few weights freeze on most steps);
-- `QAT + rec` (MLP 1M only): QAT + a `Recorder` recording every step (exact raw distances included);
+- (MLP 1M only) `QAT + rec`: QAT + a `Recorder` recording every step, distance codes only (the recorder's
+  old every-step target, ≤ 1.15× QAT); `QAT + rec + raw`: the same storing the exact float32 raw distances too
+  (the default when recording every step: exact replays); `LTS + rec + raw`: LTS + that recorder reading the
+  rule's own measurement (what an exact-replay LTS run costs over LTS alone);
 
 each in the modes **before** (`fused.use_fused(False)`: autograd's chain for the quantizer and the rule's
 bool-masked operations, the code path before the fused one), **after** (the default fused path) and, with
@@ -50,7 +53,12 @@ from lts_core.models import build_model  # noqa: E402
 
 MODELS = {"mlp1m": ("mlp", (40,), 1024), "mlp4m": ("mlp", (40,), 2048), "resnet20": ("resnet20", (3, 32, 32), None)}
 RATIOS = [  # (label, numerator, denominator)
-    ("QAT ÷ FP", "QAT", "FP"), ("LTS ÷ QAT", "LTS", "QAT"), ("QAT + rec every step ÷ QAT", "QAT + rec", "QAT")]
+    ("QAT ÷ FP", "QAT", "FP"), ("LTS ÷ QAT", "LTS", "QAT"),
+    ("QAT + rec every step (codes) ÷ QAT", "QAT + rec", "QAT"),
+    ("QAT + rec every step (codes + raw) ÷ QAT", "QAT + rec + raw", "QAT"),
+    ("QAT + rec (codes + raw) ÷ QAT + rec (codes)", "QAT + rec + raw", "QAT + rec"),
+    ("LTS + rec every step (codes + raw) ÷ LTS", "LTS + rec + raw", "LTS")]
+REC_KINDS = ["QAT + rec", "QAT + rec + raw", "LTS + rec + raw"]
 
 
 def mode_context(mode: str) -> ExitStack:
@@ -61,7 +69,8 @@ def mode_context(mode: str) -> ExitStack:
 
 
 def make_step(arch: str, shape, width, kind: str, mode: str, batch: int, runs_dir: str):
-    """A closure running one training step of variant `kind` ("FP", "QAT", "LTS", "QAT + rec") in `mode`."""
+    """A closure running one training step of variant `kind` ("FP", "QAT", "LTS" or one of `REC_KINDS`) in
+    `mode`."""
     torch.manual_seed(0)
     x, y = torch.randn(batch, *shape), torch.randint(0, 10, (batch,))
     with mode_context(mode):
@@ -70,9 +79,10 @@ def make_step(arch: str, shape, width, kind: str, mode: str, batch: int, runs_di
             quantize_model(model, bits=2, example_input=x[:2])
         opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9, weight_decay=1e-4)
         rule = LTSRule(model, opt, total_steps=10 ** 6, warmup_steps=0, schedule="fixed", ratio=0.05) \
-            if kind == "LTS" else None
-        rec = Recorder.create(runs_dir, model, config={"name": f"bench-{kind}-{mode}"}, every=1,
-                              steps_per_epoch=1000) if kind == "QAT + rec" else None
+            if kind.startswith("LTS") else None
+        rec = Recorder.create(runs_dir, model, config={"name": f"bench-{kind}-{mode}"}, rule=rule, every=1,
+                              steps_per_epoch=1000, raw_distances=kind.endswith("raw")) \
+            if kind in REC_KINDS else None
 
     def step():
         with mode_context(mode):
@@ -90,7 +100,7 @@ def make_step(arch: str, shape, width, kind: str, mode: str, batch: int, runs_di
 
 def bench_model(name: str, modes: list[str], rounds: int, steps: int, batch: int, runs_dir: str) -> dict:
     arch, shape, width = MODELS[name]
-    kinds = ["FP", "QAT", "LTS"] + (["QAT + rec"] if name == "mlp1m" else [])
+    kinds = ["FP", "QAT", "LTS"] + (REC_KINDS if name == "mlp1m" else [])
     variants = {(kind, mode): make_step(arch, shape, width, kind, mode, batch, runs_dir)
                 for kind in kinds for mode in (["after"] if kind == "FP" else modes)}
     for step in variants.values():   # compile (and warm) everything before timing
