@@ -25,8 +25,8 @@ measured seconds apart) and the table gives the median over rounds with the rang
 the process's CPU time (`time.process_time`: all its threads; on a machine shared with other jobs the CPU
 time does not count the waits for a core, so it is the steadier figure of the work a step does).
 `malloc.keep_freed_memory()` is applied first (as the CLI does) unless `--glibc-defaults`. On a machine shared
-with other jobs run it with `OMP_WAIT_POLICY=passive`: OpenMP's default spin-waiting then costs 3–15× a step at
-2 threads (BENCHMARKS.md). Models: `mlp1m`
+with other jobs run it with `OMP_WAIT_POLICY=passive` (as BENCHMARKS.md's figures were): with OpenMP's default
+spin-waiting an idle thread keeps its core busy while the other jobs wait for it. Models: `mlp1m`
 (the `mlp` model, width 1024, on mnist1d's 40 features: fc2 holds 1024·1024 quantized weights), `mlp4m`
 (width 2048: 4.2M), `resnet20` (3×32×32 input, 0.27M quantized weights).
 """

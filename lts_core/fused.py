@@ -104,8 +104,8 @@ def use_compile(enabled: bool):
         set_compile(previous)
 
 
-# A compiled kernel's call costs ~60 µs (guards, wrapper): below ~64K elements the eager ops are as fast (measured:
-# BENCHMARKS.md), so small layers (all of ResNet-20's) keep the eager path.
+# A compiled kernel's call costs tens of µs (guards, wrapper): below ~64K elements the eager ops are as fast
+# (BENCHMARKS.md, `bench_fused.py --kernels --compile`), so small layers (all of ResNet-20's) keep the eager path.
 COMPILE_MIN_NUMEL = 1 << 16
 
 
