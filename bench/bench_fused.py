@@ -3,6 +3,7 @@
     python bench/bench_fused.py [--models mlp1m,mlp4m,resnet20] [--rounds 7] [--steps 5] [--threads 2]
                                 [--compile] [--glibc-defaults]
     python bench/bench_fused.py --kernels [--compile] [--threads 1]     (single ops; compiled vs eager by size)
+    python bench/bench_fused.py --profile mlp4m [--compile] [--threads 1]   (where the LTS rule's time goes)
 
 One process, batch 128, SGD (momentum 0.9, weight decay 1e-4) on every parameter. Per model it builds, from
 the same seed, the variants
@@ -161,6 +162,8 @@ def kernels_table(rounds: int, compiled: bool) -> None:
     print("| op on 1M float32 | ms (CPU time, best of rounds) |\n|---|---:|")
     for name, fn in ops.items():
         print(f"| {name} | {best(fn):.3f} |")
+    big, big_out = torch.randn(4 * n), torch.empty(4 * n)
+    print(f"| mul (float32, out=) on **4M** values (out of cache) | {best(lambda: torch.mul(big, 2.0, out=big_out)):.3f} |")
     if not compiled:
         return
     print("\n| weights | eager fused quantizer forward (µs) | compiled (µs) |\n|---:|---:|---:|")
@@ -179,6 +182,58 @@ def kernels_table(rounds: int, compiled: bool) -> None:
         print(f"| {size:,} | {best(eager, 50) * 1e3:.0f} | {best(lambda: k(w, lo, up - lo, n1), 50) * 1e3:.0f} |")
 
 
+def profile_rule(name: str, compiled: bool, steps: int = 10) -> None:
+    """Where the LTS variant's `rule.step()` and `optimizer.step()` (which restores frozen weights) spend their
+    time, per op (torch.profiler over `steps` steps after 4 unprofiled ones), beside the CPU time of the step's
+    parts."""
+    from collections import Counter
+    from torch.profiler import ProfilerActivity, profile
+    arch, shape, width = MODELS[name]
+    torch.manual_seed(0)
+    x, y = torch.randn(128, *shape), torch.randint(0, 10, (128,))
+    with mode_context("compiled" if compiled else "after"):
+        model = build_model(arch, shape, 10, **({} if width is None else {"width": width}))
+        quantize_model(model, bits=2, example_input=x[:2])
+        opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9, weight_decay=1e-4)
+        rule = LTSRule(model, opt, total_steps=10 ** 6, warmup_steps=0, schedule="fixed", ratio=0.05)
+        self_us, calls, parts = Counter(), Counter(), Counter()
+        for s in range(4 + steps):
+            c0 = time.process_time()
+            opt.zero_grad(set_to_none=True)
+            F.cross_entropy(model(x), y).backward()
+            if s >= 4:
+                parts["forward + backward"] += time.process_time() - c0
+            n0 = rule.frozen_count()
+            for part, fn in (("rule.step()", rule.step), ("optimizer.step() + restore", opt.step)):
+                if s < 4:
+                    fn()
+                    continue
+                with profile(activities=[ProfilerActivity.CPU]) as prof:
+                    c0 = time.process_time()
+                    fn()
+                    parts[part] += time.process_time() - c0
+                for e in prof.key_averages():
+                    self_us[(part, e.key)] += e.self_cpu_time_total
+                    calls[(part, e.key)] += e.count
+            if s >= 4:
+                parts["steps with a freeze"] += rule.frozen_count() > n0
+    print(f"{name}, LTS, {'compiled' if compiled else 'fused (eager)'}, {torch.get_num_threads()} thread(s), "
+          f"load average {os.getloadavg()[0]:.1f}; ms of CPU per step:\n")
+    print(" · ".join(f"{k} {v / steps * 1e3:.1f}" for k, v in parts.items() if k != "steps with a freeze")
+          + f" · steps with a freeze: {parts['steps with a freeze']} of {steps}\n")
+    # the profiler's self times are wall-clock (on a shared machine they include waiting for a core): give each
+    # op's share of its part and that share of the part's CPU time
+    total = Counter()
+    for (part, _), us in self_us.items():
+        total[part] += us
+    print("| part | op | share of the part's profiled time | ≈ CPU ms per step | calls per step |\n"
+          "|---|---|---:|---:|---:|")
+    for (part, key), us in sorted(self_us.items(), key=lambda kv: -kv[1])[:20]:
+        share = us / total[part]
+        print(f"| {part} | {key[:60]} | {share:.0%} | {share * parts[part] / steps * 1e3:.2f} | "
+              f"{calls[(part, key)] / steps:.1f} |")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--models", default="mlp1m,mlp4m,resnet20")
@@ -190,11 +245,16 @@ def main() -> None:
     ap.add_argument("--kernels", action="store_true",
                     help="instead: single ops on 1M values (bool-masked vs float kernels) and, with --compile, "
                          "the compiled quantizer forward against the eager one by layer size")
+    ap.add_argument("--profile", metavar="MODEL", default=None,
+                    help="instead: profile the LTS rule's step and the optimizer's restore on MODEL (mlp1m, …)")
     ap.add_argument("--glibc-defaults", action="store_true",
                     help="leave glibc malloc at its defaults (no `malloc.keep_freed_memory()`, as the CLI applies)")
     args = ap.parse_args()
     kept = False if args.glibc_defaults else keep_freed_memory()
     torch.set_num_threads(args.threads)
+    if args.profile:
+        profile_rule(args.profile, args.compile)
+        return
     if args.kernels:
         print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, load average {os.getloadavg()[0]:.1f}\n")
         kernels_table(args.rounds, args.compile)
