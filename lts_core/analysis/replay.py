@@ -179,8 +179,9 @@ def grid_bins(d: np.ndarray, g: float, bins_per_unit: int, max_bin: int, thr32: 
 
     `d` float32; the threshold of bin j is computed as the rule does (`schedules.threshold_norm` of
     `ratio_at`: scale·((j/B)·g) in double, scale = 1/(L−1)) and rounded to float32 like the rule's
-    `tensor <= float` comparison. Computed as ceil(d·B/(g·scale)) (float64) corrected by ±1 against the exact
-    float32 thresholds — equal to `np.searchsorted(thr32, d)` but several times faster.
+    `tensor <= float` comparison. Computed as ceil(d·B/(g·scale)) in float32 (relative error ~2⁻²³, i.e. under
+    10⁻³ of a bin up to bin 4096) corrected by ±1 against the exact float32 thresholds — equal to
+    `np.searchsorted(thr32, d)` but several times faster.
     """
     B, J = int(bins_per_unit), int(max_bin)
     if thr32 is None:
@@ -189,8 +190,7 @@ def grid_bins(d: np.ndarray, g: float, bins_per_unit: int, max_bin: int, thr32: 
         return np.where(d <= 0, 0, J + 1).astype(np.int64)
     ext = np.empty(J + 3, dtype=np.float32)      # ext[k+1] = thr32[k]; ext[0] = -inf; ext[J+2] = +inf
     ext[0], ext[1:J + 2], ext[J + 2] = -np.inf, thr32, np.inf
-    q = d.astype(np.float64)
-    q *= B / (g * scale)
+    q = np.multiply(d, np.float32(B / (g * scale)), dtype=np.float32)
     np.ceil(q, out=q)
     np.clip(q, 0, J + 1, out=q)
     c = q.astype(np.int64)

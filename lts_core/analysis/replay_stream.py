@@ -1,18 +1,19 @@
 """Streamed replays of a stored run (`stream`): the LTS replay index, the direct LTS replay and oscillation
 freezing, one pass over the chunks on all cores, memory O(weights) plus one chunk.
 
-The semantics are exactly those of `replay` (its module docstring): the same float32 torch operations on the
-same values, applied to column blocks instead of whole records, so every result is bit for bit the in-memory
-one (tests check it). Each sub-block lies inside one layer, so its unit (one step = 1/(L−1)) is a scalar.
+The semantics are exactly those of `replay` (its module docstring): the same float32 operations on the same
+values as its torch code, done with numpy on column blocks instead of whole records (torch rounds a Python
+scalar to float32 before a float32 operation or comparison, as `np.float32(x)` does here), so every result is
+bit for bit the in-memory one (tests check it). Each sub-block lies inside one layer, so its unit (one step =
+1/(L−1)) is a scalar. The workers run numpy only, in place into per-task buffers: a torch op above its grain
+size starts an OpenMP team, which costs milliseconds per call when the cores are shared with other work.
 """
 from __future__ import annotations
 
 import functools
 
 import numpy as np
-import torch
 
-from ..distance import decode_distance, ema_update_compounded
 from ..schedules import eligible, osc_threshold_at, ratio_at, schedule_gain, threshold_norm
 from .stream import Pass, Task
 
@@ -20,12 +21,12 @@ RAW = "raw_dist"
 
 
 @functools.lru_cache(maxsize=64)
-def layer_units(n_levels: int) -> tuple[torch.Tensor | None, float | torch.Tensor]:
+def layer_units(n_levels: int) -> tuple[np.float32 | None, np.float32]:
     """(scale of a decoded code to normalised units, reset value) of a layer with `n_levels` levels: (None,
     1.0) in Δ units (L = 2), else fl32(1/(L−1)) for both, as `replay._units` makes them."""
     if n_levels <= 2:
-        return None, 1.0
-    step = torch.tensor(1 / (n_levels - 1), dtype=torch.float32)
+        return None, np.float32(1.0)
+    step = np.float32(1 / (n_levels - 1))
     return step, step
 
 
@@ -35,41 +36,56 @@ def ema_start(steps: np.ndarray) -> int:
     return int(later[0]) if later.size else len(steps)
 
 
-class _Ema:
-    """The replay's EMA over one task's columns: `replay._ema_stream`, applied to one sub-block at a time."""
+def sub_width(task: Task) -> int:
+    """Columns of the task's widest sub-block (the size of a worker's scratch buffers)."""
+    return max((sub.size for sub in task.subs), default=0)
 
-    def __init__(self, n: int, steps: np.ndarray, decay: float, use_raw: bool):
+
+class _Ema:
+    """The replay's EMA over one task's columns: `replay._ema_stream`, applied to one sub-block at a time.
+
+    The same float32 operations in the same order as `replay._ema_stream` (the decoded distance c/128 is
+    exact), in place into preallocated buffers: per record a uint8 compare, a few float32 passes over the
+    sub-block and the reset of the weights whose level changed.
+    """
+
+    def __init__(self, n: int, steps: np.ndarray, decay: float, use_raw: bool, width: int):
         self.d = np.zeros(n, np.float32)
         self.prev = np.zeros(n, np.uint8)
         self.steps, self.decay, self.use_raw = steps, float(decay), use_raw
         self.start = ema_start(steps)
+        self.r = np.empty(width, np.float32)       # the record's distance (normalised), then r·(1−m)
+        self.chg = np.empty(width, bool)
 
     def update(self, rec: int, lv: np.ndarray, dist_row: np.ndarray, s: slice, n_levels: int
-               ) -> torch.Tensor | None:
-        """EMA (normalised units) of sub-block `s` after record `rec`, a torch view of the state; None before
-        the EMA starts."""
-        t = int(self.steps[rec])
+               ) -> np.ndarray | None:
+        """EMA (normalised units, float32) of sub-block `s` after record `rec`, a view of the state; None
+        before the EMA starts."""
         prev = self.prev[s]
         out = None
         if rec >= self.start:
             scale, reset = layer_units(n_levels)
+            n = prev.size
+            r, chg, d = self.r[:n], self.chg[:n], self.d[s]
             if self.use_raw:
-                dist = torch.from_numpy(np.array(dist_row, dtype=np.float32))
-            else:
-                dist = decode_distance(torch.from_numpy(np.ascontiguousarray(dist_row)))
+                r[:] = dist_row
+            else:   # decode_distance: code / 128 (exact), then × fl32(1/(L−1))
+                np.copyto(r, dist_row, casting="unsafe")
+                r *= np.float32(1 / 128)
                 if scale is not None:
-                    dist *= scale
-            lv_t = torch.from_numpy(np.ascontiguousarray(lv))
-            d = torch.from_numpy(self.d[s])
-            if rec > self.start:
-                changed = lv_t != torch.from_numpy(prev)
-                d.copy_(ema_update_compounded(d, dist, changed, self.decay, t - int(self.steps[rec - 1]), reset))
+                    r *= scale
+            np.not_equal(lv, prev, out=chg)
+            if rec > self.start:   # ema_update_compounded: r·(1−m) + d·m, then the reset where the level changed
+                gap = int(self.steps[rec]) - int(self.steps[rec - 1])
+                m = self.decay if gap == 1 else self.decay ** gap
+                r *= np.float32(1.0 - m)
+                d *= np.float32(m)
+                d += r
+                d[chg] = reset
             else:   # d = r, reset to one step where the level changed since the previous record (t ≥ 2)
-                d.copy_(dist)
-                if rec > 0 and t >= 2:
-                    changed = lv_t != torch.from_numpy(prev)
-                    d.copy_(torch.where(changed, reset, d) if isinstance(reset, torch.Tensor)
-                            else d.masked_fill_(changed, reset))
+                d[:] = r
+                if rec > 0 and int(self.steps[rec]) >= 2:
+                    d[chg] = reset
             out = d
         prev[:] = lv
         return out
@@ -115,8 +131,10 @@ class _IndexWorker:
         self.p, self.task = p, task
         n = task.size
         OV = p.J + 1
-        self.ema = _Ema(n, p.steps, p.decay, p.use_raw)
+        self.ema = _Ema(n, p.steps, p.decay, p.use_raw, sub_width(task))
         self.M = np.full(n, OV, dtype=np.intp)      # index dtype: gathers need no conversion
+        self.thr_m = np.empty(sub_width(task), np.float32)   # scratch: each weight's threshold of bin M
+        self.below = np.empty(sub_width(task), bool)
         if p.final is not None:
             self.final = np.asarray(p.final[task.start:task.stop])
         else:
@@ -151,6 +169,7 @@ class _IndexWorker:
         L = p.n_levels[sub.layer]
         M, final = self.M[s], self.final[s]
         counts, tick = self.counts[sub.layer], self.tick[sub.layer]
+        thr_m, below = self.thr_m[:sub.size], self.below[:sub.size]
         for i in range(lv_all.shape[0]):
             rec = r0 + i
             lv = lv_all[i]
@@ -159,18 +178,19 @@ class _IndexWorker:
             if d is None or not eligible(t, p.W):
                 continue
             g, thr32, ext = self._thresholds(rec, L)
-            d_np = d.numpy()
-            cand = np.flatnonzero(d_np <= ext[M])      # exactly the weights whose bin drops below M
-            if not cand.size:
+            np.take(ext, M, out=thr_m)
+            cand = np.flatnonzero(np.less_equal(d, thr_m, out=below))   # exactly the weights whose bin drops
+            if not cand.size:                                             # below M
                 continue
-            jt = grid_bins(d_np[cand], g, p.B, p.J, thr32, scale=1 / (L - 1))
-            old = M[cand]
-            row = counts[rec]
-            row += np.bincount(jt, minlength=row.size).astype(np.int32)
-            row -= np.bincount(old, minlength=row.size).astype(np.int32)
-            ok = lv[cand] == final[cand]
-            tick += np.bincount(jt[ok], minlength=tick.size)
-            tick -= np.bincount(old[ok], minlength=tick.size)
+            jt = grid_bins(d[cand], g, p.B, p.J, thr32, scale=1 / (L - 1))
+            ok = np.equal(lv[cand], final[cand]).view(np.int8)     # at its final level: ticket-correct
+            # one bincount for the new bins and one for the old, keyed 2·bin + ok: per bin (all, correct)
+            nb = 2 * counts.shape[1]
+            delta = np.bincount(2 * jt + ok, minlength=nb)
+            delta -= np.bincount(2 * M[cand] + ok, minlength=nb)
+            delta = delta.reshape(-1, 2)
+            counts[rec] += (delta[:, 0] + delta[:, 1]).astype(np.int32)
+            tick += delta[:, 1]
             M[cand] = jt
 
     def result(self):
@@ -223,14 +243,16 @@ class FreezeStepsPass(Pass):
 class _FreezeWorker:
     def __init__(self, p: FreezeStepsPass, task: Task):
         self.p = p
-        self.ema = _Ema(task.size, p.steps, p.decay, p.use_raw)
+        self.ema = _Ema(task.size, p.steps, p.decay, p.use_raw, sub_width(task))
         self.freeze = np.full(task.size, -1, np.int64)
+        self.free = np.ones(task.size, bool)      # not frozen yet
+        self.newly = np.empty(sub_width(task), bool)
 
     def feed(self, r0: int, data: dict, sub) -> None:
         p = self.p
         s = slice(sub.offset, sub.offset + sub.size)
         L = p.n_levels[sub.layer]
-        freeze = torch.from_numpy(self.freeze[s])
+        freeze, free, newly = self.freeze[s], self.free[s], self.newly[:sub.size]
         lv_all, dist_all = data["level"], data[p.needs[1]]
         for i in range(lv_all.shape[0]):
             rec = r0 + i
@@ -239,8 +261,12 @@ class _FreezeWorker:
             rho = ratio_at(t, p.schedule, p.ratio, p.W, p.T)
             if d is None or rho < 0:
                 continue
-            newly = (d <= threshold_norm(rho, L)) & (freeze < 0)
-            freeze.masked_fill_(newly, t)
+            np.less_equal(d, np.float32(threshold_norm(rho, L)), out=newly)   # torch's float32 comparison
+            newly &= free
+            idx = np.flatnonzero(newly)
+            if idx.size:
+                freeze[idx] = t
+                free[idx] = False
 
     def result(self):
         return self.freeze
@@ -284,48 +310,69 @@ class OscPass(Pass):
 
 
 class _OscWorker:
+    """`replay.replay_oscillation` on one task's columns: numpy, the same float32 operations as
+    `osc_ema_update` (x·m + f·(1−m)), int8 directions, preallocated buffers."""
+
     def __init__(self, p: OscPass, src, task: Task):
-        from .replay import osc_ema_update
-        self.update = osc_ema_update
-        n = task.size
+        n, w = task.size, sub_width(task)
         self.p, self.task = p, task
         self.freq = np.zeros(n, np.float32)
         self.level_ema = np.zeros(n, np.float32)
-        self.prev = np.zeros(n, np.int16)
+        self.prev = np.zeros(n, np.uint8)
         self.last_dir = np.zeros(n, np.int8)
         self.fs = np.full(n, -1, np.int64)
         self.flevel = np.full(n, -1, np.int16)
+        self.free = np.ones(n, bool)             # not frozen yet
+        self.b1, self.b2 = np.empty(w, bool), np.empty(w, bool)
+        self.i1, self.i2 = np.empty(w, np.int8), np.empty(w, np.int8)
+        self.f1 = np.empty(w, np.float32)
         R = src.n_records
         self.new_by_record = {layer: np.zeros(R, np.int64) for layer in task.layers()}
 
     def feed(self, r0: int, data: dict, sub) -> None:
-        p, m = self.p, self.p.m
+        p = self.p
+        m, keep = np.float32(p.m), np.float32(1 - p.m)
         s = slice(sub.offset, sub.offset + sub.size)
         watched = p.watch_layers is None or p.watch_layers[sub.layer]
-        freq, level_ema = torch.from_numpy(self.freq[s]), torch.from_numpy(self.level_ema[s])
-        prev, last_dir, fs, flevel = self.prev[s], self.last_dir[s], self.fs[s], self.flevel[s]
+        freq, level_ema, prev, last_dir = self.freq[s], self.level_ema[s], self.prev[s], self.last_dir[s]
+        fs, flevel, free = self.fs[s], self.flevel[s], self.free[s]
+        k = sub.size
+        b1, b2, direction, i2, f1 = self.b1[:k], self.b2[:k], self.i1[:k], self.i2[:k], self.f1[:k]
         new_by_record = self.new_by_record[sub.layer]
         for i in range(data["level"].shape[0]):
             rec = r0 + i
-            lv = data["level"][i].astype(np.int16)
+            lv = data["level"][i]
             if rec == 0:
-                level_ema.copy_(torch.from_numpy(lv).float())
+                np.copyto(level_ema, lv, casting="unsafe")
             else:
-                direction = np.sign(lv - prev).astype(np.int8)
-                changed = direction != 0
-                osc = changed & (last_dir == -direction)
-                np.copyto(last_dir, direction, where=changed)
-                freq.copy_(self.update(freq, torch.from_numpy(osc).float(), m))
-                level_ema.copy_(self.update(level_ema, torch.from_numpy(lv).float(), m))
+                # direction of the change (−1, 0, +1) without widening: (lv > prev) − (lv < prev)
+                np.subtract(np.greater(lv, prev, out=b1).view(np.int8), np.less(lv, prev, out=b2).view(np.int8),
+                            out=direction)
+                osc = np.equal(np.multiply(last_dir, direction, out=i2), -1, out=b1)  # opposite to the last
+                # last_dir = direction where the level changed: & 0xFF where it did not, then | direction
+                np.negative(np.equal(direction, 0, out=b2).view(np.int8), out=i2)
+                last_dir &= i2
+                last_dir |= direction
+                freq *= keep                               # f·(1−m) + osc·m
+                np.copyto(f1, osc, casting="unsafe")
+                f1 *= m
+                freq += f1
+                level_ema *= keep                          # level_ema·(1−m) + level·m
+                np.copyto(f1, lv, casting="unsafe")
+                f1 *= m
+                level_ema += f1
             prev[:] = lv
             thr = p.thr[rec]
             if thr <= 0 or not watched:
                 continue
-            newly = ((freq > thr) & torch.from_numpy(fs < 0)).numpy()
+            newly = np.greater(freq, np.float32(thr), out=b1)   # torch's float32 comparison
+            newly &= free
             if newly.any():
-                fs[newly] = int(p.steps[rec])
-                flevel[newly] = torch.round(level_ema).numpy()[newly].astype(np.int16)
-                new_by_record[rec] += int(newly.sum())
+                idx = np.flatnonzero(newly)
+                fs[idx] = int(p.steps[rec])
+                flevel[idx] = np.rint(level_ema[idx])     # torch.round: half to even
+                free[idx] = False
+                new_by_record[rec] += idx.size
 
     def result(self):
         t = self.task
