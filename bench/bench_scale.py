@@ -17,11 +17,20 @@ op 2, …, run B op 1, …). Operations:
 "MB read" is what the operation read after the imports: read()/pread() bytes (`rchar`) plus the growth of the
 file pages mapped and resident (`RssFile`: memory-mapped cache files, and library code first touched).
 
-Also the speed of reading the chunk files with O_DIRECT (`dd iflag=direct`, i.e. from the disk, not from the
-page cache), the floor a disk-limited analysis approaches.
+"MB/s" is that divided by the wall time: the rate at which the operation consumed the run's chunk files.
+
+`--cold` drops the run's files from the page cache before every operation (`posix_fadvise(DONTNEED)` on each
+file of the run folder, nothing else on the machine), so the operation reads from the disk. `--baseline DIR`
+runs every operation also with the code of another checkout (e.g. a worktree of the previous commit),
+interleaved with this one (baseline, this, baseline, this …), and prints the ratios per round.
+
+The disk's cold sequential read rate of the chunk files is measured before and after the operations
+(`--disk-repeats` times each, each time on other files of the run): `dd iflag=direct bs=4M` (O_DIRECT: from
+the disk, not the page cache), and buffered 16 MiB reads after `posix_fadvise(DONTNEED)` (what the analyses
+see: the kernel's readahead included). That is the rate a disk-limited analysis approaches.
 
     python bench/bench_scale.py /work/bigruns/syn-1m /work/bigruns/syn-10m [--rounds 2] [--no-old]
-    [--ops levels,index,osc,replay,cache,open]
+    [--ops levels,index,osc,replay,cache,open] [--cold] [--baseline /tmp/wt-old] [--disk-repeats 3]
 """
 from __future__ import annotations
 
@@ -37,7 +46,8 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+CODE = os.environ.get("BENCH_CODE", str(ROOT))   # the checkout whose lts_core a child process imports
+sys.path.insert(0, CODE)
 
 
 def io_mb() -> float:
@@ -95,26 +105,63 @@ def do(op: str, path: str) -> dict:
             "held": len(held), "records": run.n_records, "weights": run.n_weights}
 
 
-def in_child(op: str, path: Path) -> dict:
+def in_child(op: str, path: Path, code: str | None = None) -> dict:
+    code = code or str(ROOT)
     out = subprocess.run([sys.executable, __file__, "--child", op, str(path)], capture_output=True, text=True,
-                         env=dict(os.environ, PYTHONPATH=str(ROOT)))
+                         env=dict(os.environ, PYTHONPATH=code, BENCH_CODE=code))
     if out.returncode:
-        raise SystemExit(f"{op} on {path} failed:\n{out.stderr[-3000:]}")
+        raise SystemExit(f"{op} on {path} ({code}) failed:\n{out.stderr[-3000:]}")
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
-def disk_read_gbps(path: Path, limit_bytes: int = 2 << 30) -> float:
-    """GB/s reading the run's chunk files with O_DIRECT (dd iflag=direct), up to `limit_bytes`."""
-    files, total = [], 0
-    for f in sorted((path / "traj").glob("*.npy")):
-        if total >= limit_bytes:
-            break
-        files.append(f)
-        total += f.stat().st_size
-    t0 = time.perf_counter()
+def drop_cached(path: Path) -> None:
+    """Drop the run folder's files from the page cache (posix_fadvise DONTNEED; clean pages only)."""
+    drop_cached_files([f for f in Path(path).rglob("*") if f.is_file()])
+
+
+def big_chunk_files(path: Path) -> list[Path]:
+    """The run's chunk files of 1 MiB or more (levels and distances), in order."""
+    return [f for f in sorted((path / "traj").glob("*.npy")) if f.stat().st_size >= 1 << 20]
+
+
+def disk_read_mbps(path: Path, repeats: int, limit_bytes: int = 1 << 30) -> dict[str, list[float]]:
+    """MB/s reading about `limit_bytes` of the run's chunk files cold, `repeats` times each way, every time
+    other files (windows taken in turn, wrapping round): O_DIRECT (`dd iflag=direct bs=4M`) and buffered
+    16 MiB reads after posix_fadvise(DONTNEED) on the files."""
+    files = big_chunk_files(path)
+    if not files:
+        return {"direct": [], "fadvise": []}
+    per = max(1, min(len(files), int(limit_bytes // files[0].stat().st_size)))
+    out: dict[str, list[float]] = {"direct": [], "fadvise": []}
+    buf = bytearray(16 << 20)
+    k = 0
+    for _ in range(repeats):
+        for way in ("direct", "fadvise"):
+            window = [files[(k * per + j) % len(files)] for j in range(per)]
+            k += 1
+            total = sum(f.stat().st_size for f in window)
+            drop_cached_files(window)
+            t0 = time.perf_counter()
+            for f in window:
+                if way == "direct":
+                    subprocess.run(["dd", f"if={f}", "of=/dev/null", "bs=4M", "iflag=direct", "status=none"],
+                                   check=True)
+                else:
+                    with open(f, "rb", buffering=0) as fh:
+                        while fh.readinto(buf):
+                            pass
+            out[way].append(total / (time.perf_counter() - t0) / 1e6)
+            drop_cached_files(window)
+    return out
+
+
+def drop_cached_files(files) -> None:
     for f in files:
-        subprocess.run(["dd", f"if={f}", "of=/dev/null", "bs=4M", "iflag=direct", "status=none"], check=True)
-    return total / (time.perf_counter() - t0) / 1e9
+        fd = os.open(f, os.O_RDONLY)
+        try:
+            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+        finally:
+            os.close(fd)
 
 
 def main() -> None:
@@ -126,34 +173,58 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=2)
     ap.add_argument("--ops", default="levels,index,osc,replay,cache,open")
     ap.add_argument("--no-old", action="store_true")
+    ap.add_argument("--cold", action="store_true", help="drop the run's files from the page cache before each op")
+    ap.add_argument("--baseline", help="a checkout of other code: every op also runs with it, interleaved")
+    ap.add_argument("--disk-repeats", type=int, default=3)
     args = ap.parse_args()
     ops = args.ops.split(",") + ([] if args.no_old else ["old-settle", "old-index"])
+    codes = ([("base", str(Path(args.baseline).resolve()))] if args.baseline else []) + [("this", str(ROOT))]
     res: dict = {}
     threads = os.environ.get("SCRATCHOFF_ANALYSIS_THREADS", "all cores")
-    print(f"{os.cpu_count()} CPUs, analysis threads: {threads}, load average at start: {os.getloadavg()}")
+    print(f"{os.cpu_count()} CPUs, analysis threads: {threads}, cold: {args.cold}, load average at start: "
+          f"{os.getloadavg()}")
+    disk = {run.name: disk_read_mbps(run, args.disk_repeats) for run in args.runs}
     for rnd in range(args.rounds):
         for run in args.runs:
             for op in ops:
-                r = in_child(op, run)
-                res.setdefault((run.name, op), []).append(r)
-                print(f"round {rnd + 1} {run.name} {op}: {r['wall']:.2f} s wall, {r['cpu']:.2f} s CPU, peak "
-                      f"{r['maxrss_mb']:.0f} MB, read {r['read_mb']:.1f} MB", flush=True)
-    gbps = {run.name: disk_read_gbps(run) for run in args.runs}
+                for label, code in codes:
+                    if args.cold:
+                        drop_cached(run)
+                    r = in_child(op, run, code)
+                    r["load"] = os.getloadavg()[0]
+                    res.setdefault((run.name, op, label), []).append(r)
+                    print(f"round {rnd + 1} {run.name} {op} [{label}]: {r['wall']:.2f} s wall, {r['cpu']:.2f} s "
+                          f"CPU, peak {r['maxrss_mb']:.0f} MB, read {r['read_mb']:.1f} MB "
+                          f"({r['read_mb'] / r['wall']:.0f} MB/s), load {r['load']:.1f}", flush=True)
+    for run in args.runs:
+        for way, v in disk_read_mbps(run, args.disk_repeats).items():
+            disk[run.name][way] += v
     print(f"\nload average at the end: {os.getloadavg()}\n")
-    print("| run | operation | wall (best of {0}) | CPU | records/s | peak memory | MB read |".format(args.rounds))
-    print("|---|---|---|---|---|---|---|")
-    for (name, op), rs in res.items():
+    print(f"| run | operation | code | wall (best of {args.rounds}) | CPU | records/s | MB/s | peak memory | MB read |")
+    print("|---|---|---|---|---|---|---|---|---|")
+    for (name, op, label), rs in res.items():
         best = min(rs, key=lambda r: r["wall"])
-        print(f"| {name} ({best['weights'] / 1e6:g}M × {best['records']}) | {op} | {best['wall']:.2f} s | "
-              f"{best['cpu']:.2f} s | {best['records'] / best['wall']:.1f} | {max(r['maxrss_mb'] for r in rs):.0f} MB | "
-              f"{best['read_mb']:.1f} |")
-    for name, g in gbps.items():
-        print(f"\n{name}: chunk files read with O_DIRECT at {g:.2f} GB/s")
+        print(f"| {name} ({best['weights'] / 1e6:g}M × {best['records']}) | {op} | {label} | {best['wall']:.2f} s | "
+              f"{best['cpu']:.2f} s | {best['records'] / best['wall']:.2f} | {best['read_mb'] / best['wall']:.0f} | "
+              f"{max(r['maxrss_mb'] for r in rs):.0f} MB | {best['read_mb']:.1f} |")
+    for name, d in disk.items():
+        for way, v in d.items():
+            if v:
+                print(f"\n{name}: chunk files read cold ({way}) at " + ", ".join(f"{x:.0f}" for x in v)
+                      + f" MB/s (median {statistics.median(v):.0f})")
+    if args.baseline:
+        print("\nratios base ÷ this, wall (per round, interleaved):")
+        for run in args.runs:
+            for op in args.ops.split(","):
+                a = [o["wall"] / n["wall"] for o, n in zip(res[(run.name, op, "base")], res[(run.name, op, "this")])]
+                c = [o["cpu"] / n["cpu"] for o, n in zip(res[(run.name, op, "base")], res[(run.name, op, "this")])]
+                print(f"  {run.name} {op}: wall " + ", ".join(f"{x:.2f}×" for x in a)
+                      + f"; CPU " + ", ".join(f"{x:.2f}×" for x in c))
     if not args.no_old:
         print("\nratios old ÷ streamed (same round, then best):")
         for run in args.runs:
             for old, new in (("old-index", "index"), ("old-settle", "levels")):
-                a = [o["wall"] / n["wall"] for o, n in zip(res[(run.name, old)], res[(run.name, new)])]
+                a = [o["wall"] / n["wall"] for o, n in zip(res[(run.name, old, "this")], res[(run.name, new, "this")])]
                 print(f"  {run.name} {old} ÷ {new}: " + ", ".join(f"{x:.1f}×" for x in a)
                       + f" (median {statistics.median(a):.1f}×)")
 

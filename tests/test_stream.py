@@ -4,6 +4,7 @@ when the run grows, and rebuilt when it changes."""
 import json
 import os
 import pickle
+import threading
 from concurrent.futures import ProcessPoolExecutor
 from multiprocessing import get_context
 
@@ -152,6 +153,56 @@ def test_read_columns_and_decode_range(tmp_path):
     for a, b in ((0, 1046), (17, 18), (1000, 1046)):
         np.testing.assert_array_equal(level_delta.decode_range(base, at, to, 8, a, b),
                                       level_delta.decode(base, at, to, 8, slice(a, b)))
+
+
+class _Overlap(ArraySource):
+    """An ArraySource whose reads are logged and which lets a worker wait until chunk c has been read."""
+
+    def __init__(self, *a, **kw):
+        super().__init__(*a, **kw)
+        self.read_done = [threading.Event() for _ in self.chunk_sizes]
+        self.log = []
+
+    def read(self, chunk, name, start, stop, out=None):
+        got = super().read(chunk, name, start, stop, out)
+        self.log.append((chunk, name, start, stop))
+        self.read_done[chunk].set()
+        return got
+
+
+class _WaitForNextRead(LevelStatsPass):
+    """Level statistics whose worker, on each chunk, waits until the *next* chunk has been read: it finishes
+    only if the scan reads ahead while it computes."""
+
+    def __init__(self, src, r0_to_chunk):
+        super().__init__()
+        self.src, self.r0_to_chunk = src, r0_to_chunk
+
+    def worker(self, src, task, first_record):
+        w = super().worker(src, task, first_record)
+        feed, me = w.feed, self
+
+        def waiting_feed(r0, data, sub):
+            nxt = me.r0_to_chunk[r0] + 1
+            if nxt < len(me.src.chunk_sizes):
+                assert me.src.read_done[nxt].wait(10), f"chunk {nxt} not read while chunk {nxt - 1} is computed"
+            feed(r0, data, sub)
+        w.feed = waiting_feed
+        return w
+
+
+def test_the_next_chunk_is_read_while_this_one_is_computed():
+    lv, dist, _ = trajectories(seed=5)
+    src = _Overlap({"level": lv, "dist": dist}, SIZES, 4)
+    r0_to_chunk = {int(r0): c for c, r0 in enumerate(np.cumsum([0] + src.chunk_sizes[:-1]))}
+    (stats,) = run_passes(src, [_WaitForNextRead(src, r0_to_chunk)], serial, workers=1)
+    check_stats(stats, reference(lv, dist))
+    assert sorted(c for c, *_ in src.log) == list(range(len(src.chunk_sizes)))   # each chunk read once
+    for executor in (serial, thread_executor(2)):   # both buffer sets in turn: the same results on any plan
+        for task_cols, sub_cols in ((97, 13), (1000, 1000)):
+            src = _Overlap({"level": lv, "dist": dist}, SIZES, 3)
+            (stats,) = run_passes(src, [LevelStatsPass()], executor, task_cols=task_cols, sub_cols=sub_cols)
+            check_stats(stats, reference(lv, dist))
 
 
 def test_helpers():

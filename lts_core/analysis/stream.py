@@ -7,15 +7,17 @@ lie inside one layer and hold at most `SUB_COLS` weights (small enough for the C
 
 - *map*: one task per column range, `scan_task(source, task, passes)`: for each chunk of the run, in record
   order, read the task's columns of the arrays the passes need (one chunk's columns at a time, into reused
-  buffers) and feed each sub-block's columns to every pass's worker; return each worker's result;
+  buffers, double-buffered: a reader thread reads the next chunk while the task computes on this one) and
+  feed each sub-block's columns to every pass's worker; return each worker's result;
 - *reduce*: each pass's collector takes the task results in any order, places per-weight results at their
   columns and adds per-layer tables.
 
-Memory: the pass outputs (O(weights)) plus, per task in flight, its chunk buffers and the workers' state for
-its columns; never O(records × weights). The executor is any `map(fn, items) -> iterable of results in item
-order`: `thread_executor()` (the default: one thread per core; numpy and torch release the GIL in their loops),
-`serial` (debugging), or on a cluster e.g. Dask: `lambda fn, items: client.gather(client.map(fn, items))` —
-sources, tasks and passes are plain picklable objects, and `RunSource` reopens its run from its path.
+Memory: the pass outputs (O(weights)) plus, per task in flight, its two sets of chunk buffers and the
+workers' state for its columns; never O(records × weights). The executor is any `map(fn, items) -> iterable
+of results in item order`: `thread_executor()` (the default: one thread per core; numpy releases the GIL in
+its loops), `serial` (debugging), or on a cluster e.g. Dask:
+`lambda fn, items: client.gather(client.map(fn, items))` — sources, tasks and passes are plain picklable
+objects, and `RunSource` reopens its run from its path.
 """
 from __future__ import annotations
 
@@ -28,9 +30,9 @@ from typing import Any, Callable, Iterable, Sequence
 
 import numpy as np
 
-SUB_COLS = 1 << 15          # weights per sub-block: fits the CPU cache with the workers' state, and is torch's
-                            # grain size, so torch runs a sub-block's ops in the calling thread (no intra-op
-                            # thread team per call, which under load costs 10x)
+SUB_COLS = 1 << 15          # weights per sub-block: fits the CPU cache with the workers' state (the workers
+                            # run numpy only: a torch op above its grain size would start an intra-op thread
+                            # team per call, which under load costs milliseconds)
 TASK_COLS = 1 << 22         # at most this many weights per task (bounds a task's chunk buffers)
 
 Executor = Callable[[Callable[[Any], Any], Sequence[Any]], Iterable[Any]]
@@ -209,32 +211,41 @@ class Pass:
         raise NotImplementedError
 
 
+def _read_chunk(src, names: Sequence[str], task: Task, c: int, bufs: dict[str, np.ndarray]) -> dict:
+    """The task's columns of chunk `c` of every array in `names`, read into the reusable buffers `bufs`."""
+    r = src.chunk_sizes[c]
+    data = {}
+    for name in names:
+        buf = bufs.get(name)
+        got = src.read(c, name, task.start, task.stop, None if buf is None or buf.size < r * task.size else buf)
+        if buf is None or buf.size < got.size:
+            bufs[name] = got.reshape(-1) if got.flags.c_contiguous else np.ascontiguousarray(got).reshape(-1)
+        data[name] = got
+    return data
+
+
 def scan_task(src, passes: Sequence[Pass], first_chunk: int, task: Task) -> list:
     """The map step: stream the task's columns of every chunk from `first_chunk` on, in record order, through
-    one worker per pass; returns the workers' results."""
+    one worker per pass; returns the workers' results. Double-buffered: a reader thread reads the next chunk
+    (disk, page cache, decoding of levels stored as changes) while this thread computes on the current one."""
     first_record = sum(src.chunk_sizes[:first_chunk])
     workers = [p.worker(src, task, first_record) for p in passes]
     names = sorted({n for p in passes for n in p.needs})
-    bufs: dict[str, np.ndarray] = {}
+    chunks = [c for c in range(first_chunk, len(src.chunk_sizes)) if src.chunk_sizes[c]]
+    bufsets: tuple[dict, dict] = ({}, {})
     r0 = first_record
-    for c in range(first_chunk, len(src.chunk_sizes)):
-        r = src.chunk_sizes[c]
-        if r == 0:
-            continue
-        data = {}
-        for name in names:
-            buf = bufs.get(name)
-            got = src.read(c, name, task.start, task.stop, None if buf is None or buf.size < r * task.size
-                           else buf)
-            if buf is None or buf.size < got.size:
-                bufs[name] = got.reshape(-1) if got.flags.c_contiguous else np.ascontiguousarray(got).reshape(-1)
-            data[name] = got
-        for sub in task.subs:
-            cols = slice(sub.offset, sub.offset + sub.size)
-            view = {name: arr[:, cols] for name, arr in data.items()}
-            for w in workers:
-                w.feed(r0, view, sub)
-        r0 += r
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="lts-read") as reader:
+        pending = reader.submit(_read_chunk, src, names, task, chunks[0], bufsets[0]) if chunks else None
+        for i, c in enumerate(chunks):
+            data = pending.result()
+            if i + 1 < len(chunks):   # into the other buffer set, which no worker looks at now
+                pending = reader.submit(_read_chunk, src, names, task, chunks[i + 1], bufsets[(i + 1) % 2])
+            for sub in task.subs:
+                cols = slice(sub.offset, sub.offset + sub.size)
+                view = {name: arr[:, cols] for name, arr in data.items()}
+                for w in workers:
+                    w.feed(r0, view, sub)
+            r0 += src.chunk_sizes[c]
     return [w.result() for w in workers]
 
 
