@@ -149,6 +149,10 @@ def record_distributions(run, layer: int | str | None = None, freeze_steps=None,
             thresholds = np.array([ratio_at(int(t), settings["schedule"], float(settings.get("ratio", 1.0)),
                                             int(settings.get("warmup_steps", 0)), total) for t in steps])
     first_frozen, at_record = _freeze_records(fs, steps)
+    # per record, how many weights freeze / take their freezing level there: records without any skip the
+    # per-weight comparisons (a run without freezing compares nothing)
+    n_first = np.bincount(first_frozen[first_frozen < R], minlength=R)
+    n_at = np.bincount(at_record[at_record < R], minlength=R)
 
     L = int(lay.get("n_levels") or 0) if lay is not None else 1   # all layers: one pseudo-level
     L = max(L, 1)
@@ -174,7 +178,7 @@ def record_distributions(run, layer: int | str | None = None, freeze_steps=None,
     cls = np.zeros(n, np.uint32)             # 0 active, 1 frozen at its level, 2 frozen but moved
     freeze_level = np.zeros(n, np.uint8)
     is_frozen = np.zeros(n, bool)
-    key = np.empty(n, np.uint32)
+    key = np.empty(n, np.intp)               # bincount's own index type: no conversion per record
     arrays = ["level", "dist"] + (["ema"] if has_ema else []) + (["side"] if S == 2 else [])
     r = 0
     for ch in run.iter_chunks(arrays=tuple(arrays), layer=layer):
@@ -188,12 +192,12 @@ def record_distributions(run, layer: int | str | None = None, freeze_steps=None,
                     ema_code = np.clip(np.rint(e[sl] * SCALE), 0, CODE_BINS - 1).astype(np.uint8)
             elif has_ema:
                 ema_code = np.asarray(ch["ema"][j])
-            cap = at_record == r                 # the level each weight froze on, at its freeze record
-            if cap.any():
+            if n_at[r]:                          # the level each weight froze on, at its freeze record
+                cap = at_record == r
                 freeze_level[cap] = level[cap]
-            now = first_frozen == r
-            newly[r] = int(np.count_nonzero(now))
-            is_frozen |= now
+            newly[r] = n_first[r]
+            if n_first[r]:
+                is_frozen |= first_frozen == r
             frozen_by[r] = frozen_by[r - 1] + newly[r] if r else newly[r]
             if frozen_by[r]:
                 np.not_equal(level, freeze_level, out=cls, casting="unsafe")

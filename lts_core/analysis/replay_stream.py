@@ -182,16 +182,21 @@ class _IndexWorker:
             cand = np.flatnonzero(np.less_equal(d, thr_m, out=below))   # exactly the weights whose bin drops
             if not cand.size:                                             # below M
                 continue
-            jt = grid_bins(d[cand], g, p.B, p.J, thr32, scale=1 / (L - 1))
-            ok = np.equal(lv[cand], final[cand]).view(np.int8)     # at its final level: ticket-correct
+            jt = grid_bins(d[cand], g, p.B, p.J, thr32, scale=1 / (L - 1), ext=ext)
+            old = M[cand]
+            M[cand] = jt
+            ok = np.equal(lv, final, out=below)[cand].view(np.int8)    # at its final level: ticket-correct
             # one bincount for the new bins and one for the old, keyed 2·bin + ok: per bin (all, correct)
+            jt <<= 1
+            jt += ok
+            old <<= 1
+            old += ok
             nb = 2 * counts.shape[1]
-            delta = np.bincount(2 * jt + ok, minlength=nb)
-            delta -= np.bincount(2 * M[cand] + ok, minlength=nb)
+            delta = np.bincount(jt, minlength=nb)
+            delta -= np.bincount(old, minlength=nb)
             delta = delta.reshape(-1, 2)
             counts[rec] += (delta[:, 0] + delta[:, 1]).astype(np.int32)
             tick += delta[:, 1]
-            M[cand] = jt
 
     def result(self):
         return self.counts, self.tick
