@@ -7,8 +7,9 @@ op 2, …, run B op 1, …). Operations:
 - `levels`: settle records, flips, reversals, occupancy (`LevelStatsPass`, what `settle_summary(run)` uses);
 - `index`: `ReplayIndex.build(run, …)` with the run's own settings (`summaries.run_settings`);
 - `osc`: `oscillation_summary(run)`;
-- `dist`: `record_distributions(run, None)` (the Distributions view's per-record histograms, all layers; one
-  thread, record by record);
+- `dist`, `dist1`: `record_distributions(run, None)` and `(run, 0)` (the Distributions view's per-record
+  histograms, of all layers and of the first layer, as the app asks; one thread, record by record, through
+  memory maps, so "MB read" does not see its reads);
 - `replay`: `replay_freeze_steps(run, ratio=1.0, …)` (one ratio, per-weight freeze steps);
 - `cache`: `build_cache(run)` from scratch (all of the above but `replay`, in one scan), what a finished run
   pays once;
@@ -87,9 +88,9 @@ def do(op: str, path: str) -> dict:
         ReplayIndex.build(run, **s)
     elif op == "osc":
         oscillation_summary(run)
-    elif op == "dist":
+    elif op in ("dist", "dist1"):
         from lts_core.analysis.distributions import record_distributions
-        record_distributions(run, None)
+        record_distributions(run, None if op == "dist" else 0)
     elif op == "replay":
         replay_freeze_steps(run, ratio=1.0, **s)
     elif op == "cache":
