@@ -40,17 +40,28 @@ import torch
 import torch.nn.functional as F
 
 from lts_core import LTSRule, open_run, quantize_model
+from lts_core.channels import DEFAULT_CHANNEL_QUANTILE, check_quantile
 from lts_core.config import make_config
 from lts_core.layers import quantized_layers
 from lts_core.models import build_model
 from lts_core.trainer import train
 
-VARIANTS = {  # name → (TrainConfig fields, LTSRule keyword arguments)
-    "channel / active": (dict(granularity="channel", bound_grad="active"),
-                         dict(granularity="channel", bound_grad="active")),
+WEIGHT_VARIANTS = {  # name → (TrainConfig fields, LTSRule keyword arguments)
     "weight / all (paper)": (dict(), dict()),
     "weight / active": (dict(bound_grad="active"), dict(bound_grad="active")),
 }
+
+
+def channel_variant(q: float) -> tuple[str, tuple[dict, dict]]:
+    """Channel-LTS with `active` bounds and channel statistic q (the q-quantile of the channel's EMA distances)."""
+    kw = dict(granularity="channel", bound_grad="active", channel_quantile=q)
+    return f"channel q{q:g} / active", (kw, kw)
+
+
+def variants(quantiles: list[float], which: str = "all") -> dict:
+    """The variants measured: channel-LTS at each quantile, then (unless which == "channel") per weight."""
+    out = dict(channel_variant(q) for q in quantiles) if which in ("all", "channel") else {}
+    return out | (WEIGHT_VARIANTS if which in ("all", "weight") else {})
 MODELS = {  # name → (train config, timing input shape, model width)
     "resnet20": (None, (3, 32, 32), None),    # trained on digits as 1×8×8 images: resnet_digits_run
     "mlp1m": (dict(model="mlp", dataset="mnist1d", width=1024), (40,), 1024),
@@ -133,12 +144,13 @@ def trainer_run(model: str, fields: dict, rule: str, epochs: int, run_dir: Path)
     return out
 
 
-def real_runs(model: str, epochs: int, work: Path) -> dict:
-    """Baseline and each variant trained for real: {name: record} (+ 'baseline QAT'); cached in `work`."""
+def real_runs(model: str, epochs: int, work: Path, measured: dict) -> dict:
+    """Baseline and each variant of `measured` trained for real: {name: record} (+ 'baseline QAT'); cached in
+    `work` (a later run with the same --work loads them instead of training)."""
     import pickle
     out = {}
-    for name, (fields, rule_kw) in [("baseline QAT", ({}, None))] + list(VARIANTS.items()):
-        cache = work / f"{model}-{name.replace(' ', '_').replace('/', '-')}.pkl"
+    for name, (fields, rule_kw) in [("baseline QAT", ({}, None))] + list(measured.items()):
+        cache = work / f"{model}-{epochs}-{name.replace(' ', '_').replace('/', '-')}.pkl"
         if cache.exists():
             out[name] = pickle.loads(cache.read_bytes())
             print(f"  {model} {name}: acc {out[name]['acc']:.2f} (run loaded from {work})", flush=True)
@@ -148,7 +160,8 @@ def real_runs(model: str, epochs: int, work: Path) -> dict:
             rec = resnet_digits_run(rule_kw, epochs)
         else:
             rec = trainer_run(model, fields, "none" if rule_kw is None else "lts", epochs,
-                              work / f"{model}-{name.split()[0]}-{fields.get('bound_grad', 'all')}")
+                              work / f"{model}-{epochs}-{name.split()[0]}-{fields.get('bound_grad', 'all')}"
+                                     f"-q{fields.get('channel_quantile', 'x')}")
         cache.write_bytes(pickle.dumps(rec))
         print(f"  trained {model} {name} in {time.perf_counter() - t0:.0f} s: acc {rec['acc']:.2f}", flush=True)
         out[name] = rec
@@ -236,12 +249,13 @@ def pick_states(shares: list[float], k: int) -> list[int]:
 
 def bench_model(model_name: str, args) -> list[str]:
     work = args.work
-    runs = real_runs(model_name, args.epochs, work)
+    measured = variants(args.quantiles, args.variants)
+    runs = real_runs(model_name, args.epochs, work, measured)
     _, shape, width = MODELS[model_name]
     base_acc = runs["baseline QAT"]["acc"]
     base_step = make_step(model_name, shape, width, None)
     lines = []
-    for name, (_, rule_kw) in VARIANTS.items():
+    for name, (_, rule_kw) in measured.items():
         rec = runs[name]
         acc = rec["acc"]
         states = epoch_states(rec)
@@ -251,6 +265,7 @@ def bench_model(model_name: str, args) -> list[str]:
         # states are spread over (and interpolated in) the skippable share; where it hardly moves
         # (per-weight freezing) over the frozen fraction
         xvar = shares if max(shares) - min(shares) > 0.01 else frozen
+        print(f"  {model_name} {name}: skippable share by epoch " + " ".join(f"{x:.0%}" for x in shares), flush=True)
         picked = pick_states(xvar, args.states if name.startswith("channel") else args.weight_states)
         meas = {}
         for e in picked:
@@ -317,7 +332,15 @@ def main() -> None:
     ap.add_argument("--weight-states", type=int, default=3, help="epochs measured for per-weight freezing")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--work", type=Path, default=None, help="folder for the real runs (kept; reused if there)")
+    ap.add_argument("--quantiles", default=str(DEFAULT_CHANNEL_QUANTILE),
+                    help="channel statistics measured, comma-separated (1 = max); default: the library's default")
+    ap.add_argument("--variants", default="all", choices=["all", "channel", "weight"],
+                    help="channel: only channel-LTS at --quantiles; weight: only the per-weight variants")
     args = ap.parse_args()
+    try:
+        args.quantiles = [check_quantile(float(q)) for q in args.quantiles.split(",")]
+    except ValueError as e:
+        ap.error(f"--quantiles: {e}")
     torch.set_num_threads(args.threads)
     load = os.getloadavg()
     if args.model == "convgrad":

@@ -8,7 +8,11 @@ convolution through an autograd Function whose backward
 - computes the **weight gradient only for the active output channels** (`plan.active`): the active rows of the
   output gradient times the input (Linear), or the convolution's weight gradient on the active filters
   (`aten.convolution_backward` with only the weight output); grouped convolutions gather the groups that
-  hold an active filter (a depthwise convolution gathers exactly its active filters);
+  hold an active filter (a depthwise convolution gathers exactly its active filters). A convolution gathers
+  only where that is cheaper (`conv_gather_pays`): the CPU's weight-gradient kernel works on blocks of output
+  channels and a call of its own costs a fixed part more, so fewer filters cost less only once a whole block
+  drops out; otherwise the layer makes dense autograd's one call (input and weight gradient together) and
+  zeroes the frozen filters, costing what the plain layer costs;
 - returns zeros for the frozen channels (and, with `plan.weight_mask`, for frozen weights inside active
   channels, so they add nothing to the quantizer bounds' gradient either), or no weight gradient at all
   (`None`: nothing downstream runs, the quantizer's backward included) when every channel is frozen.
@@ -19,7 +23,8 @@ frozen part zero. Units: none (gradients in the units of the loss).
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+import math
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
@@ -40,6 +45,7 @@ class ChannelPlan:
     n_channels: int
     weight_mask: torch.Tensor | None = None
     none_when_frozen: bool = True
+    _frozen_rows: torch.Tensor | None = field(default=None, repr=False, compare=False)
 
     @property
     def all_frozen(self) -> bool:
@@ -48,6 +54,39 @@ class ChannelPlan:
     @property
     def n_active(self) -> int:
         return int(self.active.numel())
+
+    @property
+    def frozen_rows(self) -> torch.Tensor:
+        """bool [n_channels]: the output channels not in `active` (computed once per plan)."""
+        if self._frozen_rows is None:
+            rows = torch.ones(self.n_channels, dtype=torch.bool, device=self.active.device)
+            rows[self.active] = False
+            self._frozen_rows = rows
+        return self._frozen_rows
+
+
+# Output channels the convolution weight-gradient kernel computes together (None: by device, `conv_channel_block`).
+CONV_CHANNEL_BLOCK: int | None = None
+
+
+def conv_channel_block(device: torch.device) -> int:
+    """Output channels the weight-gradient convolution computes as one block on `device` (`CONV_CHANNEL_BLOCK`
+    overrides). CPU with AVX-512: 16 (oneDNN's float32 vector width; measured: the weight gradient of 1, 4, 8 or
+    15 of 16 filters costs as much as of all 16, and of 16 of 32 filters about half, bench_savings --model
+    convgrad); other CPUs: 8 (AVX2's width, not measured); CUDA: 1 (every frozen filter gathered out, not
+    measured)."""
+    if CONV_CHANNEL_BLOCK is not None:
+        return CONV_CHANNEL_BLOCK
+    if device.type != "cpu":
+        return 1
+    return 16 if torch.backends.cpu.get_cpu_capability().startswith("AVX512") else 8
+
+
+def conv_gather_pays(n_active: int, n_channels: int, block: int) -> bool:
+    """Whether computing the weight gradient of `n_active` of `n_channels` filters in a call of its own saves
+    time over dense autograd's call: only when at least one block of `block` output channels drops out
+    (⌈n_active/block⌉ < ⌈n_channels/block⌉)."""
+    return math.ceil(n_active / block) < math.ceil(n_channels / block)
 
 
 def _scatter_rows(rows: torch.Tensor, plan: ChannelPlan, shape: torch.Size) -> torch.Tensor:
@@ -162,25 +201,30 @@ class ActiveConv(torch.autograd.Function):
         gx = gw = gb = None
         want_x = ctx.needs_input_grad[0]
         want_b = ctx.has_bias and ctx.needs_input_grad[2]
-        if want_x or want_b:   # input (and bias) gradient: the dense call, without the weight output
-            gx, _, gb = torch.ops.aten.convolution_backward(
+        want_w = ctx.needs_input_grad[1] and not plan.all_frozen
+        # all filters in dense autograd's one call (then the frozen ones zeroed) unless gathering saves time
+        # (grouped convolutions gather the groups holding an active filter, `conv_weight_grad_active`)
+        dense_w = want_w and (plan.n_active == plan.n_channels or spec.groups == 1 and not conv_gather_pays(
+            plan.n_active, plan.n_channels, conv_channel_block(w.device)))
+        if want_x or want_b or dense_w:   # input (and bias) gradient: the dense call, with the weight's if dense
+            gx, gw, gb = torch.ops.aten.convolution_backward(
                 g, x, w, [w.shape[0]] if want_b else None, spec.stride, spec.padding, spec.dilation, False,
-                zeros, spec.groups, (want_x, False, want_b))
+                zeros, spec.groups, (want_x, dense_w, want_b))
+            gw = gw if dense_w else None
         if ctx.needs_input_grad[1]:
             if plan.all_frozen:
                 gw = _frozen_weight_grad(w, plan)
-            elif plan.n_active == plan.n_channels:
-                gw = _scatter_rows(torch.ops.aten.convolution_backward(
-                    g, x, w, None, spec.stride, spec.padding, spec.dilation, False, zeros, spec.groups,
-                    (False, True, False))[1], plan, w.shape)
+            elif dense_w:
+                if plan.n_active != plan.n_channels:
+                    gw.masked_fill_(plan.frozen_rows.view((-1,) + (1,) * (w.dim() - 1)), 0.0)
+                if plan.weight_mask is not None:
+                    gw.masked_fill_(~plan.weight_mask, 0.0)
             else:
                 rows, chans = conv_weight_grad_active(x, g, w, spec, plan.active)
                 full = rows.new_zeros(w.shape)
                 full.index_copy_(0, chans, rows)
                 if chans.numel() != plan.n_active:     # whole groups were computed: zero their frozen filters
-                    keep = torch.zeros(w.shape[0], dtype=torch.bool, device=w.device)
-                    keep[plan.active] = True
-                    full[~keep] = 0.0
+                    full[plan.frozen_rows] = 0.0
                 if plan.weight_mask is not None:
                     full.masked_fill_(~plan.weight_mask, 0.0)
                 gw = full

@@ -12,6 +12,7 @@ import pytest
 import torch
 from torch import nn
 
+from lts_core import channel_grad
 from lts_core.channel_grad import ChannelPlan, plan_from_frozen
 from lts_core.layers import QConv1d, QConv2d, QLinear
 from lts_core.quantizers import LearnedIntervalQuantizer
@@ -57,8 +58,16 @@ CASES = [("linear", {}), ("linear", {"bias": False}), ("conv1d", {"stride": 2, "
          ("conv2d", {"groups": 4, "padding": 1}), ("conv1d", {"groups": 2, "stride": 3})]
 
 
+@pytest.fixture(params=[1, 64], ids=["gather", "dense-call"])
+def conv_block(request, monkeypatch):
+    """The convolution path under test: block 1 gathers the active filters whenever one is frozen; block 64
+    (more than any test layer's filters) makes dense autograd's one call and zeroes the frozen filters."""
+    monkeypatch.setattr(channel_grad, "CONV_CHANNEL_BLOCK", request.param)
+    return request.param
+
+
 @pytest.mark.parametrize("kind,kw", CASES, ids=[f"{k}-{'-'.join(f'{a}{b}' for a, b in kw.items())}" for k, kw in CASES])
-def test_active_channel_gradients_equal_the_masked_dense_computation(kind, kw):
+def test_active_channel_gradients_equal_the_masked_dense_computation(kind, kw, conv_block):
     layer = _layer(kind, **kw)
     x = _input(kind, layer)
     frozen = torch.zeros_like(layer.weight, dtype=torch.bool)
@@ -71,8 +80,37 @@ def test_active_channel_gradients_equal_the_masked_dense_computation(kind, kw):
     wd = g_d["weight"].masked_fill(frozen, 0.0)
     assert torch.equal(g_p["weight"][frozen], torch.zeros_like(wd[frozen]))
     _close(g_p["weight"], wd)
-    if kind == "linear":                        # one GEMM on fewer rows: the same sums, bit for bit
-        assert torch.equal(g_p["weight"], wd)
+    if kind == "linear" or (conv_block > 12 and kw.get("groups", 1) == 1):
+        assert torch.equal(g_p["weight"], wd)   # the same GEMM on fewer rows, or the dense call: bit for bit
+
+
+def test_conv_gathers_only_when_a_block_of_filters_drops_out(monkeypatch):
+    """With blocks of 16 filters: 16 of 32 active gathers them (one weight-gradient call on 16 filters beside the
+    input gradient's); 17 of 32, or 8 of 16, make dense autograd's single call for both gradients."""
+    monkeypatch.setattr(channel_grad, "CONV_CHANNEL_BLOCK", 16)
+    assert channel_grad.conv_gather_pays(16, 32, 16) and not channel_grad.conv_gather_pays(17, 32, 16)
+    assert not channel_grad.conv_gather_pays(1, 16, 16) and channel_grad.conv_gather_pays(3, 4, 1)
+    real_cb = torch.ops.aten.convolution_backward
+    for c, n_frozen, calls_expected in ((32, 16, [(False, True, False, 16), (True, False, False, 32)]),
+                                        (32, 15, [(True, True, False, 32)]), (16, 8, [(True, True, False, 16)])):
+        torch.manual_seed(0)
+        layer = QConv2d.from_float(nn.Conv2d(4, c, 3, padding=1, bias=False), LearnedIntervalQuantizer(bits=2))
+        x = torch.randn(2, 4, 6, 6, requires_grad=True)
+        frozen = torch.zeros_like(layer.weight, dtype=torch.bool)
+        frozen[torch.randperm(c)[:n_frozen]] = True
+        seen = []
+
+        def cb(*args):
+            seen.append((*args[-1], args[2].shape[0]))
+            return real_cb(*args)
+
+        monkeypatch.setattr(torch.ops.aten, "convolution_backward", cb)
+        gx_p, g_p = _grads(layer, x, plan_from_frozen(frozen, per_weight=False))
+        monkeypatch.setattr(torch.ops.aten, "convolution_backward", real_cb)
+        assert sorted(seen) == sorted(calls_expected)
+        gx_d, g_d = _grads(layer, x, None)
+        assert torch.equal(gx_p, gx_d)
+        _close(g_p["weight"], g_d["weight"].masked_fill(frozen, 0.0))
 
 
 def test_per_weight_mask_removes_frozen_weights_from_the_bound_gradient():
