@@ -2,6 +2,12 @@
 
 Usage: python bench/bench_savings.py [--model resnet20|mlp1m|all|convgrad] [--epochs 30] [--rounds 5] [--steps 4]
                                      [--states 5] [--weight-states 3] [--work DIR] [--threads 2]
+                                     [--quantiles 0.5[,q…]] [--variants all|channel|weight]
+
+`--work DIR` keeps the real runs (one pickle per model, epochs and variant) and a later call with the same DIR
+loads them instead of training: a re-measure then costs only the timing part. `--quantiles` lists the channel
+statistics measured (one channel-LTS variant per q; default: the library's default), `--variants` restricts
+the table to the channel or the per-weight variants.
 
 Two parts, one process:
 1. **Real runs** (default settings: 2 bits, linear growth ρ = 1, warm-up 20 %, EMA 0.99, 30 QAT epochs after
@@ -9,7 +15,7 @@ Two parts, one process:
    shipped `digits` seen as 1×8×8 images (`resnet_digits_run`: the trainer's loop written out, since the
    trainer feeds digits flat) and a 1M-weight MLP (`mlp`, width 1024: its fc2 holds 1024·1024 quantized weights;
    first and last layers full precision) on `mnist1d` through the trainer; for baseline QAT, channel-LTS with
-   `bound_grad="active"` (default quantile 0.5), per-weight LTS (the paper, `all`) and per-weight LTS with
+   `bound_grad="active"` at each `--quantiles` q, per-weight LTS (the paper, `all`) and per-weight LTS with
    `active`. The quantized layers of ResNet-20 have the same shapes at 8×8 and 32×32 (the first convolution,
    whose input differs, stays full precision).
 2. **Timing** at the timing shape (ResNet-20: batch 128 of 3×32×32, CIFAR's; the MLP: batch 128 of mnist1d's

@@ -144,7 +144,8 @@ def train(
                                               "rule) or whole output channels (channel)"),
     channel_quantile: Optional[float] = typer.Option(None, help="channel granularity: a channel freezes when "
                                                      "this quantile of its weights' EMA distances passes the "
-                                                     "threshold (0.5 = median, the default; 1 = max)"),
+                                                     "threshold (default 0.25: a quarter of them settled; "
+                                                     "0.5 = median; 1 = max)"),
     bound_grad: Optional[str] = typer.Option(None, help="what the quantizer bounds learn from: all (the "
                                              "reference; no time saved) | active (unfrozen weights only: frozen "
                                              "channels skip their weight-gradient computation)"),

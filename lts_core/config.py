@@ -14,6 +14,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 
 from .manifest import one_line
 
+from .channels import DEFAULT_CHANNEL_QUANTILE
 from .datasets import DATASETS
 from .models import MODELS
 
@@ -75,8 +76,9 @@ class TrainConfig(BaseModel):
     granularity: Literal["weight", "channel"] = Field(
         "weight", description="LTS freezes single weights (the paper) or whole output channels")
     channel_quantile: float = Field(
-        0.5, gt=0, le=1, description="channel granularity: freeze a channel when this quantile of its weights' "
-        "EMA distances passes the threshold (0.5 = median, the default; 1 = max: every weight settled)")
+        DEFAULT_CHANNEL_QUANTILE, gt=0, le=1, description="channel granularity: freeze a channel when this "
+        "quantile of its weights' EMA distances passes the threshold (0.25, the default: a quarter of them "
+        "settled; 0.5 = median; 1 = max: every weight settled)")
     bound_grad: Literal["all", "active"] = Field(
         "all", description="quantizer bounds learn from all weights (the reference; no backward time saved) "
         "or only unfrozen ones (frozen channels skip their weight-gradient computation)")

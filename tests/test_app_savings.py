@@ -14,6 +14,7 @@ import pytest
 
 pytest.importorskip("streamlit")
 from test_app import metric, no_problem, page, vega_chart  # noqa: E402  (the page helpers of the app's tests)
+from lts_core.channels import DEFAULT_CHANNEL_QUANTILE  # noqa: E402
 
 SAVINGS_COLUMNS = ["bwd accounted (%)", "bwd skippable (%)", "bwd s", "step s"]
 NEW_METRICS = ["backward_flops_skippable", "step_seconds", "backward_seconds"]
@@ -119,7 +120,8 @@ def test_sweep_predicts_the_structural_share(runs):
     at.selectbox(key="actual").set_value("chan").run()
     no_problem(at)
     assert at.selectbox(key="sweep_granularity").value == "channel"
-    assert at.number_input(key="sweep_channel_quantile").value == 0.5
+    # the overlaid run's own quantile (it trained with the default)
+    assert at.number_input(key="sweep_channel_quantile").value == DEFAULT_CHANNEL_QUANTILE
     acc, skip = metric(at, "Accounted"), metric(at, "Skippable (predicted)")
     assert acc == skip and float(skip.rstrip("%")) > 0
     # independent path: the in-memory index with its structural table, at the same grid threshold
@@ -152,7 +154,7 @@ def test_train_offers_granularity_and_bound_grad(runs):
     at.selectbox(key="tr_bound_grad").set_value("active").run()
     cmd = at.code[0].value
     assert "--granularity channel" in cmd and "--bound-grad active" in cmd
-    assert "--channel-quantile" not in cmd   # the default 0.5 is not repeated
+    assert "--channel-quantile" not in cmd   # the default is not repeated
     at.number_input(key="tr_channel_quantile").set_value(0.75).run()
     assert "--channel-quantile 0.75" in at.code[0].value
     at.selectbox(key="tr_rule").set_value("none").run()

@@ -136,6 +136,7 @@ def _sweep(row: dict, lts: dict | None) -> None:
 
 def _structural(row: dict, lts: dict | None, s, W: int) -> None:
     """The replay's prediction of what is structurally skippable at the chosen threshold, per granularity."""
+    from lts_core.channels import DEFAULT_CHANNEL_QUANTILE
     own = next((r for r in (lts, row) if r is not None and r.get("granularity") == "channel"), None)
     st.markdown(f"**Accounted vs structural at ρ = {s.ratio:.4g}** — the accounted FLOPs are bookkeeping; only "
                 "channels whose every weight is frozen can be skipped by a planned backward (with bound-grad "
@@ -146,10 +147,12 @@ def _structural(row: dict, lts: dict | None, s, W: int) -> None:
                           format_func={"weight": "single weights (paper)", "channel": "whole channels"}.get,
                           help="channel: a channel freezes when a quantile of its weights' EMA distances passes "
                                "the threshold (--granularity channel)")
-    q = 0.5
+    q = DEFAULT_CHANNEL_QUANTILE
     if gran == "channel":
-        q = c[1].number_input("Channel quantile", 0.01, 1.0, float((own or {}).get("channel_quantile") or 0.5),
-                              0.05, key="sweep_channel_quantile", help="0.5 = median (the default), 1 = max")
+        q = c[1].number_input("Channel quantile", 0.01, 1.0,
+                              float((own or {}).get("channel_quantile") or DEFAULT_CHANNEL_QUANTILE), 0.05,
+                              key="sweep_channel_quantile",
+                              help=f"{DEFAULT_CHANNEL_QUANTILE:g} = the default, 0.5 = median, 1 = max")
     if not C.weight_by_weight_ok(row, "sweep_structural_go", "Predict the structural share for this threshold "
                                  "(replays every weight)"):
         return

@@ -15,6 +15,7 @@ import streamlit as st  # noqa: E402
 import common as C  # noqa: E402
 import jobs as J  # noqa: E402
 from lts_core import DATASETS, MODELS, DatasetError, load_dataset  # noqa: E402
+from lts_core.channels import DEFAULT_CHANNEL_QUANTILE  # noqa: E402
 from lts_core.config import ConfigError, make_config  # noqa: E402
 
 NEEDS_FOLDER = ("mnist", "fashion-mnist", "cifar10", "cifar100")
@@ -94,10 +95,11 @@ def savings_form(prefix: str, f: dict) -> None:
                  "planned backward can skip; 'weight' is the paper's rule")
         if f["granularity"] == "channel":
             f["channel_quantile"] = c[1].number_input(
-                "Channel quantile", min_value=0.01, max_value=1.0, value=0.5, step=0.05,
+                "Channel quantile", min_value=0.01, max_value=1.0, value=DEFAULT_CHANNEL_QUANTILE, step=0.05,
                 key=f"{prefix}_channel_quantile",
                 help="--channel-quantile: a channel freezes when this quantile of its weights' EMA distances "
-                     "passes the threshold (0.5 = median, the default; 1 = max: every weight settled)")
+                     f"passes the threshold ({DEFAULT_CHANNEL_QUANTILE:g}, the default: a quarter of them settled; "
+                     "0.5 = median; 1 = max: every weight settled)")
     f["bound_grad"] = c[2].selectbox(
         "Bounds learn from", ["all", "active"], key=f"{prefix}_bound_grad",
         format_func={"all": "all weights (the reference)", "active": "unfrozen weights only"}.get,

@@ -19,7 +19,8 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from ..channels import channel_statistic, check_granularity, check_quantile, expand_channels, quantile_rank
+from ..channels import (DEFAULT_CHANNEL_QUANTILE, channel_statistic, check_granularity, check_quantile,
+                        expand_channels, quantile_rank)
 
 __all__ = ["ChannelSpec", "channel_spec", "channel_freeze", "channel_bins", "StructuralCounter",
            "skippable_counts"]
@@ -51,8 +52,8 @@ class ChannelSpec:
         return self.channels is not None
 
 
-def channel_spec(granularity: str = "weight", channel_quantile: float = 0.5, layer_channels=None,
-                 sizes: list[int] | None = None) -> ChannelSpec:
+def channel_spec(granularity: str = "weight", channel_quantile: float = DEFAULT_CHANNEL_QUANTILE,
+                 layer_channels=None, sizes: list[int] | None = None) -> ChannelSpec:
     if layer_channels is not None and len(layer_channels) == 0:
         layer_channels = None
     return ChannelSpec(granularity, channel_quantile, layer_channels, list(sizes or []))

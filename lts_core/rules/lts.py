@@ -31,7 +31,7 @@ class LTSRule(FreezingRule):
 
     `granularity="channel"` freezes output channels (rows of a Linear, filters of a Conv) as a whole: a channel
     freezes at step t > W when the `channel_quantile`-quantile of its weights' EMA distances (an element of the
-    channel, `channels.channel_statistic`; default 0.5, the median; 1 = the maximum) is ≤ the same float32
+    channel, `channels.channel_statistic`; default 0.25, the lower quartile; 1 = the maximum) is ≤ the same float32
     threshold. The EMA stays per
     weight, exactly as above. `bound_grad="active"` (see `FreezingRule`) turns frozen channels into skipped
     weight-gradient computation; the defaults (`"weight"`, `"all"`) are the reference, unchanged.
