@@ -2,12 +2,16 @@
 
 Usage: python bench/bench_savings.py [--model resnet20|mlp1m|all|convgrad] [--epochs 30] [--rounds 5] [--steps 4]
                                      [--states 5] [--weight-states 3] [--work DIR] [--threads 2]
-                                     [--quantiles 0.5[,q…]] [--variants all|channel|weight]
+                                     [--quantiles 0.25[,q…]] [--variants all|channel|weight] [--seeds 0[,s…]]
+                                     [--model partial]
 
 `--work DIR` keeps the real runs (one pickle per model, epochs and variant) and a later call with the same DIR
 loads them instead of training: a re-measure then costs only the timing part. `--quantiles` lists the channel
 statistics measured (one channel-LTS variant per q; default: the library's default), `--variants` restricts
-the table to the channel or the per-weight variants.
+the table to the channel or the per-weight variants, `--seeds 0,1,2` trains more seeds for the accuracy column
+(the first seed's runs give the timed states). `--model partial` times ResNet-20 with the same share of every
+layer's filters frozen, the planned backward before and after `channel_grad.conv_gather_pays` (see
+`partial_freezing_costs`).
 
 Two parts, one process:
 1. **Real runs** (default settings: 2 bits, linear growth ρ = 1, warm-up 20 %, EMA 0.99, 30 QAT epochs after
@@ -129,9 +133,9 @@ def resnet_digits_run(rule_kw: dict | None, epochs: int, seed: int = 0) -> dict:
     return _record(acc, rule, layers, spe, epochs, metrics)
 
 
-def trainer_run(model: str, fields: dict, rule: str, epochs: int, run_dir: Path) -> dict:
+def trainer_run(model: str, fields: dict, rule: str, epochs: int, run_dir: Path, seed: int = 0) -> dict:
     """A real run through the trainer (recorded in `run_dir`, reused when there)."""
-    base = dict(MODELS[model][0], epochs=epochs, device="cpu", bits=2)
+    base = dict(MODELS[model][0], epochs=epochs, device="cpu", bits=2, seed=seed)
     if not (run_dir / "manifest.json").exists():
         train(make_config(**base, rule=rule, **fields), run_dir=run_dir, progress=False)
     run = open_run(run_dir)
@@ -150,26 +154,27 @@ def trainer_run(model: str, fields: dict, rule: str, epochs: int, run_dir: Path)
     return out
 
 
-def real_runs(model: str, epochs: int, work: Path, measured: dict) -> dict:
-    """Baseline and each variant of `measured` trained for real: {name: record} (+ 'baseline QAT'); cached in
-    `work` (a later run with the same --work loads them instead of training)."""
+def real_runs(model: str, epochs: int, work: Path, measured: dict, seed: int = 0) -> dict:
+    """Baseline and each variant of `measured` trained for real with `seed`: {name: record} (+ 'baseline QAT');
+    cached in `work` (a later run with the same --work loads them instead of training)."""
     import pickle
     out = {}
     for name, (fields, rule_kw) in [("baseline QAT", ({}, None))] + list(measured.items()):
-        cache = work / f"{model}-{epochs}-{name.replace(' ', '_').replace('/', '-')}.pkl"
+        cache = work / f"{model}-{epochs}-s{seed}-{name.replace(' ', '_').replace('/', '-')}.pkl"
         if cache.exists():
             out[name] = pickle.loads(cache.read_bytes())
-            print(f"  {model} {name}: acc {out[name]['acc']:.2f} (run loaded from {work})", flush=True)
+            print(f"  {model} seed {seed} {name}: acc {out[name]['acc']:.2f} (run loaded from {work})", flush=True)
             continue
         t0 = time.perf_counter()
         if model == "resnet20":
-            rec = resnet_digits_run(rule_kw, epochs)
+            rec = resnet_digits_run(rule_kw, epochs, seed)
         else:
             rec = trainer_run(model, fields, "none" if rule_kw is None else "lts", epochs,
-                              work / f"{model}-{epochs}-{name.split()[0]}-{fields.get('bound_grad', 'all')}"
-                                     f"-q{fields.get('channel_quantile', 'x')}")
+                              work / f"{model}-{epochs}-s{seed}-{name.split()[0]}-{fields.get('bound_grad', 'all')}"
+                                     f"-q{fields.get('channel_quantile', 'x')}", seed)
         cache.write_bytes(pickle.dumps(rec))
-        print(f"  trained {model} {name} in {time.perf_counter() - t0:.0f} s: acc {rec['acc']:.2f}", flush=True)
+        print(f"  trained {model} seed {seed} {name} in {time.perf_counter() - t0:.0f} s: acc {rec['acc']:.2f}",
+              flush=True)
         out[name] = rec
     return out
 
@@ -228,19 +233,68 @@ def make_step(model_name: str, shape, width, rule_kw: dict | None, masks=None, b
 MEASURES = ("step", "backward", "cpu step", "cpu backward")   # what a step returns, in that order
 
 
-def measure_pair(base_step, var_step, rounds: int, steps: int) -> dict:
-    """Interleaved rounds (baseline, variant, baseline, variant …), each the median of `steps` steps; returns
-    per measure the variant ÷ baseline ratio of the medians over the rounds, and 'base <measure>' (seconds)."""
-    base = {k: [] for k in MEASURES}
-    var = {k: [] for k in MEASURES}
+def measure_group(base_step, var_steps: dict, rounds: int, steps: int) -> dict:
+    """Interleaved rounds (baseline, each variant, baseline, each variant …), each the median of `steps` steps;
+    returns per variant and measure the variant ÷ baseline ratio of the medians over the rounds, and per
+    variant 'base <measure>' (seconds)."""
+    fns = {"base": base_step, **var_steps}
+    times = {name: {k: [] for k in MEASURES} for name in fns}
     for _ in range(rounds):
-        for fn, out in ((base_step, base), (var_step, var)):
+        for name, fn in fns.items():
             ts = [fn() for _ in range(steps)]
             for i, k in enumerate(MEASURES):
-                out[k].append(statistics.median(t[i] for t in ts))
-    res = {k: statistics.median(var[k]) / statistics.median(base[k]) for k in MEASURES}
-    res.update({f"base {k}": statistics.median(base[k]) for k in MEASURES})
-    return res
+                times[name][k].append(statistics.median(t[i] for t in ts))
+    base = {k: statistics.median(times["base"][k]) for k in MEASURES}
+    return {name: {**{k: statistics.median(times[name][k]) / base[k] for k in MEASURES},
+                   **{f"base {k}": base[k] for k in MEASURES}} for name in var_steps}
+
+
+def measure_pair(base_step, var_step, rounds: int, steps: int) -> dict:
+    """`measure_group` of one variant: interleaved baseline, variant, baseline, variant …"""
+    return measure_group(base_step, {"variant": var_step}, rounds, steps)["variant"]
+
+
+def with_conv_block(step, block: int | None):
+    """`step` run with `channel_grad.CONV_CHANNEL_BLOCK = block` (1: gather the active filters whenever one is
+    frozen, the planned backward before the block rule; None: by device, the default)."""
+    from lts_core import channel_grad
+
+    def run():
+        previous, channel_grad.CONV_CHANNEL_BLOCK = channel_grad.CONV_CHANNEL_BLOCK, block
+        try:
+            return step()
+        finally:
+            channel_grad.CONV_CHANNEL_BLOCK = previous
+    return run
+
+
+def partial_freezing_costs(rounds: int, steps: int) -> list[str]:
+    """ResNet-20 (batch 128, 3×32×32) with the same filters of every quantized layer frozen, channel-LTS with
+    `active` bounds: the step with the planned backward gathering the active filters whenever one is frozen
+    (the behaviour before `conv_gather_pays`) and as it is now (gathering only when a whole block of filters
+    drops out, else dense autograd's single call with the frozen filters zeroed), both ÷ baseline QAT,
+    interleaved (baseline, before, now …); wall-clock and CPU time."""
+    shapes = [tuple(m.weight.shape) for _, m in quantized_layers(
+        quantize_model(build_model("resnet20", (3, 32, 32), 10), bits=2))]
+    kw = dict(granularity="channel", bound_grad="active")
+    base = make_step("resnet20", (3, 32, 32), None, None)
+    lines = ["| filters frozen in every quantized layer | before: backward / step (wall · CPU) | now: backward / "
+             "step (wall · CPU) |", "|---|---|---|"]
+    for label, n_frozen in (("one", lambda c: 1), ("a quarter", lambda c: c // 4), ("half", lambda c: c // 2),
+                            ("all but one", lambda c: c - 1)):
+        masks = []
+        for s in shapes:
+            m = np.zeros(s, dtype=bool)
+            m[:n_frozen(s[0])] = True
+            masks.append(m)
+        var = make_step("resnet20", (3, 32, 32), None, kw, masks)
+        res = measure_group(base, {"before": with_conv_block(var, 1), "now": with_conv_block(var, None)},
+                            rounds, steps)
+        cell = lambda r: (f"{r['backward']:.2f} / {r['step']:.2f} · {r['cpu backward']:.2f} / "
+                          f"{r['cpu step']:.2f}")
+        lines.append(f"| {label} | {cell(res['before'])} | {cell(res['now'])} |")
+        print(lines[-1], f"(load {os.getloadavg()[0]:.1f})", flush=True)
+    return lines
 
 
 def pick_states(shares: list[float], k: int) -> list[int]:
@@ -256,7 +310,13 @@ def pick_states(shares: list[float], k: int) -> list[int]:
 def bench_model(model_name: str, args) -> list[str]:
     work = args.work
     measured = variants(args.quantiles, args.variants)
-    runs = real_runs(model_name, args.epochs, work, measured)
+    runs = real_runs(model_name, args.epochs, work, measured)     # seed 0: accuracy and the timed states
+    # more seeds: accuracy only, Δ against the baseline of the same seed
+    deltas = {name: [runs[name]["acc"] - runs["baseline QAT"]["acc"]] for name in measured}
+    for seed in args.seeds[1:]:
+        more = real_runs(model_name, args.epochs, work, measured, seed)
+        for name in measured:
+            deltas[name].append(more[name]["acc"] - more["baseline QAT"]["acc"])
     _, shape, width = MODELS[model_name]
     base_acc = runs["baseline QAT"]["acc"]
     base_step = make_step(model_name, shape, width, None)
@@ -286,7 +346,9 @@ def bench_model(model_name: str, args) -> list[str]:
         xs = xs[order]
         saved = {k: 1 - float(np.mean(np.interp(xvar, xs, np.array([meas[e][k] for e in picked])[order])))
                  for k in MEASURES}
-        lines.append(f"| {model_name} | {name} | {acc:.2f} ({acc - base_acc:+.2f}) | "
+        more = "" if len(deltas[name]) == 1 else \
+            f"; {len(deltas[name])} seeds: mean {np.mean(deltas[name]):+.2f}, worst {min(deltas[name]):+.2f}"
+        lines.append(f"| {model_name} | {name} | {acc:.2f} ({acc - base_acc:+.2f}{more}) | "
                      f"{rec['updates_eliminated']:.1%} | {rec['backward_flops_saved']:.1%} | "
                      f"{rec['backward_flops_skippable']:.1%} | "
                      f"{saved['backward']:.1%} / {saved['cpu backward']:.1%} | "
@@ -301,20 +363,24 @@ def bench_model(model_name: str, args) -> list[str]:
 
 
 def conv_weight_grad_costs(rounds: int = 7) -> list[str]:
-    """Why partly frozen convolutions save little: one ResNet-20-sized convolution (batch 128, 3×3, stride 1),
-    the weight gradient of all filters vs of every other filter (`channel_grad.conv_weight_grad_active`), and
-    the input gradient, in process CPU time; interleaved rounds, medians."""
+    """Why partly frozen convolutions save little: one ResNet-20-sized convolution (batch 128, 3×3, stride 1):
+    dense autograd's single call (input and weight gradient), the input gradient alone, and the weight gradient
+    alone of all filters and of the first k (`channel_grad.conv_weight_grad_active`), in process CPU time;
+    interleaved rounds, medians; ratios over the weight gradient of all filters."""
     from lts_core.channel_grad import ConvSpec, conv_weight_grad_active
     spec, cb = ConvSpec((1, 1), (1, 1), (1, 1), 1), torch.ops.aten.convolution_backward
-    lines = ["| filters × input size | input gradient | weight gradient, all filters | every other filter | "
-             "ratio half ÷ all |", "|---|---|---|---|---|"]
+    lines = ["| filters × input size | input + weight, one call | input gradient | weight gradient, all filters | "
+             "all but one | three quarters | half | a quarter | one |", "|---|---|---|---|---|---|---|---|---|"]
     for c, h in ((16, 32), (32, 16), (64, 8)):
         torch.manual_seed(0)
         x, w, g = torch.randn(128, c, h, h), torch.randn(c, c, 3, 3), torch.randn(128, c, h, h)
-        half = torch.arange(0, c, 2)
-        fns = {"input": lambda: cb(g, x, w, None, [1, 1], [1, 1], [1, 1], False, [0, 0], 1, (True, False, False)),
-               "all": lambda: cb(g, x, w, None, [1, 1], [1, 1], [1, 1], False, [0, 0], 1, (False, True, False)),
-               "half": lambda: conv_weight_grad_active(x, g, w, spec, half)}
+        args = (None, [1, 1], [1, 1], [1, 1], False, [0, 0], 1)
+        fns = {"both": lambda: cb(g, x, w, *args, (True, True, False)),
+               "input": lambda: cb(g, x, w, *args, (True, False, False)),
+               "all": lambda: cb(g, x, w, *args, (False, True, False))}
+        ks = {"all but one": c - 1, "three quarters": 3 * c // 4, "half": c // 2, "a quarter": c // 4, "one": 1}
+        for name, k in ks.items():
+            fns[name] = (lambda a=torch.arange(k): conv_weight_grad_active(x, g, w, spec, a))
         times = {k: [] for k in fns}
         for _ in range(rounds):
             for k, fn in fns.items():
@@ -322,15 +388,17 @@ def conv_weight_grad_costs(rounds: int = 7) -> list[str]:
                 fn()
                 times[k].append(time.process_time() - c0)
         med = {k: statistics.median(v) * 1e3 for k, v in times.items()}
-        lines.append(f"| {c} × {h}×{h} | {med['input']:.1f} ms | {med['all']:.1f} ms | {med['half']:.1f} ms | "
-                     f"{med['half'] / med['all']:.2f} |")
+        lines.append(f"| {c} × {h}×{h} | {med['both']:.1f} ms | {med['input']:.1f} ms | {med['all']:.1f} ms | "
+                     + " | ".join(f"{med[n] / med['all']:.2f}" for n in ks) + " |")
     return lines
 
 
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--model", default="all", choices=["all", "convgrad", *MODELS],
-                    help="convgrad: only the cost of one convolution's weight gradient, all vs half its filters")
+    ap.add_argument("--model", default="all", choices=["all", "convgrad", "partial", *MODELS],
+                    help="convgrad: only the cost of one convolution's weight gradient, all vs half its filters; "
+                         "partial: ResNet-20 with the same share of every layer's filters frozen, the planned "
+                         "backward before and after the block rule")
     ap.add_argument("--epochs", type=int, default=30)
     ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--steps", type=int, default=4)
@@ -342,15 +410,20 @@ def main() -> None:
                     help="channel statistics measured, comma-separated (1 = max); default: the library's default")
     ap.add_argument("--variants", default="all", choices=["all", "channel", "weight"],
                     help="channel: only channel-LTS at --quantiles; weight: only the per-weight variants")
+    ap.add_argument("--seeds", default="0", help="seeds trained, comma-separated: the first gives the timed "
+                    "states, the others only accuracy (Δ vs the baseline of the same seed)")
     args = ap.parse_args()
     try:
         args.quantiles = [check_quantile(float(q)) for q in args.quantiles.split(",")]
+        args.seeds = [int(s) for s in args.seeds.split(",")]
     except ValueError as e:
-        ap.error(f"--quantiles: {e}")
+        ap.error(f"--quantiles/--seeds: {e}")
     torch.set_num_threads(args.threads)
     load = os.getloadavg()
-    if args.model == "convgrad":
-        print("\n".join(conv_weight_grad_costs(args.rounds)))
+    if args.model in ("convgrad", "partial"):
+        lines = conv_weight_grad_costs(args.rounds) if args.model == "convgrad" else \
+            partial_freezing_costs(args.rounds, args.steps)
+        print("\n".join(lines))
         print(f"{args.threads} threads, CPU time, load average {load[0]:.1f} / {os.getloadavg()[0]:.1f}")
         return
     args.work = args.work or Path(tempfile.mkdtemp(prefix="bench_savings_"))

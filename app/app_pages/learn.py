@@ -273,7 +273,9 @@ def step_savings() -> None:
                  help="share of dW in whole frozen channels, over the 2F of the backward pass")
     right.metric("Skipped in time (at best)", f"{100 * (structural if bounds == 'active' else 0.0):.0f}%",
                  help="what a planned backward leaves out: the structural share with bound-grad 'active', nothing "
-                      "with 'all'. The clock shows less saved than this: the rule itself costs time every step")
+                      "with 'all'. The clock shows less saved than this: the rule itself costs time every step, "
+                      "and a CPU's convolution kernel computes filters in blocks of 16, so a partly frozen "
+                      "convolution saves time only once a whole block of its filters is frozen")
     if gran == "weight" and f < 1:
         st.info("Single weights freeze at their own times, scattered over every channel: a channel is complete "
                 f"only when all {SAVE_WIDTH} of its weights are frozen, which at {100 * f:.0f}% per weight practically "
@@ -286,7 +288,9 @@ def step_savings() -> None:
     st.caption("In a run these three are columns of the Runs and Compare pages (backward FLOPs saved, accounted; "
                 "structurally skippable; backward and step seconds, measured), and the Threshold sweep page "
                 "predicts the structural share for any threshold. Train with --granularity channel --bound-grad "
-                "active to save time.")
+                "active to save time. A channel freezes when a quantile of its weights' EMA distances passes the "
+                "threshold (--channel-quantile, default 0.25: a quarter of them settled): a lower quantile "
+                "freezes channels earlier and saves more; BENCHMARKS.md tables quantile against accuracy and time.")
 
 
 def step_real() -> None:
