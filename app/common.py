@@ -14,6 +14,7 @@ import os
 import re
 import sys
 import threading
+import time
 import traceback
 from dataclasses import dataclass
 from pathlib import Path
@@ -274,17 +275,32 @@ def refresh_runs() -> None:
 
 # ---- warm-up: what later pages import, imported once per server while the first page is looked at -----------
 _WARM_UP: list[threading.Thread] = []
+_LAST_SCRIPT_ACTIVITY = [0.0]   # time.monotonic() when a run of the main script last started or ended
+WARM_UP_QUIET_SECONDS = 3.0
+
+
+def mark_script_activity() -> None:
+    """Note that a run of the main script starts or ends now (the warm-up waits for a quiet server)."""
+    _LAST_SCRIPT_ACTIVITY[0] = time.monotonic()
 
 
 def warm_up() -> None:
     """Import the engine's replays (with torch: 1–3 s) and Plotly in a low-priority background thread, once per
-    server, after the first page is served. The Runs, Settling and Distributions pages need neither (they read
-    cached summaries and counts); a first Threshold sweep or Trajectories view then finds them imported
-    instead of paying for them."""
+    server, after the first page is served and once no page has run for `WARM_UP_QUIET_SECONDS`. The Runs,
+    Settling and Distributions pages need neither (they read cached summaries and counts); a later Threshold
+    sweep or Trajectories view then finds them imported instead of paying for them. The wait matters: an import
+    holds Python's GIL, so a warm-up during the next page's run slows that page (a Distributions click right
+    after the Runs page took 2.1 s instead of 1.6 s, BENCHMARKS.md)."""
     if _WARM_UP:
         return
     _WARM_UP.append(threading.Thread(target=_import_later_pages, name="scratchoff-warm-up", daemon=True))
     _WARM_UP[0].start()
+
+
+def wait_for_quiet_server(quiet_seconds: float = WARM_UP_QUIET_SECONDS, poll_seconds: float = 0.25) -> None:
+    """Return once no run of the main script has started or ended for `quiet_seconds` (seconds)."""
+    while (idle := time.monotonic() - _LAST_SCRIPT_ACTIVITY[0]) < quiet_seconds:
+        time.sleep(max(poll_seconds, quiet_seconds - idle))
 
 
 def _import_later_pages() -> None:
@@ -293,6 +309,7 @@ def _import_later_pages() -> None:
             os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), 10)
         except OSError:
             pass
+    wait_for_quiet_server()
     import lts_core.analysis.replay  # noqa: F401   (torch: the Sweep and Trajectories pages' replays)
     import plotly.graph_objects  # noqa: F401
 

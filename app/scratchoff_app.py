@@ -50,5 +50,9 @@ with st.sidebar:
                                           "seconds)"):
         C.refresh_runs()
 
-nav.run()
+C.mark_script_activity()
+try:
+    nav.run()
+finally:
+    C.mark_script_activity()
 C.warm_up()   # after the first page: what the other pages import, in the background

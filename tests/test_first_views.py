@@ -161,3 +161,18 @@ def test_sweep_asks_before_replaying_a_big_run_weight_by_weight(example_runs, mo
     assert metric(at, "Skippable (predicted)")
     monkeypatch.setattr(C, "WEIGHT_RECORDS_AT_ONCE", 10 ** 12)
     assert "Skippable (predicted)" in [m.label for m in page("sweep").run().metric]
+
+
+def test_the_warm_up_waits_for_a_quiet_server(monkeypatch):
+    """The background imports hold the GIL, so they wait until no page has run for a while: never sooner."""
+    import time
+
+    import common as C
+
+    C.mark_script_activity()
+    t0 = time.monotonic()
+    C.wait_for_quiet_server(quiet_seconds=0.3, poll_seconds=0.05)
+    assert time.monotonic() - t0 >= 0.3 - 0.01
+    C._LAST_SCRIPT_ACTIVITY[0] = time.monotonic() - 10.0   # the last page ran 10 s ago
+    monkeypatch.setattr(C.time, "sleep", lambda s: pytest.fail("slept although the server was quiet"))
+    C.wait_for_quiet_server(quiet_seconds=0.3, poll_seconds=0.05)
