@@ -5,7 +5,7 @@ Names are imported on first use (PEP 562), so `import lts_core.store` does not p
 """
 from __future__ import annotations
 
-import importlib
+from .lazy_exports import lazy_exports
 
 __version__ = "0.1.0"
 
@@ -21,18 +21,4 @@ _EXPORTS = {
     "schedules": ["SCHEDULES", "ratio_at"],
     "store": ["RunError", "list_runs", "open_run", "runs_dir"],
 }
-_WHERE = {name: module for module, names in _EXPORTS.items() for name in names}
-__all__ = sorted(_WHERE)
-
-
-def __getattr__(name: str):
-    module = _WHERE.get(name)
-    if module is None:
-        raise AttributeError(f"module 'lts_core' has no attribute {name!r}")
-    value = getattr(importlib.import_module(f".{module}", __name__), name)
-    globals()[name] = value
-    return value
-
-
-def __dir__() -> list[str]:
-    return sorted(set(globals()) | set(__all__))
+__all__, __getattr__, __dir__ = lazy_exports(__name__, _EXPORTS)

@@ -5,7 +5,7 @@ cached summaries and distributions do not, so a page that reads only those does 
 """
 from __future__ import annotations
 
-import importlib
+from ..lazy_exports import lazy_exports
 
 _EXPORTS = {
     "settle": ["RunArrays", "SettleSummary", "arrays_from_run", "curve_from_settle_records", "direction_reversals",
@@ -20,18 +20,4 @@ _EXPORTS = {
     "distributions": ["RecordDistributions", "common_weight_edges", "freeze_record_counts", "rebin_codes",
               "record_distributions", "weight_axis", "weight_histogram"],
 }
-_WHERE = {name: module for module, names in _EXPORTS.items() for name in names}
-__all__ = sorted(_WHERE)
-
-
-def __getattr__(name: str):
-    module = _WHERE.get(name)
-    if module is None:
-        raise AttributeError(f"module 'lts_core.analysis' has no attribute {name!r}")
-    value = getattr(importlib.import_module(f".{module}", __name__), name)
-    globals()[name] = value
-    return value
-
-
-def __dir__() -> list[str]:
-    return sorted(set(globals()) | set(__all__))
+__all__, __getattr__, __dir__ = lazy_exports(__name__, _EXPORTS)
