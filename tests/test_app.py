@@ -322,6 +322,12 @@ def test_sweep_threshold_moves_updates_eliminated(runs_dir):
     # the real LTS run of the same setup is overlaid and compared weight by weight
     assert 0 <= number(metric(at, "Jaccard (frozen sets)")) <= 100
     assert any("record resolution" in shown(i) for i in at.info)
+    # the contrast with oscillation freezing: a Markdown table (no data grid for a first view to load) whose
+    # LTS column repeats the replay's own count of frozen weights
+    table = next(t for t in markdown_texts(at) if "| LTS replay | oscillation |" in t)
+    frozen = next(m for m in at.metric if m.label == "Frozen at the end").proto.help.split()[0]
+    assert f"| weights frozen | {frozen} |" in table
+    assert not at.dataframe
 
 
 def test_sweep_starts_from_the_overlaid_runs_settings_and_snaps_typed_values(runs_dir):
