@@ -137,6 +137,27 @@ def test_heatmap_cells_ticks_and_rules():
     np.testing.assert_array_equal(edges_from_centers([0, 1, 3]), [-0.5, 0.5, 2, 4])
 
 
+def test_heatmap_draws_a_run_of_equal_cells_as_one():
+    """Plateaus (0 % in a warm-up, 100 % once every weight froze) are one cell each, spanning their columns,
+    and hovering one says where it starts and ends; cells of other values, NaNs and other rows are kept."""
+    from charts import Chart
+    nan = np.nan
+    z = np.array([[0, 0, 0, 5, 100, 100],
+                  [0, 0, 7, 7, nan, nan]])
+    spec = Chart("h", "epoch", "ρ").heatmap(np.arange(7.0), np.array([0.0, 1.0, 2.0]), z, "%").spec()
+    df = layer_data(spec, 0)
+    got = [(r.y, r.x0 + 0.01, r.x1 - 0.01, r.z) for r in df.itertuples()]   # 1 % overlap at each end
+    want = [(0.5, 0, 3, 0), (0.5, 3, 4, 5), (0.5, 4, 6, 100),
+            (1.5, 0, 2, 0), (1.5, 2, 4, 7), (1.5, 4, 6, nan)]
+    np.testing.assert_allclose(np.array(got, dtype=float), np.array(want, dtype=float))
+    assert list(df.x) == [0.5, 3.5, 4.5, 0.5, 2.5, 4.5] and list(df.x_to) == [2.5, 3.5, 5.5, 1.5, 3.5, 5.5]
+    assert [t["field"] for t in spec["layer"][0]["encoding"]["tooltip"]] == ["x", "x_to", "y", "z"]
+    # the same values in columns set apart by a gap are not joined across the gap
+    apart = np.array([[0.0, 1.0], [1.0, 1.9], [2.1, 3.0]])   # the first two touch, the third stands apart
+    df = layer_data(Chart().heatmap(apart, np.array([0.0, 1.0]), np.array([[1.0, 1.0, 1.0]]), "%").spec(), 0)
+    assert len(df) == 2 and list(df.x_to) == [1.45, 2.55]
+
+
 # ---- the Sweep page does not replay a big run weight by weight before the reader asks ---------------------------
 @pytest.fixture
 def example_runs(tmp_path, monkeypatch):

@@ -123,7 +123,7 @@ def _sweep(row: dict, lts: dict | None) -> None:
         fig.vline(s.ratio)
         fig.show("sweep_curve")
     with right:
-        ratios = np.linspace(0.0, idx.max_ratio, 81)
+        ratios = np.linspace(0.0, idx.max_ratio, 41)   # rows of ρ; more cells cost a first view, not detail
         hm = idx.heatmap(ratios)
         (Chart("Frozen fraction: threshold × epoch", "epoch", "threshold ratio ρ (Δ)")
          .heatmap(edges_from_centers(epochs), edges_from_centers(ratios), 100 * hm, "frozen %", 0, 100,
