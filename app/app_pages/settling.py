@@ -55,7 +55,7 @@ def body() -> None:
     if run.freeze_steps() is not None:
         fm = C.frozen_moved(row)
         if fm["frozen"]:
-            c = st.columns(4)
+            c = st.columns([1, 1, 2])   # the link's label needs the width of two metrics
             c[0].metric("Frozen at the end", C.pct(fm["frozen"] / max(fm["n"], 1)), help=f"{fm['frozen']:,} weights")
             c[1].metric("Frozen, then on another level", C.pct(fm["moved"] / fm["frozen"]),
                         help=f"{fm['moved']:,} of the {fm['frozen']:,} frozen weights end on another level than the "
