@@ -277,7 +277,7 @@ class Chart:
             if "y" in enc and "field" in enc["y"]:
                 enc["y"] = {"type": "quantitative", **enc["y"], "scale": y_scale,
                             "axis": {**self._axis(self.y_title, self.y_ticks),
-                                     "titleLimit": max(self.height - 110, 80)}}  # a long title must not shrink the plot
+                                     "titleLimit": max(self.height - 40, 80)}}  # a long title must not shrink the plot
             if not own:
                 enc["color"] = color
             if "strokeDash" in enc:
