@@ -17,9 +17,12 @@ the same seed, the variants
   (the default when recording every step: exact replays); `LTS + rec + raw`: LTS + that recorder reading the
   rule's own measurement (what an exact-replay LTS run costs over LTS alone);
 
-each in the modes **before** (`fused.use_fused(False)`: autograd's chain for the quantizer and the rule's
-bool-masked operations, the code path before the fused one), **after** (the default fused path) and, with
-`--compile`, **compiled** (`fused.use_compile(True)`; kernels are compiled before timing). Rounds interleave all
+each in the modes **eager** (the fused path with its per-weight work as eager torch ops,
+`fused.use_numba(False)`: the default before the numba loops), **numba** (the default: the rule's step, the
+gradient mask, the restore and the recorder's encoding as numba loops, `lts_core.fused_cpu`), with `--unfused`
+**unfused** (`fused.use_fused(False)`: autograd's chain for the quantizer and the rule's bool-masked
+operations, the code path before the fused one) and with `--compile` **compiled** (`fused.use_compile(True)`;
+kernels are compiled before timing). `--modes` picks any of them. Rounds interleave all
 variants (A, B, C, … A, B, C, …); in a round each variant runs one untimed step and then `--steps` timed steps,
 and its figure is the median of those. A ratio is taken inside each round (variant ÷ its denominator, both
 measured seconds apart) and the table gives the median over rounds with the range, for wall-clock time and for
@@ -48,7 +51,7 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from lts_core import LTSRule, Recorder, quantize_model  # noqa: E402
-from lts_core.fused import use_compile, use_fused  # noqa: E402
+from lts_core.fused import use_compile, use_fused, use_numba  # noqa: E402
 from lts_core.malloc import keep_freed_memory  # noqa: E402
 from lts_core.models import build_model  # noqa: E402
 
@@ -64,8 +67,9 @@ REC_KINDS = ["QAT + rec", "QAT + rec + raw", "LTS + rec + raw"]
 
 def mode_context(mode: str) -> ExitStack:
     stack = ExitStack()
-    stack.enter_context(use_fused(mode != "before"))
+    stack.enter_context(use_fused(mode != "unfused"))
     stack.enter_context(use_compile(mode == "compiled"))
+    stack.enter_context(use_numba(mode == "numba"))
     return stack
 
 
@@ -103,7 +107,7 @@ def bench_model(name: str, modes: list[str], rounds: int, steps: int, batch: int
     arch, shape, width = MODELS[name]
     kinds = ["FP", "QAT", "LTS"] + (REC_KINDS if name == "mlp1m" else [])
     variants = {(kind, mode): make_step(arch, shape, width, kind, mode, batch, runs_dir)
-                for kind in kinds for mode in (["after"] if kind == "FP" else modes)}
+                for kind in kinds for mode in (["numba"] if kind == "FP" else modes)}
     for step in variants.values():   # compile (and warm) everything before timing
         step()
         step()
@@ -191,7 +195,7 @@ def profile_rule(name: str, compiled: bool, steps: int = 10) -> None:
     arch, shape, width = MODELS[name]
     torch.manual_seed(0)
     x, y = torch.randn(128, *shape), torch.randint(0, 10, (128,))
-    with mode_context("compiled" if compiled else "after"):
+    with mode_context("compiled" if compiled else "numba"):
         model = build_model(arch, shape, 10, **({} if width is None else {"width": width}))
         quantize_model(model, bits=2, example_input=x[:2])
         opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9, weight_decay=1e-4)
@@ -242,6 +246,8 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=128)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--compile", action="store_true", help="also time the compiled kernels (needs a C++ compiler)")
+    ap.add_argument("--unfused", action="store_true", help="also time the unfused path (autograd's chain)")
+    ap.add_argument("--modes", default=None, help="comma-separated modes (unfused, eager, numba, compiled)")
     ap.add_argument("--kernels", action="store_true",
                     help="instead: single ops on 1M values (bool-masked vs float kernels) and, with --compile, "
                          "the compiled quantizer forward against the eager one by layer size")
@@ -259,7 +265,8 @@ def main() -> None:
         print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, load average {os.getloadavg()[0]:.1f}\n")
         kernels_table(args.rounds, args.compile)
         return
-    modes = ["before", "after"] + (["compiled"] if args.compile else [])
+    modes = args.modes.split(",") if args.modes else (
+        (["unfused"] if args.unfused else []) + ["eager", "numba"] + (["compiled"] if args.compile else []))
     load0 = os.getloadavg()
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads "
           f"(OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY', 'unset')}), batch {args.batch}, {args.rounds} rounds "
@@ -285,9 +292,9 @@ def main() -> None:
         print("|---|---|" + "---:|" * len(modes))
         for name, r in results.items():
             for lab, num, den in RATIOS:
-                if (num, "after") not in r[clock]:
+                if (num, modes[-1]) not in r[clock]:
                     continue
-                cells = [ratio_cell(r[clock], (num, m), (den, "after" if den == "FP" else m)) for m in modes]
+                cells = [ratio_cell(r[clock], (num, m), (den, "numba" if den == "FP" else m)) for m in modes]
                 print(f"| {name} | {lab} | " + " | ".join(cells) + " |")
     load1 = os.getloadavg()
     print(f"\nload average at end {load1[0]:.1f} / {load1[1]:.1f} / {load1[2]:.1f}")

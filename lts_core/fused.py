@@ -104,6 +104,47 @@ def use_compile(enabled: bool):
         set_compile(previous)
 
 
+_NUMBA = True
+
+
+def set_numba(enabled: bool) -> bool:
+    """Use (True, the default) or not the numba loops of `lts_core.fused_cpu` for the fused path's per-weight
+    work on CPU tensors (the LTS rule's step, the gradient mask, the restore, the recorder's encoding); returns
+    the previous setting. Off, the same work runs as eager torch ops (the same bits)."""
+    global _NUMBA
+    previous, _NUMBA = _NUMBA, bool(enabled)
+    return previous
+
+
+@contextmanager
+def use_numba(enabled: bool):
+    """`with use_numba(False): …` runs the eager torch ops of the fused path inside the block."""
+    previous = set_numba(enabled)
+    try:
+        yield
+    finally:
+        set_numba(previous)
+
+
+@lru_cache(maxsize=1)
+def _cpu_module():
+    try:
+        from . import fused_cpu
+    except ImportError:   # numba missing or broken: the eager ops do the same work
+        return None
+    return fused_cpu
+
+
+def cpu_kernels(*tensors: torch.Tensor):
+    """The `fused_cpu` module (numba loops) when they take these tensors: switched on, fused, not compiled,
+    numba importable, every tensor on the CPU and contiguous; else None. numba is imported on the first call."""
+    if not (_NUMBA and _FUSED and not _COMPILE):
+        return None
+    if not all(t.device.type == "cpu" and t.is_contiguous() for t in tensors):
+        return None
+    return _cpu_module()
+
+
 # A compiled kernel's call costs tens of µs (guards, wrapper): below ~64K elements the eager ops are as fast
 # (BENCHMARKS.md, `bench_fused.py --kernels --compile`), so small layers (all of ResNet-20's) keep the eager path.
 COMPILE_MIN_NUMEL = 1 << 16

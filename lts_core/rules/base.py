@@ -13,7 +13,7 @@ from torch import nn
 
 from ..channel_grad import ConvSpec, plan_from_frozen
 from ..channels import check_bound_grad, fully_frozen_channels
-from ..fused import compiled_for, const, fused_enabled, kernel
+from ..fused import compiled_for, const, cpu_kernels, fused_enabled, kernel
 from ..layers import quantized_layers
 
 _F32_EXACT = 2 ** 24   # float32 holds every integer below this: counts and step numbers stay exact
@@ -155,7 +155,11 @@ class FreezingRule:
         """Write the frozen weights back to the values they had when they froze."""
         for i, (m, val, n, k) in enumerate(zip(self.modules, self.frozen_values, self._n_frozen, self.numels)):
             if n and not (n == k and m.weight.grad is None):   # no gradient: no optimizer moved it
-                if self.fused:   # live 1 → the weight, 0 → its frozen value (both exact)
+                if self.fused and (cpu := cpu_kernels(m.weight, val, self._unfrozen[i])) is not None:
+                    w = cpu.flat(m.weight)   # one pass reading the bool mask, writing frozen weights only
+                    cpu.run_split(cpu.restore, w.size, k // self.n_channels[i], w, cpu.flat(val),
+                                  cpu.flat(self._unfrozen[i]))
+                elif self.fused:   # live 1 → the weight, 0 → its frozen value (both exact)
                     torch.lerp(val, m.weight, self._live[i], out=m.weight)
                 else:
                     torch.where(self.frozen[i], val, m.weight, out=m.weight)
@@ -190,6 +194,8 @@ class FreezingRule:
         for i, m in enumerate(self.modules):
             w = m.weight
             q = m.weight_quantizer
+            if self._step_cpu(i, q, w):   # the numba loop did it all
+                continue
             # the forward's distance code, before a freeze may move the weight; with the compiled kernels a rule
             # that never moves weights in step() leaves it to the recorder (one pass from the same forward)
             self.last_dist_code[i] = q.measure_code(w)[1] if self.record_codes and (
@@ -203,6 +209,10 @@ class FreezingRule:
         self._skip_sum += sum(c / k * f for c, k, f in zip(self._n_frozen_channels, self.n_channels,
                                                            self.layer_flops)) / (2 * self.total_model_flops)
         self.t += 1
+
+    def _step_cpu(self, i: int, q, w: torch.Tensor) -> bool:
+        """Step layer i in one numba pass (`fused_cpu`) where a subclass can: returns whether it did."""
+        return False
 
     @torch.no_grad()
     def _freeze(self, i: int, newly: torch.Tensor, value: torch.Tensor | None = None) -> int:
@@ -295,14 +305,22 @@ class FreezingRule:
             if self._plannable[i]:
                 if newly is not None:
                     if self.fused:
-                        w.grad.mul_(self._live[i])
+                        self._mul_live(i, w.grad)
                     else:
                         w.grad.masked_fill_(newly, 0.0)
                 return
         if self.fused:   # 0 (of either sign) where frozen, the gradient elsewhere
-            w.grad.mul_(self._live[i])
+            self._mul_live(i, w.grad)
         else:
             w.grad.masked_fill_(self.frozen[i], 0.0)
+
+    def _mul_live(self, i: int, grad: torch.Tensor) -> None:
+        """grad × the float32 live mask (frozen weights' gradient × 0): a numba pass over the bool mask on CPU."""
+        if grad.dtype == torch.float32 and (cpu := cpu_kernels(grad, self._unfrozen[i])) is not None:
+            g = cpu.flat(grad)
+            cpu.run_split(cpu.mask_grad, g.size, self.numels[i] // self.n_channels[i], g, cpu.flat(self._unfrozen[i]))
+        else:
+            grad.mul_(self._live[i])
 
     # ---- accounting ---------------------------------------------------------------------------------
     def frozen_count(self) -> int:

@@ -10,9 +10,10 @@ from torch import nn
 from ..channels import (DEFAULT_CHANNEL_QUANTILE, channel_statistic, check_granularity, check_quantile,
                         expand_channels)
 from ..distance import encode_distance, ema_update
-from ..fused import compiled_for, const, kernel
+from ..fused import compiled_for, const, cpu_kernels, kernel
+from ..quantizers import LearnedIntervalQuantizer
 from ..schedules import canonical_schedule, default_ratio, ratio_at, threshold_norm
-from .base import FreezingRule
+from .base import _F32_EXACT, FreezingRule
 
 
 class LTSRule(FreezingRule):
@@ -68,6 +69,59 @@ class LTSRule(FreezingRule):
         # EMA distance per weight in normalised units (multiply by L−1 for Δ units): `ema_steps()`.
         self.ema = [torch.zeros_like(m.weight, dtype=torch.float32) for m in self.modules]
         self.prev_level = [torch.zeros_like(m.weight, dtype=torch.float32) for m in self.modules]
+        self._own_level = list(self.prev_level)   # the numba step updates these in place
+
+    def _step_cpu(self, i, q, w):
+        """On CPU (`fused.cpu_kernels`), a learned-interval layer's whole step in one numba pass over the weight:
+        measure from w and the current bounds (the fused forward's ops), the EMA and its reset, the decision and
+        the freeze, and the gradient mask under `bound_grad="all"` (`fused_cpu.lts_step`, the same bits as the
+        eager ops). `prev_level[i]` (= `last_level[i]`) is updated in place; `last_raw[i]` is filled on steps a
+        Recorder asked for (`record_codes`) only, else None. Channel granularity decides on the channel
+        statistic afterwards (eager), from the EMA the pass updated."""
+        grad = w.grad
+        if not (self.fused and type(q) is LearnedIntervalQuantizer and bool(q.initialized)
+                and w.dtype == torch.float32 and self.t < _F32_EXACT
+                and (grad is None or (grad.dtype == torch.float32 and grad.shape == w.shape))):
+            return False
+        state = (w, self.ema[i], self._own_level[i], self._unfrozen[i], self.frozen[i], self._live[i],
+                 self.frozen_values[i], self._freeze_step_f[i], self._freeze_step[i])
+        cpu = cpu_kernels(*state, *(() if grad is None else (grad,)))
+        if cpu is None:
+            return False
+        t = self.t
+        if self.record_codes:   # the forward's distance code, as the eager step keeps it
+            self.last_dist_code[i] = q.measure_code(w)[1]
+        if self.prev_level[i] is not self._own_level[i]:   # an eager step left the forward's level there
+            self._own_level[i].copy_(self.prev_level[i])
+            self.prev_level[i] = self._own_level[i]
+        with torch.no_grad():
+            lo, up = q._lu()
+            b = up - lo
+        rho = self.threshold(t)
+        decide = rho >= 0 and self._granularity == "weight"
+        fold = grad is not None and self.bound_grad == "all" and decide   # else the eager logic, after
+        raw = torch.empty_like(w) if self.record_codes else None
+        n1 = self.n_levels[i] - 1
+        n_new = cpu.run_split(
+            cpu.lts_step, w.numel(), self.numels[i] // self.n_channels[i], cpu.flat(w), cpu.f32(lo), cpu.f32(b),
+            cpu.f32(n1), min(t, 2), cpu.flat(self.ema[i]), cpu.flat(self._own_level[i]), cpu.f32(self.decay),
+            cpu.f32(1.0 - self.decay), cpu.f32(1 / n1), cpu.f32(threshold_norm(rho, self.n_levels[i]) if decide
+                                                                 else -1.0), decide,
+            *(cpu.flat(x) for x in state[3:9]), t, cpu.f32(t), cpu.flat(self._channel_frozen[i]),
+            self.numels[i] // self.n_channels[i], cpu.empty_f32() if grad is None else cpu.flat(grad), fold,
+            cpu.empty_f32() if raw is None else cpu.flat(raw), raw is not None)
+        self.last_level[i] = self.prev_level[i]
+        self.last_raw[i] = raw
+        if n_new:
+            self._n_frozen[i] += n_new
+            self._update_layer(i)
+        if self._granularity == "channel" and rho >= 0:   # the channel statistic on the updated EMA
+            newly, _ = self._decide_channels(i, threshold_norm(rho, self.n_levels[i]))
+            if newly is not None:
+                n_new = self._freeze(i, newly)
+        if not fold:
+            self._mask_grads(i, True if n_new else None)
+        return True
 
     @property
     def granularity(self) -> str:
@@ -115,22 +169,26 @@ class LTSRule(FreezingRule):
         if rho < 0:
             return None, None
         thr = threshold_norm(rho, self.n_levels[i])
-        if self._granularity == "channel":   # the statistic of the channels not frozen yet (the rest stay)
-            live = None if not self._n_frozen[i] else torch.nonzero(self._unfrozen[i].reshape(
-                self.n_channels[i], -1)[:, 0]).flatten()
-            if live is not None and live.numel() == 0:
-                return None, None
-            ema = self.ema[i] if live is None else self.ema[i].reshape(self.n_channels[i], -1).index_select(0, live)
-            hit = channel_statistic(ema, ema.shape[0] if live is not None else self.n_channels[i],
-                                    self.channel_quantile) <= thr
-            if live is not None:
-                hit = torch.zeros(self.n_channels[i], dtype=torch.bool, device=hit.device).index_copy_(0, live, hit)
-            if self.fused:   # a float32 view [C, 1, …] broadcast over the weight (the freeze limits it to live weights)
-                shape = self.ema[i].shape
-                return hit.to(torch.float32).reshape((shape[0],) + (1,) * (len(shape) - 1)).expand(shape), None
-            return expand_channels(hit, self.ema[i].shape), None
+        if self._granularity == "channel":
+            return self._decide_channels(i, thr)
         mask = torch.float32 if self.fused else torch.bool
         return torch.le(self.ema[i], thr, out=self._buffer(f"decide_{mask}", i, mask)), None
+
+    def _decide_channels(self, i, thr):
+        """The channels to freeze: the statistic of the channels not frozen yet (the rest stay)."""
+        live = None if not self._n_frozen[i] else torch.nonzero(self._unfrozen[i].reshape(
+            self.n_channels[i], -1)[:, 0]).flatten()
+        if live is not None and live.numel() == 0:
+            return None, None
+        ema = self.ema[i] if live is None else self.ema[i].reshape(self.n_channels[i], -1).index_select(0, live)
+        hit = channel_statistic(ema, ema.shape[0] if live is not None else self.n_channels[i],
+                                self.channel_quantile) <= thr
+        if live is not None:
+            hit = torch.zeros(self.n_channels[i], dtype=torch.bool, device=hit.device).index_copy_(0, live, hit)
+        if self.fused:   # a float32 view [C, 1, …] broadcast over the weight (the freeze limits it to live weights)
+            shape = self.ema[i].shape
+            return hit.to(torch.float32).reshape((shape[0],) + (1,) * (len(shape) - 1)).expand(shape), None
+        return expand_channels(hit, self.ema[i].shape), None
 
     def settings(self) -> dict:
         return {"rule": "lts", "schedule": self.schedule, "ratio": self.ratio, "decay": self.decay,
