@@ -15,7 +15,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .stream import Pass, Task, bincount_u8
+from .stream import Pass, Task
 
 N_CODES = 256
 
@@ -88,41 +88,13 @@ class _LevelWorker:
             self.reversals = np.array(old.reversals[a:b], dtype=np.int32)
             self.last_dir = np.array(old.last_dir[a:b], dtype=np.int8)
         R_new = src.n_records - first_record
-        self.ne = None     # bool scratch of one sub-block
         self.occ = {layer: np.zeros((R_new, N_CODES), np.int64) for layer in task.layers()}
 
     def feed(self, r0: int, data: dict, sub) -> None:
-        lv = data["level"]
+        from .stream_kernels import level_kernel
         s = slice(sub.offset, sub.offset + sub.size)
-        prev, last_change, flips = self.prev[s], self.last_change[s], self.flips[s]
-        reversals, last_dir = self.reversals[s], self.last_dir[s]
-        occ = self.occ[sub.layer]
-        if self.ne is None or self.ne.size < sub.size:
-            self.ne = np.empty(max(s.size for s in self.task.subs), bool)
-        ne = self.ne[:sub.size]
-        for i in range(lv.shape[0]):
-            rec = r0 + i
-            cur = lv[i]
-            if rec == 0:
-                prev[:] = cur
-                occ[0] += bincount_u8(cur)
-                continue
-            # uint8 compare into a reused mask, then work only on the changed columns (a few % per record)
-            idx = np.flatnonzero(np.not_equal(cur, prev, out=ne))
-            if not idx.size:
-                continue
-            new, old = cur[idx], prev[idx]
-            direction = np.greater(new, old).view(np.int8)
-            direction += direction          # 0/2 …
-            direction -= 1                  # … -1/+1
-            flips[idx] += 1
-            last_change[idx] = rec
-            reversals[idx] += last_dir[idx] == -direction
-            last_dir[idx] = direction
-            prev[idx] = new
-            row = occ[rec - self.first]
-            row += np.bincount(new, minlength=N_CODES)
-            row -= np.bincount(old, minlength=N_CODES)
+        level_kernel(data["level"], sub.offset, sub.size, r0, self.first, self.prev[s], self.last_change[s],
+                     self.flips[s], self.reversals[s], self.last_dir[s], self.occ[sub.layer])
 
     def result(self):
         return (self.prev, self.last_change, self.flips, self.reversals, self.last_dir, self.occ)

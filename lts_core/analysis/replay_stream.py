@@ -2,11 +2,11 @@
 freezing, one pass over the chunks on all cores, memory O(weights) plus one chunk.
 
 The semantics are exactly those of `replay` (its module docstring): the same float32 operations on the same
-values as its torch code, done with numpy on column blocks instead of whole records (torch rounds a Python
-scalar to float32 before a float32 operation or comparison, as `np.float32(x)` does here), so every result is
-bit for bit the in-memory one (tests check it). Each sub-block lies inside one layer, so its unit (one step =
-1/(L−1)) is a scalar. The workers run numpy only, in place into per-task buffers: a torch op above its grain
-size starts an OpenMP team, which costs milliseconds per call when the cores are shared with other work.
+values as its torch code (torch rounds a Python scalar to float32 before a float32 operation or comparison, as
+`np.float32(x)` does here), so every result is bit for bit the in-memory one (tests check it). The workers
+call the numba kernels of `stream_kernels` (one loop over a sub-block's weights, the chunk's records inside,
+GIL released) with per-record parameters computed once per pass; each sub-block lies inside one layer, so its
+unit (one step = 1/(L−1)) is a scalar. numba is imported on a worker's first `feed`, not with this module.
 """
 from __future__ import annotations
 
@@ -41,54 +41,29 @@ def sub_width(task: Task) -> int:
     return max((sub.size for sub in task.subs), default=0)
 
 
-class _Ema:
-    """The replay's EMA over one task's columns: `replay._ema_stream`, applied to one sub-block at a time.
+class _EmaState:
+    """The replay's EMA state over one task's columns (`replay._ema_stream`, which the kernels follow record by
+    record): the EMA distance (normalised units, float32) and the previous level of every weight."""
 
-    The same float32 operations in the same order as `replay._ema_stream` (the decoded distance c/128 is
-    exact), in place into preallocated buffers: per record a uint8 compare, a few float32 passes over the
-    sub-block and the reset of the weights whose level changed.
-    """
-
-    def __init__(self, n: int, steps: np.ndarray, decay: float, use_raw: bool, width: int):
+    def __init__(self, n: int):
         self.d = np.zeros(n, np.float32)
         self.prev = np.zeros(n, np.uint8)
-        self.steps, self.decay, self.use_raw = steps, float(decay), use_raw
-        self.start = ema_start(steps)
-        self.r = np.empty(width, np.float32)       # the record's distance (normalised), then r·(1−m)
-        self.chg = np.empty(width, bool)
 
-    def update(self, rec: int, lv: np.ndarray, dist_row: np.ndarray, s: slice, n_levels: int
-               ) -> np.ndarray | None:
-        """EMA (normalised units, float32) of sub-block `s` after record `rec`, a view of the state; None
-        before the EMA starts."""
-        prev = self.prev[s]
-        out = None
-        if rec >= self.start:
-            scale, reset = layer_units(n_levels)
-            n = prev.size
-            r, chg, d = self.r[:n], self.chg[:n], self.d[s]
-            if self.use_raw:
-                r[:] = dist_row
-            else:   # decode_distance: code / 128 (exact), then × fl32(1/(L−1))
-                np.copyto(r, dist_row, casting="unsafe")
-                r *= np.float32(1 / 128)
-                if scale is not None:
-                    r *= scale
-            np.not_equal(lv, prev, out=chg)
-            if rec > self.start:   # ema_update_compounded: r·(1−m) + d·m, then the reset where the level changed
-                gap = int(self.steps[rec]) - int(self.steps[rec - 1])
-                m = self.decay if gap == 1 else self.decay ** gap
-                r *= np.float32(1.0 - m)
-                d *= np.float32(m)
-                d += r
-                d[chg] = reset
-            else:   # d = r, reset to one step where the level changed since the previous record (t ≥ 2)
-                d[:] = r
-                if rec > 0 and int(self.steps[rec]) >= 2:
-                    d[chg] = reset
-            out = d
-        prev[:] = lv
-        return out
+
+class _EmaParams:
+    """Per record the EMA's mode and float32 decays (`stream_kernels.ema_modes`), per layer size the decoding
+    scale and reset value (`layer_units`), as the kernels take them."""
+
+    def __init__(self, steps: np.ndarray, decay: float, use_raw: bool):
+        from .stream_kernels import ema_modes
+        self.mode, self.m32, self.k32 = ema_modes(steps, ema_start(steps), decay)
+        self.use_raw = bool(use_raw)
+
+    def args(self, n_levels: int) -> tuple:
+        """(raw, 1/128, scale, reset, mode, m, 1−m): the EMA arguments of a kernel for a layer of `n_levels`."""
+        scale, reset = layer_units(n_levels)
+        return (self.use_raw, np.float32(1 / 128), np.float32(1.0) if scale is None else scale, reset,
+                self.mode, self.m32, self.k32)
 
 
 def _dist_name(src) -> tuple[str, bool]:
@@ -116,6 +91,29 @@ class IndexPass(Pass):
         self.use_raw = use_raw
         self.needs = ("level", RAW if use_raw else "dist")
         self.final = final
+        self.ema = _EmaParams(self.steps, self.decay, use_raw)
+        self._bins: dict = {}
+
+    def bins(self, n_levels: int) -> tuple:
+        """(eligible bool [R], gain float64 [R], B/(gain·scale) float32 [R], ext float32 [R, J+3], J+1 float32):
+        per record the grid of thresholds of a layer of `n_levels` levels, as `replay.grid_bins` takes them
+        (ext[r] = −inf, fl32(scale·((j/B)·gain)) for j = 0 … J, +inf; scale = 1/(L−1))."""
+        got = self._bins.get(n_levels)
+        if got is None:
+            R, J, B, L = len(self.steps), self.J, self.B, n_levels
+            ok = np.array([eligible(int(t), self.W) for t in self.steps], bool)
+            gain = np.array([schedule_gain(int(t), self.schedule, self.W, self.T) for t in self.steps], np.float64)
+            qscale = np.zeros(R, np.float32)
+            ext = np.empty((R, J + 3), np.float32)
+            ext[:, 0], ext[:, J + 2] = -np.inf, np.inf
+            grid = np.arange(J + 1, dtype=np.float64) / B
+            for rec in range(R):
+                g = float(gain[rec])
+                ext[rec, 1:J + 2] = ((1 / (L - 1)) * (grid * g)).astype(np.float32)
+                if g > 0:
+                    qscale[rec] = np.float32(B / (g * (1 / (L - 1))))
+            got = self._bins[n_levels] = (ok, gain, qscale, ext, np.float32(J + 1))
+        return got
 
     def worker(self, src, task: Task, first_record: int):
         return _IndexWorker(self, src, task, first_record)
@@ -125,18 +123,18 @@ class IndexPass(Pass):
 
 
 class _IndexWorker:
+    """`stream_kernels.index_kernel` on one task's columns: the EMA state, each weight's running-minimum bin
+    M, and per layer the records' histogram changes and telescoped ticket-correct counts."""
+
     def __init__(self, p: IndexPass, src, task: Task, first_record: int):
         if first_record:
             raise ValueError("the replay index is built from the first record")
         self.p, self.task = p, task
         n = task.size
-        OV = p.J + 1
-        self.ema = _Ema(n, p.steps, p.decay, p.use_raw, sub_width(task))
-        self.M = np.full(n, OV, dtype=np.intp)      # index dtype: gathers need no conversion
-        self.thr_m = np.empty(sub_width(task), np.float32)   # scratch: each weight's threshold of bin M
-        self.below = np.empty(sub_width(task), bool)
+        self.ema = _EmaState(n)
+        self.M = np.full(n, p.J + 1, dtype=np.int64)    # every weight starts at the overflow bin
         if p.final is not None:
-            self.final = np.asarray(p.final[task.start:task.stop])
+            self.final = np.ascontiguousarray(p.final[task.start:task.stop], dtype=np.uint8)
         else:
             last = len(src.chunk_sizes) - 1
             self.final = np.array(src.read(last, "level", task.start, task.stop)[-1])
@@ -146,57 +144,15 @@ class _IndexWorker:
         # pages of records without changes, e.g. the warm-up, are never touched)
         self.counts = {layer: np.zeros((R, NB), np.int32) for layer in task.layers()}
         self.tick = {layer: np.zeros(NB, np.int64) for layer in task.layers()}
-        self._thr: dict = {}
-
-    def _thresholds(self, rec: int, L: int):
-        key = (rec, L)
-        if key not in self._thr:
-            p = self.p
-            g = schedule_gain(int(p.steps[rec]), p.schedule, p.W, p.T)
-            thr32 = ((1 / (L - 1)) * ((np.arange(p.J + 1, dtype=np.float64) / p.B) * g)).astype(np.float32)
-            ext = np.empty(p.J + 3, dtype=np.float32)
-            ext[0], ext[1:p.J + 2], ext[p.J + 2] = -np.inf, thr32, np.inf
-            if len(self._thr) > 64:
-                self._thr.clear()
-            self._thr[key] = (g, thr32, ext)
-        return self._thr[key]
 
     def feed(self, r0: int, data: dict, sub) -> None:
-        from .replay import grid_bins
+        from .stream_kernels import index_kernel
         p, ema = self.p, self.ema
-        lv_all, dist_all = data["level"], data[p.needs[1]]
         s = slice(sub.offset, sub.offset + sub.size)
         L = p.n_levels[sub.layer]
-        M, final = self.M[s], self.final[s]
-        counts, tick = self.counts[sub.layer], self.tick[sub.layer]
-        thr_m, below = self.thr_m[:sub.size], self.below[:sub.size]
-        for i in range(lv_all.shape[0]):
-            rec = r0 + i
-            lv = lv_all[i]
-            d = ema.update(rec, lv, dist_all[i], s, L)
-            t = int(p.steps[rec])
-            if d is None or not eligible(t, p.W):
-                continue
-            g, thr32, ext = self._thresholds(rec, L)
-            np.take(ext, M, out=thr_m)
-            cand = np.flatnonzero(np.less_equal(d, thr_m, out=below))   # exactly the weights whose bin drops
-            if not cand.size:                                             # below M
-                continue
-            jt = grid_bins(d[cand], g, p.B, p.J, thr32, scale=1 / (L - 1), ext=ext)
-            old = M[cand]
-            M[cand] = jt
-            ok = np.equal(lv, final, out=below)[cand].view(np.int8)    # at its final level: ticket-correct
-            # one bincount for the new bins and one for the old, keyed 2·bin + ok: per bin (all, correct)
-            jt <<= 1
-            jt += ok
-            old <<= 1
-            old += ok
-            nb = 2 * counts.shape[1]
-            delta = np.bincount(jt, minlength=nb)
-            delta -= np.bincount(old, minlength=nb)
-            delta = delta.reshape(-1, 2)
-            counts[rec] += (delta[:, 0] + delta[:, 1]).astype(np.int32)
-            tick += delta[:, 1]
+        index_kernel(data["level"], data[p.needs[1]], sub.offset, sub.size, r0, *p.ema.args(L),
+                     *p.bins(L), ema.prev[s], ema.d[s], self.M[s], self.final[s], self.counts[sub.layer],
+                     self.tick[sub.layer])
 
     def result(self):
         return self.counts, self.tick
@@ -237,6 +193,22 @@ class FreezeStepsPass(Pass):
         self.schedule, self.ratio = schedule, float(ratio)
         self.W, self.T, self.decay, self.use_raw = int(warmup_steps), int(total_steps), float(decay), use_raw
         self.needs = ("level", RAW if use_raw else "dist")
+        self.ema = _EmaParams(self.steps, self.decay, use_raw)
+        self._thr: dict = {}
+
+    def thresholds(self, n_levels: int) -> tuple[np.ndarray, np.ndarray]:
+        """(active bool [R], thr float32 [R]) of a layer of `n_levels` levels: the records where the rule
+        freezes (ρ ≥ 0) and its threshold there, rounded to float32 as torch compares a tensor with a float."""
+        got = self._thr.get(n_levels)
+        if got is None:
+            R = len(self.steps)
+            active, thr = np.zeros(R, bool), np.zeros(R, np.float32)
+            for rec, t in enumerate(self.steps):
+                rho = ratio_at(int(t), self.schedule, self.ratio, self.W, self.T)
+                if rho >= 0:
+                    active[rec], thr[rec] = True, np.float32(threshold_norm(rho, n_levels))
+            got = self._thr[n_levels] = (active, thr)
+        return got
 
     def worker(self, src, task: Task, first_record: int):
         return _FreezeWorker(self, task)
@@ -246,32 +218,21 @@ class FreezeStepsPass(Pass):
 
 
 class _FreezeWorker:
+    """`stream_kernels.freeze_kernel` on one task's columns."""
+
     def __init__(self, p: FreezeStepsPass, task: Task):
         self.p = p
-        self.ema = _Ema(task.size, p.steps, p.decay, p.use_raw, sub_width(task))
+        self.ema = _EmaState(task.size)
         self.freeze = np.full(task.size, -1, np.int64)
         self.free = np.ones(task.size, bool)      # not frozen yet
-        self.newly = np.empty(sub_width(task), bool)
 
     def feed(self, r0: int, data: dict, sub) -> None:
-        p = self.p
+        from .stream_kernels import freeze_kernel
+        p, ema = self.p, self.ema
         s = slice(sub.offset, sub.offset + sub.size)
         L = p.n_levels[sub.layer]
-        freeze, free, newly = self.freeze[s], self.free[s], self.newly[:sub.size]
-        lv_all, dist_all = data["level"], data[p.needs[1]]
-        for i in range(lv_all.shape[0]):
-            rec = r0 + i
-            d = self.ema.update(rec, lv_all[i], dist_all[i], s, L)
-            t = int(p.steps[rec])
-            rho = ratio_at(t, p.schedule, p.ratio, p.W, p.T)
-            if d is None or rho < 0:
-                continue
-            np.less_equal(d, np.float32(threshold_norm(rho, L)), out=newly)   # torch's float32 comparison
-            newly &= free
-            idx = np.flatnonzero(newly)
-            if idx.size:
-                freeze[idx] = t
-                free[idx] = False
+        freeze_kernel(data["level"], data[p.needs[1]], sub.offset, sub.size, r0, *p.ema.args(L), *p.thresholds(L),
+                      p.steps, ema.prev[s], ema.d[s], self.freeze[s], self.free[s])
 
     def result(self):
         return self.freeze
@@ -305,6 +266,9 @@ class OscPass(Pass):
         self.steps = np.asarray(steps, dtype=np.int64)
         self.T, self.m = int(total_steps), float(decay)
         self.thr = [osc_threshold_at(int(t), self.T, start_frac, thr_start, thr_end) for t in self.steps]
+        self.active = np.array([thr > 0 for thr in self.thr], bool)    # records where freezing is on
+        self.never = np.zeros(len(self.steps), bool)                    # for a layer not watched
+        self.thr32 = np.array([np.float32(thr) for thr in self.thr], np.float32)   # torch's float32 comparison
         self.watch_layers = None if watch_layers is None else [bool(w) for w in watch_layers]
 
     def worker(self, src, task: Task, first_record: int):
@@ -315,11 +279,11 @@ class OscPass(Pass):
 
 
 class _OscWorker:
-    """`replay.replay_oscillation` on one task's columns: numpy, the same float32 operations as
-    `osc_ema_update` (x·m + f·(1−m)), int8 directions, preallocated buffers."""
+    """`stream_kernels.osc_kernel` on one task's columns: the frequency and level EMAs (float32), the last
+    direction (int8), the freeze step and level."""
 
     def __init__(self, p: OscPass, src, task: Task):
-        n, w = task.size, sub_width(task)
+        n = task.size
         self.p, self.task = p, task
         self.freq = np.zeros(n, np.float32)
         self.level_ema = np.zeros(n, np.float32)
@@ -328,56 +292,18 @@ class _OscWorker:
         self.fs = np.full(n, -1, np.int64)
         self.flevel = np.full(n, -1, np.int16)
         self.free = np.ones(n, bool)             # not frozen yet
-        self.b1, self.b2 = np.empty(w, bool), np.empty(w, bool)
-        self.i1, self.i2 = np.empty(w, np.int8), np.empty(w, np.int8)
-        self.f1 = np.empty(w, np.float32)
         R = src.n_records
         self.new_by_record = {layer: np.zeros(R, np.int64) for layer in task.layers()}
 
     def feed(self, r0: int, data: dict, sub) -> None:
+        from .stream_kernels import osc_kernel
         p = self.p
-        m, keep = np.float32(p.m), np.float32(1 - p.m)
         s = slice(sub.offset, sub.offset + sub.size)
         watched = p.watch_layers is None or p.watch_layers[sub.layer]
-        freq, level_ema, prev, last_dir = self.freq[s], self.level_ema[s], self.prev[s], self.last_dir[s]
-        fs, flevel, free = self.fs[s], self.flevel[s], self.free[s]
-        k = sub.size
-        b1, b2, direction, i2, f1 = self.b1[:k], self.b2[:k], self.i1[:k], self.i2[:k], self.f1[:k]
-        new_by_record = self.new_by_record[sub.layer]
-        for i in range(data["level"].shape[0]):
-            rec = r0 + i
-            lv = data["level"][i]
-            if rec == 0:
-                np.copyto(level_ema, lv, casting="unsafe")
-            else:
-                # direction of the change (−1, 0, +1) without widening: (lv > prev) − (lv < prev)
-                np.subtract(np.greater(lv, prev, out=b1).view(np.int8), np.less(lv, prev, out=b2).view(np.int8),
-                            out=direction)
-                osc = np.equal(np.multiply(last_dir, direction, out=i2), -1, out=b1)  # opposite to the last
-                # last_dir = direction where the level changed: & 0xFF where it did not, then | direction
-                np.negative(np.equal(direction, 0, out=b2).view(np.int8), out=i2)
-                last_dir &= i2
-                last_dir |= direction
-                freq *= keep                               # f·(1−m) + osc·m
-                np.copyto(f1, osc, casting="unsafe")
-                f1 *= m
-                freq += f1
-                level_ema *= keep                          # level_ema·(1−m) + level·m
-                np.copyto(f1, lv, casting="unsafe")
-                f1 *= m
-                level_ema += f1
-            prev[:] = lv
-            thr = p.thr[rec]
-            if thr <= 0 or not watched:
-                continue
-            newly = np.greater(freq, np.float32(thr), out=b1)   # torch's float32 comparison
-            newly &= free
-            if newly.any():
-                idx = np.flatnonzero(newly)
-                fs[idx] = int(p.steps[rec])
-                flevel[idx] = np.rint(level_ema[idx])     # torch.round: half to even
-                free[idx] = False
-                new_by_record[rec] += idx.size
+        osc_kernel(data["level"], sub.offset, sub.size, r0, np.float32(p.m), np.float32(1 - p.m),
+                   p.active if watched else p.never, p.thr32, p.steps, self.freq[s], self.level_ema[s],
+                   self.prev[s], self.last_dir[s], self.fs[s], self.flevel[s], self.free[s],
+                   self.new_by_record[sub.layer])
 
     def result(self):
         t = self.task

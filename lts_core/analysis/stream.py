@@ -5,17 +5,18 @@ through the records in order, and weights are independent of each other. A pass 
 weight index into **tasks**, contiguous column ranges of about equal size, each cut into **sub-blocks** that
 lie inside one layer and hold at most `SUB_COLS` weights (small enough for the CPU cache):
 
-- *map*: one task per column range, `scan_task(source, task, passes)`: for each chunk of the run, in record
-  order, read the task's columns of the arrays the passes need (one chunk's columns at a time, into reused
-  buffers, double-buffered: a reader thread reads the next chunk while the task computes on this one) and
-  feed each sub-block's columns to every pass's worker; return each worker's result;
+- *map*: one task per column range, `scan_task(source, task, passes)`: for each group of consecutive chunks
+  of the run (`chunk_groups`: about `GROUP_BYTES` per array), in record order, read the task's columns of the
+  arrays the passes need (into reused buffers, double-buffered: a reader thread reads the next group while
+  the task computes on this one) and feed each sub-block to every pass's worker, whose compiled kernel
+  (`stream_kernels`) follows each weight through the group's records; return each worker's result;
 - *reduce*: each pass's collector takes the task results in any order, places per-weight results at their
   columns and adds per-layer tables.
 
-Memory: the pass outputs (O(weights)) plus, per task in flight, its two sets of chunk buffers and the
+Memory: the pass outputs (O(weights)) plus, per task in flight, its two sets of group buffers and the
 workers' state for its columns; never O(records × weights). The executor is any `map(fn, items) -> iterable
-of results in item order`: `thread_executor()` (the default: one thread per core; numpy releases the GIL in
-its loops), `serial` (debugging), or on a cluster e.g. Dask:
+of results in item order`: `thread_executor()` (the default: one thread per core; the kernels release the
+GIL), `serial` (debugging), or on a cluster e.g. Dask:
 `lambda fn, items: client.gather(client.map(fn, items))` — sources, tasks and passes are plain picklable
 objects, and `RunSource` reopens its run from its path.
 """
@@ -35,7 +36,11 @@ SUB_COLS = 1 << 17          # weights per sub-block: numpy's per-call cost (~1 �
                             # (10-20 % less CPU than 2^15 at 10M weights; the workers run numpy only: a torch op
                             # above its grain size would start an intra-op thread team per call, which under
                             # load costs milliseconds)
-TASK_COLS = 1 << 22         # at most this many weights per task (bounds a task's chunk buffers)
+TASK_COLS = 1 << 21         # at most this many weights per task (bounds a task's chunk buffers)
+GROUP_BYTES = 1 << 24       # a task reads chunks in groups of about this many bytes per array (of 1-byte
+                            # values): e.g. 8 records of 2M weights, so that a kernel visits each weight's state
+                            # once per 8 records instead of once per record (the state, 10-25 bytes per weight,
+                            # goes to memory and back between visits)
 
 Executor = Callable[[Callable[[Any], Any], Sequence[Any]], Iterable[Any]]
 
@@ -202,7 +207,8 @@ def plan_tasks(layer_sizes: Sequence[int], workers: int = 1, task_cols: int | No
 class Pass:
     """One analysis streamed over the records. Subclasses define `needs` (arrays read), `worker(source, task,
     first_record)` (an object with `feed(r0, data, sub)` and `result()`) and `collector(source)` (an object
-    with `add(task, result)` and `finish()`)."""
+    with `add(task, result)` and `finish()`). `feed` gets the task's columns of one chunk, `data[name]` C-order
+    [records, task.size] starting at record r0, and works on the sub-block's columns sub.offset … +sub.size."""
 
     needs: tuple[str, ...] = ("level",)
 
@@ -213,41 +219,78 @@ class Pass:
         raise NotImplementedError
 
 
-def _read_chunk(src, names: Sequence[str], task: Task, c: int, bufs: dict[str, np.ndarray]) -> dict:
-    """The task's columns of chunk `c` of every array in `names`, read into the reusable buffers `bufs`."""
-    r = src.chunk_sizes[c]
+def chunk_groups(chunk_sizes: Sequence[int], first_chunk: int, width: int,
+                 group_bytes: int | None = None) -> list[list[int]]:
+    """Consecutive non-empty chunks from `first_chunk` on, grouped so that a group's records of `width` columns
+    hold about `group_bytes` (default `GROUP_BYTES`) at one byte per value: a worker then follows each weight
+    through several records per visit, with its state in registers (a chunk larger than that is a group)."""
+    target = max(1, int(group_bytes or GROUP_BYTES) // max(1, int(width)))
+    groups: list[list[int]] = []
+    rows = 0
+    for c in range(first_chunk, len(chunk_sizes)):
+        r = int(chunk_sizes[c])
+        if not r:
+            continue
+        if groups and rows + r <= target:
+            groups[-1].append(c)
+            rows += r
+        else:
+            groups.append([c])
+            rows = r
+    return groups
+
+
+def _read_group(src, names: Sequence[str], task: Task, group: Sequence[int], bufs: dict[str, np.ndarray]
+                ) -> dict:
+    """The task's columns of the chunks in `group` of every array in `names`, one [records, task.size] array
+    per name, read into the reusable flat buffers `bufs` (grown as needed)."""
+    w = task.size
+    rows = sum(int(src.chunk_sizes[c]) for c in group)
     data = {}
     for name in names:
         buf = bufs.get(name)
-        got = src.read(c, name, task.start, task.stop, None if buf is None or buf.size < r * task.size else buf)
-        if buf is None or buf.size < got.size:
-            bufs[name] = got.reshape(-1) if got.flags.c_contiguous else np.ascontiguousarray(got).reshape(-1)
-        data[name] = got
+        row = 0
+        for c in group:
+            r = int(src.chunk_sizes[c])
+            if buf is None:   # the first read tells the dtype
+                got = src.read(c, name, task.start, task.stop)
+                buf = bufs[name] = np.empty(rows * w, got.dtype)
+                buf[:r * w].reshape(r, w)[...] = got
+            else:
+                if buf.size < rows * w:
+                    old, buf = buf, np.empty(rows * w, buf.dtype)
+                    buf[:row * w] = old[:row * w]
+                    bufs[name] = buf
+                part = buf[row * w:(row + r) * w]
+                got = src.read(c, name, task.start, task.stop, part)
+                if got.__array_interface__["data"][0] != part.__array_interface__["data"][0]:
+                    part.reshape(r, w)[...] = got
+            row += r
+        data[name] = buf[:rows * w].reshape(rows, w)
     return data
 
 
 def scan_task(src, passes: Sequence[Pass], first_chunk: int, task: Task) -> list:
-    """The map step: stream the task's columns of every chunk from `first_chunk` on, in record order, through
-    one worker per pass; returns the workers' results. Double-buffered: a reader thread reads the next chunk
-    (disk, page cache, decoding of levels stored as changes) while this thread computes on the current one."""
+    """The map step: stream the task's columns of every chunk from `first_chunk` on, in record order, a group
+    of chunks at a time (`chunk_groups`), through one worker per pass; returns the workers' results.
+    Double-buffered: a reader thread reads the next group (disk, page cache, decoding of levels stored as
+    changes) while this thread computes on the current one."""
     first_record = sum(src.chunk_sizes[:first_chunk])
     workers = [p.worker(src, task, first_record) for p in passes]
     names = sorted({n for p in passes for n in p.needs})
-    chunks = [c for c in range(first_chunk, len(src.chunk_sizes)) if src.chunk_sizes[c]]
+    groups = chunk_groups(src.chunk_sizes, first_chunk, task.size)
     bufsets: tuple[dict, dict] = ({}, {})
     r0 = first_record
     with ThreadPoolExecutor(max_workers=1, thread_name_prefix="lts-read") as reader:
-        pending = reader.submit(_read_chunk, src, names, task, chunks[0], bufsets[0]) if chunks else None
-        for i, c in enumerate(chunks):
+        pending = reader.submit(_read_group, src, names, task, groups[0], bufsets[0]) if groups else None
+        for i, group in enumerate(groups):
             data = pending.result()
-            if i + 1 < len(chunks):   # into the other buffer set, which no worker looks at now
-                pending = reader.submit(_read_chunk, src, names, task, chunks[i + 1], bufsets[(i + 1) % 2])
+            if i + 1 < len(groups):   # into the other buffer set, which no worker looks at now
+                pending = reader.submit(_read_group, src, names, task, groups[i + 1], bufsets[(i + 1) % 2])
             for sub in task.subs:
-                cols = slice(sub.offset, sub.offset + sub.size)
-                view = {name: arr[:, cols] for name, arr in data.items()}
                 for w in workers:
-                    w.feed(r0, view, sub)
-            r0 += src.chunk_sizes[c]
+                    w.feed(r0, data, sub)
+            r0 += sum(src.chunk_sizes[c] for c in group)
     return [w.result() for w in workers]
 
 
@@ -293,6 +336,6 @@ def bincount_u8(x: np.ndarray) -> np.ndarray:
     return np.bincount(x, minlength=256)
 
 
-__all__ = ["SUB_COLS", "TASK_COLS", "Executor", "serial", "thread_executor", "default_workers", "RunSource",
-           "ArraySource", "SubBlock", "Task", "plan_tasks", "Pass", "scan_task", "run_passes",
+__all__ = ["SUB_COLS", "TASK_COLS", "GROUP_BYTES", "Executor", "serial", "thread_executor", "default_workers", "RunSource",
+           "ArraySource", "SubBlock", "Task", "plan_tasks", "Pass", "chunk_groups", "scan_task", "run_passes",
            "changed_columns", "bincount_u8"]

@@ -1,0 +1,210 @@
+"""The numba kernels of the streamed analyses (lts_core.analysis.stream_kernels) give bit for bit what the numpy
+workers they replaced give (tests/stream_reference.py), on random inputs and their edge cases: levels 0 and
+the top level of every layer size (2 … 256 levels), ties of the EMA distance or the oscillation frequency with
+a threshold, extreme (but NaN-free) raw distances, records from step 0 or later, resumed level passes, any
+chunking and blocking; and numba is not imported until a kernel runs."""
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from lts_core.analysis.level_stats import LevelStatsPass
+from lts_core.analysis.replay_stream import FreezeStepsPass, IndexPass, OscPass
+from lts_core.analysis.stream import ArraySource, run_passes, serial, thread_executor
+from stream_reference import RefFreezeStepsPass, RefIndexPass, RefLevelStatsPass, RefOscPass
+
+SIZES = [37, 300, 5, 130, 64]
+N_LEVELS = [2, 3, 4, 16, 256]
+B, J = 64, 128          # a coarse grid: many weights in few bins, ties likely
+
+
+def same(a, b, what=""):
+    """Equal bit for bit (float arrays compared as their bytes: −0.0 ≠ 0.0)."""
+    a, b = np.asarray(a), np.asarray(b)
+    assert a.dtype == b.dtype and a.shape == b.shape, (what, a.dtype, b.dtype, a.shape, b.shape)
+    if a.dtype.kind == "f":
+        a, b = a.view(np.uint8), b.view(np.uint8)
+    np.testing.assert_array_equal(a, b, err_msg=what)
+
+
+def same_tree(a, b, what=""):
+    if isinstance(a, dict):
+        assert a.keys() == b.keys(), what
+        for k in a:
+            same_tree(a[k], b[k], f"{what}.{k}")
+    elif isinstance(a, (tuple, list)):
+        assert len(a) == len(b), what
+        for i, (x, y) in enumerate(zip(a, b)):
+            same_tree(x, y, f"{what}[{i}]")
+    elif hasattr(a, "__dataclass_fields__"):
+        for k in a.__dataclass_fields__:
+            same_tree(getattr(a, k), getattr(b, k), f"{what}.{k}")
+    elif isinstance(a, np.ndarray):
+        same(a, b, what)
+    else:
+        assert a == b, (what, a, b)
+
+
+def levels(rng, R, p_move=0.3):
+    """[R, N] uint8 levels in each layer's range, moving by ±1 or jumping (to 0 and the top level often); one
+    weight in 11 never moves."""
+    tops = np.repeat(np.array(N_LEVELS) - 1, SIZES)
+    N = tops.size
+    lv = np.empty((R, N), np.int64)
+    lv[0] = rng.integers(0, tops + 1)
+    lv[0, ::7] = 0
+    lv[0, 3::7] = tops[3::7]
+    for r in range(1, R):
+        step = rng.choice([-1, 1], N) * (rng.random(N) < p_move)
+        jump = rng.random(N) < 0.05
+        row = np.clip(lv[r - 1] + step, 0, tops)
+        row[jump] = np.where(rng.random(int(jump.sum())) < 0.5, 0, tops[jump])
+        lv[r] = row
+    lv[:, 5::11] = lv[0, 5::11]     # weights that never move
+    return lv.astype(np.uint8)
+
+
+def raw_distances(rng, R, steps, schedule, W, T, extreme):
+    """float32 [R, N] raw distances (normalised units) where a fifth are exactly a grid threshold of their layer
+    at their record (ties) and, with `extreme`, others are 0, −0, the smallest subnormal, huge or +inf."""
+    N = sum(SIZES)
+    d = (rng.random((R, N)) * 0.6).astype(np.float32)
+    p = IndexPass(steps, N_LEVELS, schedule, W, T, 0.5, B, J, True)
+    layer = np.repeat(np.arange(len(SIZES)), SIZES)
+    tie = rng.random((R, N)) < 0.2
+    for li, L in enumerate(N_LEVELS):
+        ext = p.bins(L)[3]
+        for r in range(R):
+            cols = np.flatnonzero(tie[r] & (layer == li))
+            d[r, cols] = ext[r, 1 + rng.integers(0, J + 1, cols.size)]
+    if extreme:
+        special = np.array([0.0, -0.0, 1e-45, 1e-38, 3.4e38, np.finfo(np.float32).max, np.inf], np.float32)
+        pick = rng.random((R, N)) < 0.05
+        d[pick] = rng.choice(special, int(pick.sum()))
+    return d
+
+
+def run_both(ours, ref, arrays, chunk_records, sub_cols, executor=serial, first_chunk=0, layer_sizes=SIZES):
+    src = ArraySource(arrays, layer_sizes, chunk_records)
+    kw = {"executor": executor, "first_chunk": first_chunk, "task_cols": 211, "sub_cols": sub_cols}
+    (a,) = run_passes(src, [ours], **kw)
+    (b,) = run_passes(src, [ref], **kw)
+    return a, b
+
+
+CASES = [  # (seed, first step, step gap, chunk records, sub-block columns)
+    (0, 0, 1, 1, 64), (1, 0, 3, 7, 13), (2, 1, 2, 40, 1 << 17), (3, 5, 1, 3, 50)]
+
+
+@pytest.mark.parametrize("seed,first_step,gap,chunk,sub", CASES)
+@pytest.mark.parametrize("schedule,W", [("linear", 6), ("fixed", 0), ("sine", 20)])
+def test_index_kernel_equals_numpy(seed, first_step, gap, chunk, sub, schedule, W):
+    rng = np.random.default_rng(seed)
+    R = 40
+    steps = first_step + gap * np.arange(R)
+    T = int(steps[-1]) - 3        # the last records past T: gain 1, thresholds the layer's step exactly
+    lv = levels(rng, R)
+    codes = rng.integers(0, 256, lv.shape).astype(np.uint8)
+    for decay in (0.0, 0.5, 0.99):
+        raw = raw_distances(rng, R, steps, schedule, W, T, extreme=decay > 0)
+        final = rng.integers(0, 2, lv.shape[1]).astype(np.uint8) if decay == 0.5 else None
+        for use_raw, arrays in ((False, {"level": lv, "dist": codes}), (True, {"level": lv, "raw_dist": raw})):
+            args = (steps, N_LEVELS, schedule, W, T, decay, B, J, use_raw, final)
+            a, b = run_both(IndexPass(*args), RefIndexPass(*args), arrays, chunk, sub)
+            same_tree(a, b, f"index decay {decay} raw {use_raw}")
+            assert a[0][J, :, -1].sum() > 0     # weights left the overflow bin
+
+
+@pytest.mark.parametrize("seed,first_step,gap,chunk,sub", CASES)
+def test_freeze_kernel_equals_numpy(seed, first_step, gap, chunk, sub):
+    rng = np.random.default_rng(seed)
+    R = 40
+    steps = first_step + gap * np.arange(R)
+    T = int(steps[-1]) - 3
+    lv = levels(rng, R)
+    codes = rng.integers(0, 256, lv.shape).astype(np.uint8)
+    seen = set()
+    for schedule, W, ratio in (("linear", 6, 1.0), ("fixed", 0, 0.3), ("sine", 20, 2.0), ("linear", 6, 0.0)):
+        for decay in (0.0, 0.5, 0.99):
+            raw = raw_distances(rng, R, steps, schedule, W, T, extreme=decay > 0)
+            # ties with the rule's own float32 threshold, as well as with the index's grid
+            p = FreezeStepsPass(steps, N_LEVELS, schedule, ratio, W, T, decay, True)
+            layer = np.repeat(np.arange(len(SIZES)), SIZES)
+            for li, L in enumerate(N_LEVELS):
+                active, thr = p.thresholds(L)
+                tie = (rng.random(raw.shape) < 0.1) & (layer == li)[None] & active[:, None]
+                raw[tie] = np.broadcast_to(thr[:, None], raw.shape)[tie]
+            for use_raw, arrays in ((False, {"level": lv, "dist": codes}), (True, {"level": lv, "raw_dist": raw})):
+                args = (steps, N_LEVELS, schedule, ratio, W, T, decay, use_raw)
+                a, b = run_both(FreezeStepsPass(*args), RefFreezeStepsPass(*args), arrays, chunk, sub)
+                same(a, b, f"freeze {schedule} {ratio} decay {decay} raw {use_raw}")
+                seen.update(np.unique(a).tolist())
+    assert len(seen) > 5      # weights froze at many different steps
+
+
+@pytest.mark.parametrize("seed,first_step,gap,chunk,sub", CASES)
+def test_osc_kernel_equals_numpy(seed, first_step, gap, chunk, sub):
+    rng = np.random.default_rng(seed)
+    R = 60
+    steps = first_step + gap * np.arange(R)
+    T = int(steps[-1])
+    lv = levels(rng, R, p_move=0.5)
+    # decay 0.5 and a constant threshold 0.5: the frequency hits 0.5 exactly (a tie: no freeze) and 0.75 after
+    for decay, thr_start, thr_end in ((0.5, 0.5, 0.5), (0.25, 0.3, 0.01), (0.01, 0.1, 0.01)):
+        for watch in (None, [True, False, True, True, False]):
+            args = (steps, T, decay, 0.2, thr_start, thr_end, watch)
+            a, b = run_both(OscPass(*args), RefOscPass(*args), {"level": lv}, chunk, sub)
+            same_tree(a, b, f"osc decay {decay} watch {watch}")
+            assert (a["freeze_steps"] >= 0).any()
+    # the tie: some weight's frequency was exactly 0.5 at an active record and did not freeze there
+    p = OscPass(steps, T, 0.5, 0.0, 0.5, 0.5)
+    freq = np.zeros(lv.shape[1], np.float32)
+    last = np.zeros(lv.shape[1], np.int64)
+    tie = False
+    for r in range(1, R):
+        d = np.sign(lv[r].astype(int) - lv[r - 1])
+        osc = (last * d == -1)
+        last = np.where(d != 0, d, last)
+        freq = freq * np.float32(0.5) + osc.astype(np.float32) * np.float32(0.5)
+        tie |= bool((freq == np.float32(0.5)).any()) and p.thr[r] == 0.5
+    assert tie
+
+
+@pytest.mark.parametrize("seed,first_step,gap,chunk,sub", CASES)
+def test_level_kernel_equals_numpy(seed, first_step, gap, chunk, sub):
+    rng = np.random.default_rng(seed)
+    R = 50
+    lv = levels(rng, R, p_move=0.4)
+    a, b = run_both(LevelStatsPass(), RefLevelStatsPass(), {"level": lv}, chunk, sub)
+    same_tree(a, b, "levels")
+    assert a.reversals.sum() > 0 and (a.settle_record == 0).sum() > 0 and a.occupancy[0, -1, 255] > 0
+    # resumed from the statistics of the first chunks (a live run), on two threads
+    first = ArraySource({"level": lv}, SIZES, chunk)
+    n_first = first.chunk_sizes[0] if len(first.chunk_sizes) > 1 else 0
+    if n_first:
+        (old,) = run_passes(ArraySource({"level": lv[:n_first]}, SIZES, chunk), [LevelStatsPass()],
+                            sub_cols=sub)
+        a, b = run_both(LevelStatsPass(old), RefLevelStatsPass(old), {"level": lv}, chunk, sub,
+                        executor=thread_executor(2), first_chunk=1)
+        same_tree(a, b, "levels resumed")
+
+
+def test_kernels_follow_strided_columns_of_one_wide_chunk():
+    """A sub-block is a column range of the task's chunk arrays: results do not depend on where it starts."""
+    rng = np.random.default_rng(7)
+    lv = levels(rng, 12)
+    for sub in (1, 2, 31, 1000):
+        a, b = run_both(LevelStatsPass(), RefLevelStatsPass(), {"level": lv}, 12, sub)
+        same_tree(a, b, f"sub {sub}")
+
+
+def test_numba_is_imported_only_when_a_kernel_runs():
+    code = ("import sys, numpy as np\n"
+            "import lts_core, lts_core.analysis\n"
+            "from lts_core.analysis import replay_stream, level_stats, stream, summaries\n"
+            "assert 'numba' not in sys.modules, 'imported with the modules'\n"
+            "from lts_core.analysis.stream import ArraySource, run_passes\n"
+            "run_passes(ArraySource({'level': np.zeros((3, 10), np.uint8)}), [level_stats.LevelStatsPass()])\n"
+            "assert 'numba' in sys.modules\n")
+    subprocess.run([sys.executable, "-c", code], check=True)
