@@ -60,10 +60,13 @@ class _EmaParams:
         self.use_raw = bool(use_raw)
 
     def args(self, n_levels: int) -> tuple:
-        """(raw, 1/128, scale, reset, mode, m, 1−m): the EMA arguments of a kernel for a layer of `n_levels`."""
+        """(1/128, scale, reset, mode, m, 1−m): the EMA arguments of a kernel for a layer of `n_levels` (raw
+        distances are taken as they are: × 1 × 1, exact)."""
         scale, reset = layer_units(n_levels)
-        return (self.use_raw, np.float32(1 / 128), np.float32(1.0) if scale is None else scale, reset,
-                self.mode, self.m32, self.k32)
+        one = np.float32(1.0)
+        if self.use_raw:
+            return one, one, reset, self.mode, self.m32, self.k32
+        return np.float32(1 / 128), one if scale is None else scale, reset, self.mode, self.m32, self.k32
 
 
 def _dist_name(src) -> tuple[str, bool]:
@@ -132,7 +135,9 @@ class _IndexWorker:
         self.p, self.task = p, task
         n = task.size
         self.ema = _EmaState(n)
-        self.M = np.full(n, p.J + 1, dtype=np.int64)    # every weight starts at the overflow bin
+        self.M = np.full(n, p.J + 1, dtype=np.int32)    # every weight starts at the overflow bin
+        from .stream_kernels import BLOCK
+        self.cand = np.empty(BLOCK, np.int32)           # the kernel's scratch: a block's candidates
         if p.final is not None:
             self.final = np.ascontiguousarray(p.final[task.start:task.stop], dtype=np.uint8)
         else:
@@ -152,7 +157,7 @@ class _IndexWorker:
         L = p.n_levels[sub.layer]
         index_kernel(data["level"], data[p.needs[1]], sub.offset, sub.size, r0, *p.ema.args(L),
                      *p.bins(L), ema.prev[s], ema.d[s], self.M[s], self.final[s], self.counts[sub.layer],
-                     self.tick[sub.layer])
+                     self.tick[sub.layer], self.cand)
 
     def result(self):
         return self.counts, self.tick

@@ -19,7 +19,7 @@ import numpy as np
 
 from ..jit import kernel
 
-# EMA modes per record (`ema_modes`)
+# EMA modes per record (`ema_modes`; the kernels test them as the literals 0 … 3)
 BEFORE, START, START_RESET, UPDATE = 0, 1, 2, 3
 
 
@@ -44,99 +44,104 @@ def ema_modes(steps: np.ndarray, start: int, decay: float) -> tuple[np.ndarray, 
     return mode, m32, k32
 
 
+BLOCK = 1024    # weights whose state a kernel keeps in the L1 cache while it follows them through a group's records
+
+
 @kernel
-def _ema_step(mode, d, x, changed, m, k, reset):
-    """One record of the EMA for one weight (mode ≠ BEFORE): float32 in, float32 out."""
+def _ema_block(mode, m, k, reset, inv128, scale, lv, dist, prev, d):
+    """One record of the EMA for a block of weights (their level, distance, previous level and EMA slices):
+    x = dist·inv128·scale (codes: /128 then × the layer's step; raw distances: × 1 × 1, exact); UPDATE:
+    d = d·m + x·k, then `reset` where the level changed; START(_RESET): d = x (then the reset); always
+    prev = level. Branch-free loops the compiler vectorises."""
+    n = lv.size
     if mode == 3:
-        d = d * m + x * k
-        if changed:
-            d = reset
+        for j in range(n):
+            cur = lv[j]
+            v = d[j] * m + (np.float32(dist[j]) * inv128) * scale * k
+            d[j] = reset if cur != prev[j] else v
+            prev[j] = cur
+    elif mode == 0:
+        for j in range(n):
+            prev[j] = lv[j]
     else:
-        d = x
-        if mode == 2 and changed:
-            d = reset
-    return d
+        for j in range(n):
+            cur = lv[j]
+            x = (np.float32(dist[j]) * inv128) * scale
+            d[j] = reset if mode == 2 and cur != prev[j] else x
+            prev[j] = cur
 
 
 @kernel
-def _decode(dist, i, c, raw, inv128, scale):
-    """The record's distance of one weight in normalised units: raw float32 as is, else code/128 × scale."""
-    if raw:
-        return np.float32(dist[i, c])
-    return (np.float32(dist[i, c]) * inv128) * scale
-
-
-@kernel
-def index_kernel(lv, dist, c0, n, rec0, raw, inv128, scale, reset, mode, m32, k32, eligible, gain, qscale, ext,
-                 top, prev, d, M, final, counts, tick):
+def index_kernel(lv, dist, c0, n, rec0, inv128, scale, reset, mode, m32, k32, eligible, gain, qscale, ext, top,
+                 prev, d, M, final, counts, tick, cand):
     """`IndexPass`: the EMA, then per eligible record each weight whose distance is ≤ the threshold of bin M−1
     moves to its grid bin (`replay.grid_bins`); counts[rec] gets +1 at the new bin and −1 at the old, tick the
     same for weights at their final level. ext float32 [R, J+3] (−inf, the record's thresholds, +inf), gain
-    float64 [R], qscale float32 [R] (B / (gain·scale)), top = J+1 (the overflow bin) as float32."""
-    J1 = np.int64(top)
-    for j in range(n):
-        c = c0 + j
-        p = prev[j]
-        dd = d[j]
-        mj = M[j]
-        fin = final[j]
+    float64 [R], qscale float32 [R] (B / (gain·scale)), top = J+1 (the overflow bin) as float32; cand int32
+    [≥ BLOCK] scratch. Blocks of `BLOCK` weights, the group's records inside: the EMA and the candidates'
+    selection vectorised, then the candidates one by one."""
+    zero = np.float32(0)
+    for b0 in range(0, n, BLOCK):
+        b1 = min(b0 + BLOCK, n)
+        pr, dd, mm, fin = prev[b0:b1], d[b0:b1], M[b0:b1], final[b0:b1]
         for i in range(lv.shape[0]):
             rec = rec0 + i
-            cur = lv[i, c]
             md = mode[rec]
-            if md != 0:
-                dd = _ema_step(md, dd, _decode(dist, i, c, raw, inv128, scale), cur != p, m32[rec], k32[rec],
-                               reset)
-            p = cur
-            if md == 0 or not eligible[rec] or not dd <= ext[rec, mj]:
+            row = lv[i, c0 + b0:c0 + b1]
+            _ema_block(md, m32[rec], k32[rec], reset, inv128, scale, row, dist[i, c0 + b0:c0 + b1], pr, dd)
+            if md == 0 or not eligible[rec]:
                 continue
-            if gain[rec] <= 0:
-                jt = np.int64(0) if dd <= 0 else J1
-            else:
-                q = np.ceil(dd * qscale[rec])
-                q = min(q, top)
-                q = max(q, np.float32(0))
-                jt = np.int64(q)
-                if ext[rec, jt] >= dd:
-                    jt -= 1
-                if ext[rec, jt + 1] < dd:
-                    jt += 1
-            counts[rec, jt] += 1
-            counts[rec, mj] -= 1
-            if cur == fin:
-                tick[jt] += 1
-                tick[mj] -= 1
-            mj = jt
-        prev[j] = p
-        d[j] = dd
-        M[j] = mj
+            e = ext[rec]
+            nc = 0
+            for j in range(b1 - b0):     # branch-free compaction of the weights whose bin drops
+                cand[nc] = j
+                nc += dd[j] <= e[mm[j]]
+            g = gain[rec]
+            q_scale = qscale[rec]
+            cnt = counts[rec]
+            for q in range(nc):
+                j = cand[q]
+                x = dd[j]
+                if g <= 0:
+                    jt = 0 if x <= 0 else np.int64(top)
+                else:
+                    jt = np.int64(max(min(np.ceil(x * q_scale), top), zero))
+                    if e[jt] >= x:
+                        jt -= 1
+                    if e[jt + 1] < x:
+                        jt += 1
+                old = mm[j]
+                cnt[jt] += 1
+                cnt[old] -= 1
+                ok = np.int64(row[j] == fin[j])
+                tick[jt] += ok
+                tick[old] -= ok
+                mm[j] = jt
 
 
 @kernel
-def freeze_kernel(lv, dist, c0, n, rec0, raw, inv128, scale, reset, mode, m32, k32, active, thr, steps, prev, d,
+def freeze_kernel(lv, dist, c0, n, rec0, inv128, scale, reset, mode, m32, k32, active, thr, steps, prev, d,
                   freeze, free):
     """`FreezeStepsPass`: the EMA, then at each active record (ρ ≥ 0) a free weight with distance ≤ thr[rec]
-    freezes at steps[rec]. A frozen weight's EMA is not needed any more and is not followed."""
-    for j in range(n):
-        if not free[j]:
+    freezes at steps[rec]. Blocks of `BLOCK` weights, the group's records inside, branch-free; a block whose
+    weights are all frozen is skipped (their EMA is not needed any more)."""
+    for b0 in range(0, n, BLOCK):
+        b1 = min(b0 + BLOCK, n)
+        pr, dd, fz, fr = prev[b0:b1], d[b0:b1], freeze[b0:b1], free[b0:b1]
+        if not fr.any():
             continue
-        c = c0 + j
-        p = prev[j]
-        dd = d[j]
         for i in range(lv.shape[0]):
             rec = rec0 + i
-            cur = lv[i, c]
             md = mode[rec]
-            if md != 0:
-                dd = _ema_step(md, dd, _decode(dist, i, c, raw, inv128, scale), cur != p, m32[rec], k32[rec],
-                               reset)
-            p = cur
-            if md != 0 and active[rec] and dd <= thr[rec]:
-                freeze[j] = steps[rec]
-                free[j] = False
-                break
-        prev[j] = p
-        d[j] = dd
+            _ema_block(md, m32[rec], k32[rec], reset, inv128, scale, lv[i, c0 + b0:c0 + b1],
+                       dist[i, c0 + b0:c0 + b1], pr, dd)
+            if md != 0 and active[rec]:
+                t = thr[rec]
+                st = steps[rec]
+                for j in range(b1 - b0):
+                    hit = fr[j] and dd[j] <= t
+                    fz[j] = st if hit else fz[j]
+                    fr[j] = fr[j] and not hit
 
 
 @kernel
@@ -145,38 +150,42 @@ def osc_kernel(lv, c0, n, rec0, m, k, active, thr, steps, freq, level_ema, prev,
     """`OscPass`: per record the direction of the level change, an oscillation where it is opposite to the
     last change, freq = freq·(1−m) + osc·m and level_ema = level_ema·(1−m) + level·m (float32; record 0 sets
     level_ema = level); at an active record a free weight with freq > thr[rec] freezes at steps[rec] on
-    rint(level_ema) (half to even)."""
+    rint(level_ema) (half to even). Blocks of `BLOCK` weights, the group's records inside, the updates
+    branch-free (vectorised)."""
     zero = np.float32(0)
-    for j in range(n):
-        c = c0 + j
-        p = prev[j]
-        ld = last_dir[j]
-        fr = freq[j]
-        le = level_ema[j]
-        fre = free[j]
+    for b0 in range(0, n, BLOCK):
+        b1 = min(b0 + BLOCK, n)
+        fq, le, pr, ld = freq[b0:b1], level_ema[b0:b1], prev[b0:b1], last_dir[b0:b1]
+        fss, flv, fre = fs[b0:b1], flevel[b0:b1], free[b0:b1]
         for i in range(lv.shape[0]):
             rec = rec0 + i
-            cur = lv[i, c]
+            row = lv[i, c0 + b0:c0 + b1]
             if rec == 0:
-                le = np.float32(cur)
+                for j in range(b1 - b0):
+                    le[j] = np.float32(row[j])
+                    pr[j] = row[j]
             else:
-                direction = np.int8(1) if cur > p else (np.int8(-1) if cur < p else np.int8(0))
-                osc = ld * direction == -1
-                if direction != 0:
-                    ld = direction
-                fr = fr * k + (m if osc else zero)
-                le = le * k + np.float32(cur) * m
-            p = cur
-            if fre and active[rec] and fr > thr[rec]:
-                fs[j] = steps[rec]
-                flevel[j] = np.int16(np.rint(le))
-                fre = False
-                new_by_record[rec] += 1
-        prev[j] = p
-        last_dir[j] = ld
-        freq[j] = fr
-        level_ema[j] = le
-        free[j] = fre
+                for j in range(b1 - b0):
+                    cur = row[j]
+                    p = pr[j]
+                    direction = np.int8(cur > p) - np.int8(cur < p)
+                    last = ld[j]
+                    ld[j] = direction if direction != 0 else last
+                    fq[j] = fq[j] * k + (m if last * direction == -1 else zero)
+                    le[j] = le[j] * k + np.float32(cur) * m
+                    pr[j] = cur
+            if active[rec]:
+                t = thr[rec]
+                hit = False
+                for j in range(b1 - b0):
+                    hit |= fre[j] & (fq[j] > t)
+                if hit:
+                    for j in range(b1 - b0):
+                        if fre[j] and fq[j] > t:
+                            fss[j] = steps[rec]
+                            flv[j] = np.int16(np.rint(le[j]))
+                            fre[j] = False
+                            new_by_record[rec] += 1
 
 
 @kernel
@@ -205,5 +214,5 @@ def level_kernel(lv, c0, n, rec0, first, prev, last_change, flips, reversals, la
         prev[j] = p
 
 
-__all__ = ["BEFORE", "START", "START_RESET", "UPDATE", "ema_modes", "index_kernel", "freeze_kernel", "osc_kernel",
+__all__ = ["BLOCK", "BEFORE", "START", "START_RESET", "UPDATE", "ema_modes", "index_kernel", "freeze_kernel", "osc_kernel",
            "level_kernel"]
