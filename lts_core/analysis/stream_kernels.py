@@ -78,13 +78,19 @@ def index_kernel(lv, dist, c0, n, rec0, inv128, scale, reset, mode, m32, k32, el
     moves to its grid bin (`replay.grid_bins`); counts[rec] gets +1 at the new bin and −1 at the old, tick the
     same for weights at their final level. ext float32 [R, J+3] (−inf, the record's thresholds, +inf), gain
     float64 [R], qscale float32 [R] (B / (gain·scale)), top = J+1 (the overflow bin) as float32; cand int32
-    [≥ BLOCK] scratch. Blocks of `BLOCK` weights, the group's records inside: the EMA and the candidates'
-    selection vectorised, then the candidates one by one."""
+    [≥ BLOCK] scratch. Blocks of `BLOCK` weights, the group's records inside: the EMA vectorised, the
+    candidates compacted without branches, then one by one into one histogram per record keyed
+    2·bin + (at its final level) (two increments per candidate instead of four), added to counts and tick at
+    the end."""
     zero = np.float32(0)
+    NB = counts.shape[1]
+    rows = lv.shape[0]
+    h = np.zeros((rows, 2 * NB), np.int32)    # per record: +1/−1 at 2·bin + (at its final level)
+    h_used = np.zeros(rows, np.bool_)
     for b0 in range(0, n, BLOCK):
         b1 = min(b0 + BLOCK, n)
         pr, dd, mm, fin = prev[b0:b1], d[b0:b1], M[b0:b1], final[b0:b1]
-        for i in range(lv.shape[0]):
+        for i in range(rows):
             rec = rec0 + i
             md = mode[rec]
             row = lv[i, c0 + b0:c0 + b1]
@@ -92,13 +98,14 @@ def index_kernel(lv, dist, c0, n, rec0, inv128, scale, reset, mode, m32, k32, el
             if md == 0 or not eligible[rec]:
                 continue
             e = ext[rec]
+            h_used[i] = True
             nc = 0
             for j in range(b1 - b0):     # branch-free compaction of the weights whose bin drops
                 cand[nc] = j
                 nc += dd[j] <= e[mm[j]]
             g = gain[rec]
             q_scale = qscale[rec]
-            cnt = counts[rec]
+            hr = h[i]
             for q in range(nc):
                 j = cand[q]
                 x = dd[j]
@@ -111,12 +118,15 @@ def index_kernel(lv, dist, c0, n, rec0, inv128, scale, reset, mode, m32, k32, el
                     if e[jt + 1] < x:
                         jt += 1
                 old = mm[j]
-                cnt[jt] += 1
-                cnt[old] -= 1
                 ok = np.int64(row[j] == fin[j])
-                tick[jt] += ok
-                tick[old] -= ok
+                hr[2 * jt + ok] += 1
+                hr[2 * old + ok] -= 1
                 mm[j] = jt
+    for i in range(rows):      # per bin (all, at the final level) → counts and tick
+        if h_used[i]:
+            for b in range(NB):
+                counts[rec0 + i, b] += h[i, 2 * b] + h[i, 2 * b + 1]
+                tick[b] += h[i, 2 * b + 1]
 
 
 @kernel
