@@ -199,6 +199,26 @@ def test_kernels_follow_strided_columns_of_one_wide_chunk():
         same_tree(a, b, f"sub {sub}")
 
 
+def test_the_first_view_of_a_cached_run_does_not_import_numba(tmp_path):
+    """What the Settling and Sweep pages load on first view comes from the run's cache/, without a kernel."""
+    from lts_core.analysis import build_cache
+    from test_replay_stream import make_run
+    run = make_run(tmp_path)
+    build_cache(run)
+    code = ("import sys\n"
+            "from lts_core.store import open_run\n"
+            "from lts_core.analysis import cached_oscillation_summary, cached_replay_index, cached_settle_summary\n"
+            "from lts_core.analysis.summaries import run_settings\n"
+            f"run = open_run({str(tmp_path / 'r')!r})\n"
+            "from lts_core.analysis import summaries, stream\n"
+            "stream.run_passes = None   # a pass would fail: everything comes from the cache\n"
+            "summaries.run_passes = None\n"
+            "s = cached_settle_summary(run); i = cached_replay_index(run, **run_settings(run))\n"
+            "o = cached_oscillation_summary(run); i.sweep()\n"
+            "assert 'numba' not in sys.modules, 'numba imported'\n")
+    subprocess.run([sys.executable, "-c", code], check=True)
+
+
 def test_numba_is_imported_only_when_a_kernel_runs():
     code = ("import sys, numpy as np\n"
             "import lts_core, lts_core.analysis\n"
