@@ -237,8 +237,12 @@ def const(value: float, device: torch.device | str = "cpu") -> torch.Tensor:
 def encode_remembered(quantizer, w: torch.Tensor, level_out: torch.Tensor, code_out: torch.Tensor,
                       raw_out: torch.Tensor | None = None) -> bool:
     """Write the recorder's uint8 level and distance code of `w` (and with `raw_out` the exact raw distance
-    |x − k/(L−1)|, float32) into these flat CPU tensors in one compiled pass over the quantizer's remembered
-    forward (x, k, k/(L−1)). Returns False, writing nothing, where the compiled kernels do not apply."""
+    |x − k/(L−1)|, float32) into these flat CPU tensors in one pass: a numba loop from w and the quantizer's
+    current bounds (`fused_cpu.encode`, the default on CPU for a learned-interval quantizer), or with the compiled
+    kernels one compiled pass over the quantizer's remembered forward (x, k, k/(L−1)). The same values as
+    `measure_code` and `measure_norm` give. Returns False, writing nothing, where neither applies."""
+    if _encode_cpu(quantizer, w, level_out, code_out, raw_out):
+        return True
     seen = quantizer._remembered(w) if _COMPILE else None
     if seen is None or seen[2] is None or not compiled_for(*seen) or not all(t.is_contiguous() for t in seen):
         return False
@@ -248,6 +252,25 @@ def encode_remembered(quantizer, w: torch.Tensor, level_out: torch.Tensor, code_
         kernel("encode")(x, k, level_out, code_out, n1)
     else:
         kernel("encode_raw")(x, k, q, level_out, code_out, raw_out, n1)
+    return True
+
+
+def _encode_cpu(quantizer, w: torch.Tensor, level_out: torch.Tensor, code_out: torch.Tensor,
+                raw_out: torch.Tensor | None) -> bool:
+    from .quantizers import LearnedIntervalQuantizer
+    if type(quantizer) is not LearnedIntervalQuantizer or w.dtype != torch.float32 or not bool(quantizer.initialized):
+        return False
+    outs = (level_out, code_out) + (() if raw_out is None else (raw_out,))
+    cpu = cpu_kernels(w, *outs)
+    if cpu is None or any(o.numel() != w.numel() for o in outs) or level_out.dtype != torch.uint8 \
+            or code_out.dtype != torch.uint8 or (raw_out is not None and raw_out.dtype != torch.float32):
+        return False
+    with torch.no_grad():
+        lo, up = quantizer._lu()
+        b = up - lo
+    cpu.run_split(cpu.encode, w.numel(), 1, cpu.flat(w), cpu.f32(lo), cpu.f32(b), cpu.f32(quantizer.n_levels - 1),
+                  cpu.flat(level_out), cpu.flat(code_out), cpu.empty_f32() if raw_out is None else cpu.flat(raw_out),
+                  raw_out is not None)
     return True
 
 
@@ -275,10 +298,17 @@ class IntervalQuantize(torch.autograd.Function):
         lo = -upper if quantizer.symmetric else lower
         b = upper - lo
         ctx.compiled = compiled_for(w, b) and w.is_contiguous()
+        ctx.cpu = None if ctx.compiled else cpu_kernels(w)
         if ctx.compiled:
             out, x, k, q = (t.view(w.shape) for t in kernel("quant_fwd_unit" if unit else "quant_fwd")(
                 w.view(-1), lo, b, const(n1)))
             inside = None                                  # the backward kernel tests 0 ≤ x ≤ 1 itself
+        elif ctx.cpu is not None:   # one numba pass writing ŵ, x and q (k, when asked for, from q: `_remembered`)
+            cpu = ctx.cpu
+            out, x, q = torch.empty_like(w), torch.empty_like(w), torch.empty_like(w)
+            cpu.run_split(cpu.quant_fwd, w.numel(), 1, cpu.flat(w), cpu.f32(lo), cpu.f32(b), cpu.f32(n1), unit,
+                          cpu.flat(out), cpu.flat(x), cpu.flat(q))
+            k = inside = None
         else:
             x = torch.sub(w, lo).div_(b)                   # (w − l)/(u − l)
             xc = torch.clamp(x, 0, 1)
@@ -297,7 +327,18 @@ class IntervalQuantize(torch.autograd.Function):
         if g is None:
             return None, None, None, None
         x, q, inside, b = ctx.saved_tensors
-        if ctx.compiled:
+        cpu = ctx.cpu
+        if cpu is not None and not (g.dtype == torch.float32 and g.is_contiguous() and g.shape == x.shape):
+            cpu, inside = None, in_range_mask(x, torch.clamp(x, 0, 1))   # the eager ops below
+        g_q = None
+        if cpu is not None:   # one numba pass: the weight's gradient and the terms of the bounds' sums
+            gw, t = torch.empty_like(x), torch.empty_like(x)
+            g_q = None if ctx.unit else torch.empty_like(x)
+            cpu.run_split(cpu.quant_bwd, x.numel(), 1, cpu.flat(g), cpu.flat(x), cpu.flat(q), cpu.f32(b),
+                          cpu.f32(2.0 if ctx.unit else b), not ctx.unit, cpu.flat(gw), cpu.flat(t),
+                          cpu.empty_f32() if g_q is None else cpu.flat(g_q))
+            g_b = -t.sum()
+        elif ctx.compiled:
             gw, t = kernel("quant_bwd_unit" if ctx.unit else "quant_bwd")(g, x, b)   # x's layout (contiguous)
             g_b = -t.sum()
         else:
@@ -316,7 +357,7 @@ class IntervalQuantize(torch.autograd.Function):
                 g_up = g_b + (-g_lo)
         else:              # ŵ = l + q·(u − l): first lower's own term, then b2 = u − l
             from_out = g.sum()
-            g_b2 = _product_sum(g, q, ctx.compiled)
+            g_b2 = g_q.sum() if g_q is not None else _product_sum(g, q, ctx.compiled)   # g contiguous: its order
             if ctx.symmetric:   # two negations of u (forward's and normalized()'s), accumulated last
                 g_up = ((g_b2 + g_b) + (-((-g_b) + from_a))) + (-(from_out + (-g_b2)))
                 g_lo = None

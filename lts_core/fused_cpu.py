@@ -38,6 +38,8 @@ _Z = np.float32(0.0)
 _ONE = np.float32(1.0)
 _SCALE = np.float32(128.0)    # distance.DIST_SCALE: codes of 1/128 Δ
 _MAX_CODE = np.float32(255.0)  # distance.DIST_MAX_CODE
+_HALF = np.float32(0.5)
+_TWO = np.float32(2.0)
 
 # A layer this large (weights) runs as two halves on two threads; below, one call is faster than handing off.
 SPLIT_MIN_NUMEL = 1 << 16
@@ -216,6 +218,50 @@ def encode(start, stop, w, lo, b, n1, level_out, code_out, raw, write_raw):
     _encode_block(w[start:stop], lo, b, n1, level_out[start:stop], code_out[start:stop])
     if write_raw:
         _raw_block(w[start:stop], lo, b, n1, raw[start:stop])
+    return 0
+
+
+@numba.njit(cache=True, nogil=True)
+def _quant_fwd_block(w, lo, b, n1, unit, out, x_out, q_out):
+    for j in range(w.size):
+        x = (w[j] - lo) / b
+        c = _Z if x < _Z else x
+        c = _ONE if c > _ONE else c
+        q = np.rint(c * n1) / n1
+        x_out[j] = x
+        q_out[j] = q
+        out[j] = (q - _HALF) * _TWO if unit else q * b + lo
+
+
+@numba.njit(cache=True, nogil=True)
+def quant_fwd(start, stop, w, lo, b, n1, unit, out, x_out, q_out):
+    """The learned-interval quantizer's forward (`fused.IntervalQuantize`): x = (w − l)/b, q = round(clamp(x, 0, 1)
+    ·(L−1))/(L−1), ŵ = q·b + l ("denorm") or (q − ½)·2 ("unit"); writes ŵ, x and q."""
+    for s in range(start, stop, _BLOCK):
+        e_ = min(s + _BLOCK, stop)
+        _quant_fwd_block(w[s:e_], lo, b, n1, unit, out[s:e_], x_out[s:e_], q_out[s:e_])
+    return 0
+
+
+@numba.njit(cache=True, nogil=True)
+def _quant_bwd_block(g, x, q, b, gscale, denorm, gw, gxb, gq):
+    for j in range(g.size):
+        xj = x[j]
+        gj = g[j]
+        gx = (gj * gscale) * (_ONE if (xj >= _Z) & (xj <= _ONE) else _Z) + _Z
+        gxb[j] = (xj / b) * gx
+        gw[j] = gx / b
+        if denorm:
+            gq[j] = gj * q[j]
+
+
+@numba.njit(cache=True, nogil=True)
+def quant_bwd(start, stop, g, x, q, b, gscale, denorm, gw, gxb, gq):
+    """The quantizer's backward elementwise work, one pass: g_x = (g·s)·[0 ≤ x ≤ 1] + 0 (s = b, or 2 for "unit"),
+    the weight's gradient g_x/b, the terms (x/b)·g_x of b's gradient and (denorm) g·q; torch sums them."""
+    for s in range(start, stop, _BLOCK):
+        e_ = min(s + _BLOCK, stop)
+        _quant_bwd_block(g[s:e_], x[s:e_], q[s:e_], b, gscale, denorm, gw[s:e_], gxb[s:e_], gq[s:e_] if denorm else gq)
     return 0
 
 

@@ -91,6 +91,8 @@ class WeightQuantizer(nn.Module):
         and these bounds (same storage, no in-place change since: torch's version counters), else None."""
         seen = self._seen
         if seen is not None and seen[0] == self._stamp(w):
+            if seen[2] is None:   # the numba forward keeps x and k/(L−1) only: k = round(k/(L−1)·(L−1)), exact
+                self._seen = seen = (seen[0], seen[1], torch.round(seen[3] * (self.n_levels - 1)), seen[3])
             return seen[1:]
         return None
 
@@ -143,11 +145,11 @@ class WeightQuantizer(nn.Module):
     def _remember(self, w: torch.Tensor, x: torch.Tensor, level: torch.Tensor,
                   step: torch.Tensor | None = None) -> None:
         """Called by forward(): keep its (unclamped normalised position, level index and, when at hand,
-        level/(L−1)) of `w`."""
+        level/(L−1)) of `w`. The level may be None when level/(L−1) is given (`_remembered` derives it)."""
         if not self.remember_forward:
             return
         stamp = self._stamp(w)
-        self._seen = None if stamp is None else (stamp, x.detach(), level.detach(),
+        self._seen = None if stamp is None else (stamp, x.detach(), None if level is None else level.detach(),
                                                  None if step is None else step.detach())
 
     def level_value(self, level: torch.Tensor) -> torch.Tensor:  # pragma: no cover - abstract

@@ -220,3 +220,67 @@ def test_seeded_run_numba_same_bits_as_eager(rule_kw, two_threads):
         assert _same_bits(a, b)
     assert eager._n_frozen == fast._n_frozen and eager._n_frozen_channels == fast._n_frozen_channels
     assert eager.backward_flops_skippable() == fast.backward_flops_skippable()
+
+
+QUANTIZERS = [("liq", 2, "denorm"), ("liq", 4, "unit"), ("ternary", 2, "denorm"), ("ternary", 2, "unit"),
+              ("binary", 1, "denorm")]
+
+
+@pytest.mark.parametrize("method,bits,output", QUANTIZERS)
+@pytest.mark.parametrize("n", [1000, 1 << 17])
+def test_quantizer_numba_same_bits_as_eager(method, bits, output, n, two_threads):
+    """The quantizer's forward (ŵ) and backward (weight gradient, bounds' gradients) through the numba loops:
+    the eager fused ops' bits, with rounding ties, out-of-range weights and a gradient with ±0."""
+    from lts_core.quantizers import make_weight_quantizer
+    g = torch.Generator().manual_seed(n + bits)
+    w0 = torch.randn(n // 50, 50, generator=g)
+    w0.view(-1)[: n // 10] = (torch.randint(0, 4, (n // 10,), generator=g).float() + 0.5) / 3 * 2 - 1   # ties
+    w0.view(-1)[n // 10: n // 5] *= 5                                                                  # clamped
+    gout = torch.randn(w0.shape, generator=g)
+    gout.view(-1)[:2] = torch.tensor([0.0, -0.0])
+    results = []
+    for numba in (False, True):
+        q = make_weight_quantizer(method, bits, output)
+        q.init_from(w0)
+        with torch.no_grad():
+            q.upper.fill_(1.0)
+            if not q.symmetric:
+                q.lower.fill_(-1.0)
+        w = w0.clone().requires_grad_()
+        with use_numba(numba):
+            w_hat = q(w)
+            w_hat.backward(gout)
+        results.append((w_hat.detach(), w.grad, q.upper.grad, q.lower.grad))
+    for a, b in zip(*results):
+        assert (a is None and b is None) or _same_bits(a, b)
+
+
+@pytest.mark.parametrize("n", [1000, 1 << 17])
+def test_encode_same_bytes_as_measure_code(n, two_threads):
+    """The recorder's level, distance code and raw distance written by the numba loop equal what
+    `measure_code` / `measure_norm` give (cast to uint8 as the recorder casts them)."""
+    from lts_core.fused import encode_remembered
+    from lts_core.quantizers import make_weight_quantizer
+    from lts_core.recorder import _copy_u8
+    g = torch.Generator().manual_seed(n)
+    w = torch.randn(n, generator=g)
+    w[: n // 10] = (torch.randint(0, 4, (n // 10,), generator=g).float() + 0.5) / 3 * 2 - 1
+    w[n // 10: n // 10 + 100] = -1 + (torch.arange(100) + 0.5) / 128 / 3 * 2   # code ties (x·3 = j + ½)/128
+    w[-3:] = torch.tensor([float("nan"), float("inf"), -5.0])
+    q = make_weight_quantizer("liq", 2)
+    q.init_from(w[:-3])
+    with torch.no_grad():
+        q.upper.fill_(1.0)
+        q.lower.fill_(-1.0)
+    lev_ref, code_ref = q.measure_code(w)
+    raw_ref = q.measure_norm(w)[1]
+    lv, cd, ref_lv, ref_cd = (torch.empty(n, dtype=torch.uint8) for _ in range(4))
+    raw = torch.empty(n)
+    _copy_u8(ref_lv, lev_ref)
+    _copy_u8(ref_cd, code_ref)
+    assert encode_remembered(q, w, lv, cd, raw)
+    assert torch.equal(lv, ref_lv) and torch.equal(cd, ref_cd)
+    fin = raw_ref.isfinite()
+    assert _same_bits(raw[fin], raw_ref[fin]) and torch.equal(raw.isnan(), raw_ref.isnan())
+    with use_numba(False):
+        assert not encode_remembered(q, w, lv, cd, raw)   # the eager path does it then (measure_code)
