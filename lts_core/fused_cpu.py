@@ -51,6 +51,16 @@ SPLIT_MIN_NUMEL = 1 << 16
 _BLOCK = 512
 
 
+@numba.njit(cache=True, nogil=True, inline="always")
+def _position(w, lo, b, n1):
+    """(x, k) of one weight, the fused forward's ops in float32: x = (w − l)/b, k = round(clamp(x, 0, 1)·(L−1))
+    (`torch.clamp` keeps NaN, `np.rint` and `torch.round` both round half to even)."""
+    x = (w - lo) / b
+    c = _Z if x < _Z else x
+    c = _ONE if c > _ONE else c
+    return x, np.rint(c * n1)
+
+
 @numba.njit(cache=True, nogil=True)
 def _measure_ema(w, ema, prev, live, lo, b, n1, decay, one_minus_decay, reset, thr):
     """The hot loop of `lts_step` (t ≥ 2, no raw distances kept) over one block. Returns (weights to freeze,
@@ -59,10 +69,7 @@ def _measure_ema(w, ema, prev, live, lo, b, n1, decay, one_minus_decay, reset, t
     n_live = 0
     lv = live.view(np.uint8)
     for j in range(w.size):
-        x = (w[j] - lo) / b
-        c = _Z if x < _Z else x          # torch.clamp(x, 0, 1): NaN stays NaN
-        c = _ONE if c > _ONE else c
-        k = np.rint(c * n1)              # round half to even, as torch.round
+        x, k = _position(w[j], lo, b, n1)
         r = abs(x - k / n1)
         m = ema[j] * decay
         e = m + r * one_minus_decay
@@ -80,10 +87,7 @@ def _measure_any(w, ema, prev, live, lo, b, n1, phase, decay, one_minus_decay, r
     hits = 0
     n_live = 0
     for j in range(w.size):
-        x = (w[j] - lo) / b
-        c = _Z if x < _Z else x
-        c = _ONE if c > _ONE else c
-        k = np.rint(c * n1)
+        x, k = _position(w[j], lo, b, n1)
         r = abs(x - k / n1)
         if write_raw:
             raw[j] = r
@@ -192,10 +196,7 @@ def restore(start, stop, w, frozen_values, live):
 @numba.njit(cache=True, nogil=True)
 def _encode_block(w, lo, b, n1, level_out, code_out):
     for j in range(w.size):
-        x = (w[j] - lo) / b
-        c = _Z if x < _Z else x
-        c = _ONE if c > _ONE else c
-        k = np.rint(c * n1)
+        x, k = _position(w[j], lo, b, n1)
         d = np.rint(abs(x * n1 - k) * _SCALE)
         d = _MAX_CODE if d > _MAX_CODE else d
         code_out[j] = np.uint8(d) if d == d else np.uint8(0)
@@ -205,10 +206,8 @@ def _encode_block(w, lo, b, n1, level_out, code_out):
 @numba.njit(cache=True, nogil=True)
 def _raw_block(w, lo, b, n1, raw):
     for j in range(w.size):
-        x = (w[j] - lo) / b
-        c = _Z if x < _Z else x
-        c = _ONE if c > _ONE else c
-        raw[j] = abs(x - np.rint(c * n1) / n1)
+        x, k = _position(w[j], lo, b, n1)
+        raw[j] = abs(x - k / n1)
 
 
 @numba.njit(cache=True, nogil=True)
@@ -224,10 +223,8 @@ def encode(start, stop, w, lo, b, n1, level_out, code_out, raw, write_raw):
 @numba.njit(cache=True, nogil=True)
 def _quant_fwd_block(w, lo, b, n1, unit, out, x_out, q_out):
     for j in range(w.size):
-        x = (w[j] - lo) / b
-        c = _Z if x < _Z else x
-        c = _ONE if c > _ONE else c
-        q = np.rint(c * n1) / n1
+        x, k = _position(w[j], lo, b, n1)
+        q = k / n1
         x_out[j] = x
         q_out[j] = q
         out[j] = (q - _HALF) * _TWO if unit else q * b + lo
