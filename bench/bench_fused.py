@@ -3,7 +3,7 @@
     python bench/bench_fused.py [--models mlp1m,mlp4m,resnet20] [--rounds 7] [--steps 5] [--threads 2]
                                 [--compile] [--glibc-defaults]
     python bench/bench_fused.py --kernels [--compile] [--threads 1]     (single ops; compiled vs eager by size)
-    python bench/bench_fused.py --profile mlp4m [--compile] [--threads 1]   (where the LTS rule's time goes)
+    python bench/bench_fused.py --profile mlp4m [--compile | --modes eager] [--threads 1]   (where LTS's time goes)
 
 One process, batch 128, SGD (momentum 0.9, weight decay 1e-4) on every parameter. Per model it builds, from
 the same seed, the variants
@@ -168,6 +168,7 @@ def kernels_table(rounds: int, compiled: bool) -> None:
         print(f"| {name} | {best(fn):.3f} |")
     big, big_out = torch.randn(4 * n), torch.empty(4 * n)
     print(f"| mul (float32, out=) on **4M** values (out of cache) | {best(lambda: torch.mul(big, 2.0, out=big_out)):.3f} |")
+    numba_table(4 * n, best)
     if not compiled:
         return
     print("\n| weights | eager fused quantizer forward (µs) | compiled (µs) |\n|---:|---:|---:|")
@@ -186,7 +187,54 @@ def kernels_table(rounds: int, compiled: bool) -> None:
         print(f"| {size:,} | {best(eager, 50) * 1e3:.0f} | {best(lambda: k(w, lo, up - lo, n1), 50) * 1e3:.0f} |")
 
 
-def profile_rule(name: str, compiled: bool, steps: int = 10) -> None:
+def numba_table(n: int, best) -> None:
+    """The numba loops (`lts_core.fused_cpu`) on n weights (one call, the caller's thread: `run_split` is not used),
+    beside the eager torch ops they replace."""
+    import numpy as np
+    from lts_core import fused_cpu as cpu
+    from lts_core.distance import ema_update
+    f = np.float32
+    g = torch.Generator().manual_seed(0)
+    w, grad, val = torch.randn(n, generator=g), torch.randn(n, generator=g), torch.randn(n, generator=g)
+    ema, prev = torch.rand(n, generator=g) * 0.3, torch.zeros(n)
+    live = torch.rand(n, generator=g) > 0.12            # 12 % frozen, scattered
+    live_f, frozen = live.float(), ~live
+    fv, fs_f, fs = torch.zeros(n), torch.full((n,), -1.0), torch.full((n,), -1, dtype=torch.int64)
+    chan, lv, cd = torch.zeros(n // 2048), torch.empty(n, dtype=torch.uint8), torch.empty(n, dtype=torch.uint8)
+    out, x, q, gw, t, gq = (torch.empty(n) for _ in range(6))
+    lo, b = torch.tensor(-1.0), torch.tensor(2.0)
+    scratch, changed = torch.empty(n), torch.empty(n)
+
+    def eager_rule():   # the eager fused rule's ops for one layer (t ≥ 2, no freeze): measure, EMA, decide, mask
+        xx = torch.sub(w, lo).div_(b)
+        k = torch.clamp(xx, 0, 1).mul_(3).round_()
+        r = torch.sub(xx, torch.div(k, 3)).abs_()
+        torch.ne(k, prev, out=changed)
+        ema_update(ema.clone(), r, changed, 0.99, 1 / 3, scratch=scratch)
+        torch.le(ema, 0.01, out=scratch).mul_(live_f)
+        grad.mul_(live_f)
+
+    rows = {
+        "LTS rule, one layer: eager fused ops (measure, EMA, decide, mask)": eager_rule,
+        "LTS rule, one layer: `lts_step`": lambda: cpu.lts_step(
+            0, n, w.numpy(), f(-1), f(2), f(3), 2, ema.numpy(), prev.numpy(), f(0.99), f(0.01), f(1 / 3),
+            f(0.01), True, live.numpy(), frozen.numpy(), live_f.numpy(), fv.numpy(), fs_f.numpy(), fs.numpy(),
+            9, f(9), chan.numpy(), 2048, grad.numpy(), True, cpu.empty_f32(), False),
+        "restore: `torch.lerp` over the float32 live mask": lambda: torch.lerp(val, w, live_f, out=out),
+        "restore: `restore`": lambda: cpu.restore(0, n, out.numpy(), val.numpy(), live.numpy()),
+        "quantizer forward: `quant_fwd` (ŵ, x, q)": lambda: cpu.quant_fwd(
+            0, n, w.numpy(), f(-1), f(2), f(3), False, out.numpy(), x.numpy(), q.numpy()),
+        "quantizer backward: `quant_bwd` (g_w and the bounds' sum terms)": lambda: cpu.quant_bwd(
+            0, n, grad.numpy(), x.numpy(), q.numpy(), f(2), f(2), True, gw.numpy(), t.numpy(), gq.numpy()),
+        "recorder: `encode` (uint8 level and code)": lambda: cpu.encode(
+            0, n, w.numpy(), f(-1), f(2), f(3), lv.numpy(), cd.numpy(), cpu.empty_f32(), False),
+    }
+    print(f"\n| on {n:,} weights, one thread (12 % frozen) | ms (CPU time, best of rounds) |\n|---|---:|")
+    for name, fn in rows.items():
+        print(f"| {name} | {best(fn, 5):.2f} |")
+
+
+def profile_rule(name: str, mode: str, steps: int = 10) -> None:
     """Where the LTS variant's `rule.step()` and `optimizer.step()` (which restores frozen weights) spend their
     time, per op (torch.profiler over `steps` steps after 4 unprofiled ones), beside the CPU time of the step's
     parts."""
@@ -195,7 +243,7 @@ def profile_rule(name: str, compiled: bool, steps: int = 10) -> None:
     arch, shape, width = MODELS[name]
     torch.manual_seed(0)
     x, y = torch.randn(128, *shape), torch.randint(0, 10, (128,))
-    with mode_context("compiled" if compiled else "numba"):
+    with mode_context(mode):
         model = build_model(arch, shape, 10, **({} if width is None else {"width": width}))
         quantize_model(model, bits=2, example_input=x[:2])
         opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9, weight_decay=1e-4)
@@ -221,7 +269,7 @@ def profile_rule(name: str, compiled: bool, steps: int = 10) -> None:
                     calls[(part, e.key)] += e.count
             if s >= 4:
                 parts["steps with a freeze"] += rule.frozen_count() > n0
-    print(f"{name}, LTS, {'compiled' if compiled else 'fused (eager)'}, {torch.get_num_threads()} thread(s), "
+    print(f"{name}, LTS, mode {mode}, {torch.get_num_threads()} thread(s), "
           f"load average {os.getloadavg()[0]:.1f}; ms of CPU per step:\n")
     print(" · ".join(f"{k} {v / steps * 1e3:.1f}" for k, v in parts.items() if k != "steps with a freeze")
           + f" · steps with a freeze: {parts['steps with a freeze']} of {steps}\n")
@@ -259,7 +307,7 @@ def main() -> None:
     kept = False if args.glibc_defaults else keep_freed_memory()
     torch.set_num_threads(args.threads)
     if args.profile:
-        profile_rule(args.profile, args.compile)
+        profile_rule(args.profile, "compiled" if args.compile else (args.modes or "numba").split(",")[0])
         return
     if args.kernels:
         print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, load average {os.getloadavg()[0]:.1f}\n")
