@@ -286,6 +286,12 @@ def profile_rule(name: str, mode: str, steps: int = 10) -> None:
               f"{calls[(part, key)] / steps:.1f} |")
 
 
+def split_setting() -> str:
+    from lts_core import fused_cpu
+    n = fused_cpu.SPLIT_MIN_NUMEL
+    return "never" if n >= 1 << 62 else f"layers of ≥ {n:,} weights"
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--models", default="mlp1m,mlp4m,resnet20")
@@ -296,6 +302,9 @@ def main() -> None:
     ap.add_argument("--compile", action="store_true", help="also time the compiled kernels (needs a C++ compiler)")
     ap.add_argument("--unfused", action="store_true", help="also time the unfused path (autograd's chain)")
     ap.add_argument("--modes", default=None, help="comma-separated modes (unfused, eager, numba, compiled)")
+    ap.add_argument("--split-min", type=int, default=None, metavar="N",
+                    help="numba mode: run layers of ≥ N weights as two halves on two threads (default "
+                         "fused_cpu.SPLIT_MIN_NUMEL, 65536; 0 = never split)")
     ap.add_argument("--kernels", action="store_true",
                     help="instead: single ops on 1M values (bool-masked vs float kernels) and, with --compile, "
                          "the compiled quantizer forward against the eager one by layer size")
@@ -305,6 +314,9 @@ def main() -> None:
                     help="leave glibc malloc at its defaults (no `malloc.keep_freed_memory()`, as the CLI applies)")
     args = ap.parse_args()
     kept = False if args.glibc_defaults else keep_freed_memory()
+    if args.split_min is not None:
+        from lts_core import fused_cpu
+        fused_cpu.SPLIT_MIN_NUMEL = args.split_min if args.split_min > 0 else 1 << 62
     torch.set_num_threads(args.threads)
     if args.profile:
         profile_rule(args.profile, "compiled" if args.compile else (args.modes or "numba").split(",")[0])
@@ -318,7 +330,8 @@ def main() -> None:
     load0 = os.getloadavg()
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads "
           f"(OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY', 'unset')}), batch {args.batch}, {args.rounds} rounds "
-          f"× {args.steps} steps, malloc.keep_freed_memory: {kept}, load average at start "
+          f"× {args.steps} steps, malloc.keep_freed_memory: {kept}, two-thread split: {split_setting()}, "
+          f"load average at start "
           f"{load0[0]:.1f} / {load0[1]:.1f} / {load0[2]:.1f}\n", flush=True)
     results = {}
     with tempfile.TemporaryDirectory(prefix="bench-fused-") as tmp:
