@@ -31,11 +31,8 @@ from typing import Any, Callable, Iterable, Sequence
 
 import numpy as np
 
-SUB_COLS = 1 << 17          # weights per sub-block: numpy's per-call cost (~1 µs) is small against a call's
-                            # work, and the workers' state (~25 bytes per weight) stays in the CPU's L2/L3
-                            # (10-20 % less CPU than 2^15 at 10M weights; the workers run numpy only: a torch op
-                            # above its grain size would start an intra-op thread team per call, which under
-                            # load costs milliseconds)
+SUB_COLS = 1 << 17          # weights per sub-block (one kernel call: its per-call cost, a few µs, is small
+                            # against its work; the kernels then walk it in L1 blocks of 1024 weights)
 TASK_COLS = 1 << 21         # at most this many weights per task (bounds a task's chunk buffers)
 GROUP_BYTES = 1 << 24       # a task reads chunks in groups of about this many bytes per array (of 1-byte
                             # values): e.g. 8 records of 2M weights, so that a kernel visits each weight's state
