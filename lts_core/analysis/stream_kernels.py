@@ -202,26 +202,34 @@ def osc_kernel(lv, c0, n, rec0, m, k, active, thr, steps, freq, level_ema, prev,
 def level_kernel(lv, c0, n, rec0, first, prev, last_change, flips, reversals, last_dir, occ):
     """`LevelStatsPass`: per weight and record, a level change counts a flip, sets the settle record, counts a
     reversal when opposite to the weight's previous change; occ[rec − first] gets +1 at the new level and −1 at
-    the old (record 0: +1 at every level)."""
-    for j in range(n):
-        c = c0 + j
-        p = prev[j]
+    the old (record 0: +1 at every level). Blocks of `BLOCK` weights (their state in L1), the group's records
+    inside; the counters are touched only where the level changed (a few % of the weight-records)."""
+    for b0 in range(0, n, BLOCK):
+        b1 = min(b0 + BLOCK, n)
+        pr, lc, fl, rv, ld = prev[b0:b1], last_change[b0:b1], flips[b0:b1], reversals[b0:b1], last_dir[b0:b1]
         for i in range(lv.shape[0]):
             rec = rec0 + i
-            cur = lv[i, c]
+            row = lv[i, c0 + b0:c0 + b1]
             if rec == 0:
-                occ[0, cur] += 1
-            elif cur != p:
-                direction = np.int8(1) if cur > p else np.int8(-1)
-                flips[j] += 1
-                last_change[j] = rec
-                if last_dir[j] == -direction:
-                    reversals[j] += 1
-                last_dir[j] = direction
-                occ[rec - first, cur] += 1
-                occ[rec - first, p] -= 1
-            p = cur
-        prev[j] = p
+                for j in range(b1 - b0):
+                    occ[0, row[j]] += 1
+                    pr[j] = row[j]
+                continue
+            o = occ[rec - first]
+            r32 = np.int32(rec)
+            for j in range(b1 - b0):
+                cur = row[j]
+                p = pr[j]
+                if cur != p:
+                    direction = np.int8(1) if cur > p else np.int8(-1)
+                    fl[j] += 1
+                    lc[j] = r32
+                    if ld[j] == -direction:
+                        rv[j] += 1
+                    ld[j] = direction
+                    o[cur] += 1
+                    o[p] -= 1
+                    pr[j] = cur
 
 
 __all__ = ["BLOCK", "BEFORE", "START", "START_RESET", "UPDATE", "ema_modes", "index_kernel", "freeze_kernel", "osc_kernel",
