@@ -43,6 +43,20 @@ _FUSED = True
 _COMPILE = False
 
 
+def _scoped(setter, doc: str):
+    """A context manager `use_X(enabled)` from the switch `set_X`: sets it for the block, then puts it back."""
+    @contextmanager
+    def use(enabled: bool):
+        previous = setter(enabled)
+        try:
+            yield
+        finally:
+            setter(previous)
+    use.__doc__, use.__name__ = doc, "use_" + setter.__name__.removeprefix("set_")
+    use.__qualname__ = use.__name__
+    return use
+
+
 def fused_enabled() -> bool:
     """Whether quantizers and newly built rules use the fused path (default True)."""
     return _FUSED
@@ -55,14 +69,8 @@ def set_fused(enabled: bool) -> bool:
     return previous
 
 
-@contextmanager
-def use_fused(enabled: bool):
-    """`with use_fused(False): …` runs the unfused reference path inside the block (rules built inside keep it)."""
-    previous = set_fused(enabled)
-    try:
-        yield
-    finally:
-        set_fused(previous)
+use_fused = _scoped(set_fused, "`with use_fused(False): …` runs the unfused reference path inside the block "
+                                "(rules built inside keep it).")
 
 
 @lru_cache(maxsize=1)
@@ -94,14 +102,7 @@ def set_compile(enabled: bool) -> bool:
     return previous
 
 
-@contextmanager
-def use_compile(enabled: bool):
-    """`with use_compile(True): …` runs the compiled kernels inside the block."""
-    previous = set_compile(enabled)
-    try:
-        yield
-    finally:
-        set_compile(previous)
+use_compile = _scoped(set_compile, "`with use_compile(True): …` runs the compiled kernels inside the block.")
 
 
 _NUMBA = True
@@ -116,14 +117,8 @@ def set_numba(enabled: bool) -> bool:
     return previous
 
 
-@contextmanager
-def use_numba(enabled: bool):
-    """`with use_numba(False): …` runs the eager torch ops of the fused path inside the block."""
-    previous = set_numba(enabled)
-    try:
-        yield
-    finally:
-        set_numba(previous)
+use_numba = _scoped(set_numba, "`with use_numba(False): …` runs the eager torch ops of the fused path inside the "
+                                "block.")
 
 
 @lru_cache(maxsize=1)
