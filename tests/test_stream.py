@@ -15,7 +15,7 @@ from lts_core import level_delta
 from lts_core.analysis import cache, settle as st
 from lts_core.analysis import build_cache, cached_level_stats, cached_settle_summary, settle_summary
 from lts_core.analysis.level_stats import LevelStatsPass
-from lts_core.analysis.stream import (ArraySource, RunSource, changed_columns, bincount_u8, plan_tasks,
+from lts_core.analysis.stream import (ArraySource, RunSource, plan_tasks,
                                       run_passes, serial, thread_executor)
 from lts_core.store import RunWriter, open_run
 
@@ -203,17 +203,6 @@ def test_the_next_chunk_is_read_while_this_one_is_computed():
             src = _Overlap({"level": lv, "dist": dist}, SIZES, 3)
             (stats,) = run_passes(src, [LevelStatsPass()], executor, task_cols=task_cols, sub_cols=sub_cols)
             check_stats(stats, reference(lv, dist))
-
-
-def test_helpers():
-    rng = np.random.default_rng(0)
-    for n in (0, 5, 8, 1001):
-        a = rng.integers(0, 3, n).astype(np.uint8)
-        b = np.where(rng.random(n) < 0.1, a + 1, a).astype(np.uint8)
-        np.testing.assert_array_equal(changed_columns(a, b), np.flatnonzero(a != b))
-    for n in (3, 4096, 10_000, 10_001):
-        x = rng.integers(0, 256, n).astype(np.uint8)
-        np.testing.assert_array_equal(bincount_u8(x), np.bincount(x, minlength=256))
 
 
 # ---- cache ----------------------------------------------------------------------------------------------------

@@ -12,7 +12,7 @@ import pytest
 from lts_core.analysis.level_stats import LevelStatsPass
 from lts_core.analysis.replay_stream import FreezeStepsPass, IndexPass, OscPass
 from lts_core.analysis.stream import ArraySource, run_passes, serial, thread_executor
-from stream_reference import RefFreezeStepsPass, RefIndexPass, RefLevelStatsPass, RefOscPass
+from stream_reference import RefFreezeStepsPass, RefIndexPass, RefLevelStatsPass, RefOscPass, bincount_u8
 
 SIZES = [37, 300, 5, 130, 64]
 N_LEVELS = [2, 3, 4, 16, 256]
@@ -228,3 +228,11 @@ def test_numba_is_imported_only_when_a_kernel_runs():
             "run_passes(ArraySource({'level': np.zeros((3, 10), np.uint8)}), [level_stats.LevelStatsPass()])\n"
             "assert 'numba' in sys.modules\n")
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_the_references_byte_pair_bincount():
+    """The reference's occupancy counts (uint8 values counted as byte pairs) equal np.bincount's."""
+    rng = np.random.default_rng(0)
+    for n in (3, 4096, 10_000, 10_001):
+        x = rng.integers(0, 256, n).astype(np.uint8)
+        np.testing.assert_array_equal(bincount_u8(x), np.bincount(x, minlength=256))

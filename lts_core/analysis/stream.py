@@ -306,33 +306,5 @@ def run_passes(src, passes: Sequence[Pass], executor: Executor | None = None, fi
     return [c.finish() for c in collectors]
 
 
-# ---- helpers for workers --------------------------------------------------------------------------------------
-
-def changed_columns(cur: np.ndarray, prev: np.ndarray) -> np.ndarray:
-    """Indices where cur != prev (1-D uint8 arrays of one length), fast when changes are rare: the
-    comparison is scanned 8 weights at a time and only non-zero words are expanded."""
-    ne = np.not_equal(cur, prev)
-    n = ne.size
-    n8 = n - n % 8
-    words = ne[:n8].view(np.uint64)
-    nz = np.flatnonzero(words)
-    idx = (nz[:, None] * 8 + np.arange(8))[ne[:n8].reshape(-1, 8)[nz]] if nz.size else np.empty(0, np.int64)
-    if n8 < n:
-        tail = np.flatnonzero(ne[n8:]) + n8
-        if tail.size:
-            idx = np.concatenate([idx, tail])
-    return idx
-
-
-def bincount_u8(x: np.ndarray) -> np.ndarray:
-    """int64 [256] counts of a uint8 array's values (pairs of bytes counted as one uint16: half the work)."""
-    x = np.ascontiguousarray(x).reshape(-1)
-    if x.size % 2 == 0 and x.size >= 4096:
-        pairs = np.bincount(x.view(np.uint16), minlength=1 << 16).reshape(256, 256)
-        return pairs.sum(axis=0) + pairs.sum(axis=1)
-    return np.bincount(x, minlength=256)
-
-
 __all__ = ["SUB_COLS", "TASK_COLS", "GROUP_BYTES", "Executor", "serial", "thread_executor", "default_workers", "RunSource",
-           "ArraySource", "SubBlock", "Task", "plan_tasks", "Pass", "chunk_groups", "scan_task", "run_passes",
-           "changed_columns", "bincount_u8"]
+           "ArraySource", "SubBlock", "Task", "plan_tasks", "Pass", "chunk_groups", "scan_task", "run_passes"]
