@@ -1,11 +1,13 @@
 """The numpy workers that the numba kernels (`lts_core.analysis.stream_kernels`) replaced, kept as the tested
-reference: the code of main at fc77b35 (replay_stream.py, level_stats.py), unchanged but for the imports. A
+reference: the code of main at fc77b35 (replay_stream.py, level_stats.py), unchanged but for the imports
+and for the oscillation and level workers, which take their state and `result` from the kernel workers. A
 `Ref*Pass` is the pass with these workers; tests/test_stream_kernels.py checks that the kernels give bit for bit
 what they give."""
 from __future__ import annotations
 
 import numpy as np
 
+from lts_core.analysis import level_stats, replay_stream
 from lts_core.analysis.level_stats import N_CODES, LevelStatsPass
 from lts_core.analysis.replay_stream import FreezeStepsPass, IndexPass, OscPass, ema_start, layer_units, sub_width
 from lts_core.schedules import eligible, ratio_at, schedule_gain, threshold_norm
@@ -180,25 +182,17 @@ class _FreezeWorker:
         return self.freeze
 
 
-class _OscWorker:
+class _OscWorker(replay_stream._OscWorker):
     """`replay.replay_oscillation` on one task's columns: numpy, the same float32 operations as
-    `osc_ema_update` (x·m + f·(1−m)), int8 directions, preallocated buffers."""
+    `osc_ema_update` (x·m + f·(1−m)), int8 directions, preallocated buffers. The state and `result` are the
+    kernel worker's; `feed` is the numpy code."""
 
     def __init__(self, p: OscPass, src, task: Task):
-        n, w = task.size, sub_width(task)
-        self.p, self.task = p, task
-        self.freq = np.zeros(n, np.float32)
-        self.level_ema = np.zeros(n, np.float32)
-        self.prev = np.zeros(n, np.uint8)
-        self.last_dir = np.zeros(n, np.int8)
-        self.fs = np.full(n, -1, np.int64)
-        self.flevel = np.full(n, -1, np.int16)
-        self.free = np.ones(n, bool)             # not frozen yet
+        super().__init__(p, src, task)
+        w = sub_width(task)
         self.b1, self.b2 = np.empty(w, bool), np.empty(w, bool)
         self.i1, self.i2 = np.empty(w, np.int8), np.empty(w, np.int8)
         self.f1 = np.empty(w, np.float32)
-        R = src.n_records
-        self.new_by_record = {layer: np.zeros(R, np.int64) for layer in task.layers()}
 
     def feed(self, r0: int, data: dict, sub) -> None:
         p = self.p
@@ -245,43 +239,13 @@ class _OscWorker:
                 free[idx] = False
                 new_by_record[rec] += idx.size
 
-    def result(self):
-        t = self.task
-        final = self.prev   # the level at the last record
-        per_layer = {}
-        for sub in t.subs:
-            s = slice(sub.offset, sub.offset + sub.size)
-            fz = self.fs[s] >= 0
-            acc = per_layer.setdefault(sub.layer, [0, 0, 0])
-            acc[0] += int(self.fs[s][fz].sum())
-            acc[1] += int(fz.sum())
-            acc[2] += int((fz & (self.flevel[s] == final[s])).sum())
-        return self.fs, self.flevel, self.freq, self.new_by_record, per_layer
 
+class _LevelWorker(level_stats._LevelWorker):
+    """The level statistics' numpy `feed`; the state and `result` are the kernel worker's."""
 
-class _LevelWorker:
     def __init__(self, p: LevelStatsPass, src, task: Task, first_record: int):
-        a, b = task.start, task.stop
-        n = task.size
-        self.task, self.first = task, first_record
-        old = p.resume if first_record > 0 else None
-        if first_record > 0 and (old is None or old.n_records != first_record):
-            raise ValueError("resuming a level pass needs the statistics of every earlier record")
-        if old is None:
-            self.prev = np.empty(n, np.uint8)
-            self.last_change = np.zeros(n, np.int32)
-            self.flips = np.zeros(n, np.int32)
-            self.reversals = np.zeros(n, np.int32)
-            self.last_dir = np.zeros(n, np.int8)
-        else:
-            self.prev = np.array(old.final_level[a:b], dtype=np.uint8)
-            self.last_change = np.array(old.settle_record[a:b], dtype=np.int32)
-            self.flips = np.array(old.flips[a:b], dtype=np.int32)
-            self.reversals = np.array(old.reversals[a:b], dtype=np.int32)
-            self.last_dir = np.array(old.last_dir[a:b], dtype=np.int8)
-        R_new = src.n_records - first_record
+        super().__init__(p, src, task, first_record)
         self.ne = None     # bool scratch of one sub-block
-        self.occ = {layer: np.zeros((R_new, N_CODES), np.int64) for layer in task.layers()}
 
     def feed(self, r0: int, data: dict, sub) -> None:
         lv = data["level"]
@@ -315,9 +279,6 @@ class _LevelWorker:
             row = occ[rec - self.first]
             row += np.bincount(new, minlength=N_CODES)
             row -= np.bincount(old, minlength=N_CODES)
-
-    def result(self):
-        return (self.prev, self.last_change, self.flips, self.reversals, self.last_dir, self.occ)
 
 
 class _Sliced:
