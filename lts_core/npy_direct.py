@@ -1,4 +1,4 @@
-"""Write large ``.npy`` files with ``O_DIRECT``, bypassing the page cache.
+"""Write and read large ``.npy`` files with ``O_DIRECT``, bypassing the page cache.
 
 Recording every step streams megabytes per step to disk. Through the page cache each MB costs the CPU
 about 0.4–1.6 ms (copy, page bookkeeping, writeback) on the 2-core virtual machines we measured; with
@@ -12,28 +12,42 @@ any other.
 bounce buffer and the file is then truncated to its exact size. Where ``O_DIRECT`` is not available
 (macOS, Windows, tmpfs, some network filesystems) `write_npy_direct` returns False and the caller writes
 the ordinary way.
+
+Reading (`PositionalReader`): the streamed analyses read a big run's chunk files once, cold, column range by
+column range. Through the page cache every byte costs the CPU about 0.5–1.7 ns (the kernel's page-cache work
+and copy); with ``O_DIRECT`` about 0.1 ns (BENCHMARKS "Big runs"). A read of at least `DIRECT_READ_MIN`
+bytes goes straight from the disk into the caller's buffer when the buffer and the file offset are congruent
+modulo `ALIGN` (the partial blocks at both ends go through small per-thread bounce buffers, all in one
+``preadv``), else through a per-thread aligned staging buffer and one copy. Smaller reads, systems without
+``O_DIRECT``, filesystems that refuse it (tmpfs…) and ``SCRATCHOFF_DIRECT_READ=0`` use ordinary reads.
+``O_DIRECT`` reads are coherent with the page cache (the kernel writes dirty pages back first), so a file
+written the ordinary way reads the same.
 """
 from __future__ import annotations
 
 import errno
 import os
 import struct
+import threading
 from pathlib import Path
 
 import numpy as np
 
 ALIGN = 4096  # bytes: block alignment for memory, file offsets and lengths
 MIN_BYTES = 1 << 20  # smaller arrays are not worth it: the ordinary write is as cheap
+DIRECT_READ_MIN = 1 << 20  # bytes: smaller reads go through the page cache (a hot page cache beats the disk)
+STAGE_BYTES = 8 << 20  # bytes: the most a staging buffer holds (longer unaligned reads go in pieces)
 
 
-def aligned_empty(shape, dtype) -> np.ndarray:
-    """`np.empty` whose data starts on an `ALIGN`-byte boundary (so its leading rows can be written with
-    O_DIRECT)."""
+def aligned_empty(shape, dtype, phase: int = 0) -> np.ndarray:
+    """`np.empty` whose data starts `phase` bytes after an `ALIGN`-byte boundary (phase 0: on it, so its
+    leading rows can be written with O_DIRECT; phase p: congruent with file offsets ≡ p, so reads land in it
+    straight from the disk)."""
     dtype = np.dtype(dtype)
     shape = tuple(int(s) for s in np.atleast_1d(shape))
     nbytes = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
-    raw = np.empty(nbytes + ALIGN, dtype=np.uint8)
-    start = (-raw.ctypes.data) % ALIGN
+    raw = np.empty(nbytes + 2 * ALIGN, dtype=np.uint8)
+    start = (int(phase) - raw.ctypes.data) % ALIGN
     return raw[start:start + nbytes].view(dtype).reshape(shape)
 
 
@@ -234,3 +248,146 @@ class NpyAppender:
         if self.fd >= 0:
             os.close(self.fd)
             self.fd = -1
+
+
+# ---- reading -------------------------------------------------------------------------------------------------
+
+_no_direct_devices: set[int] = set()   # filesystems (st_dev) that refused O_DIRECT: not tried again
+_local = threading.local()             # per thread: bounce and staging buffers
+
+
+def direct_reads_enabled() -> bool:
+    """Whether big reads may use O_DIRECT here: the system has it and ``SCRATCHOFF_DIRECT_READ`` is not 0."""
+    return bool(getattr(os, "O_DIRECT", 0)) and os.environ.get("SCRATCHOFF_DIRECT_READ", "1").strip() != "0"
+
+
+def _thread_buffer(name: str, nbytes: int) -> np.ndarray:
+    buf = getattr(_local, name, None)
+    if buf is None or buf.size < nbytes:
+        buf = aligned_empty(max(nbytes, ALIGN), np.uint8)
+        setattr(_local, name, buf)
+    return buf[:nbytes]
+
+
+def _bytes_of(dst) -> np.ndarray:
+    arr = np.frombuffer(dst, dtype=np.uint8) if not isinstance(dst, np.ndarray) else dst.reshape(-1)
+    if not arr.flags.c_contiguous or not arr.flags.writeable:
+        raise ValueError("a read needs a writable contiguous buffer")
+    return arr.view(np.uint8)
+
+
+class PositionalReader:
+    """One file read at given offsets into the caller's buffers (``with PositionalReader(path) as f:
+    f.read_into(buf, pos)``): reads of at least `DIRECT_READ_MIN` bytes with O_DIRECT where allowed
+    (`direct_reads_enabled`, the filesystem takes it), others with ordinary ``preadv``. `read_into` returns the
+    bytes read, fewer only at the end of the file; OSError other than O_DIRECT being refused is raised."""
+
+    def __init__(self, path: str | os.PathLike, direct: bool | None = None):
+        self.path = os.fspath(path)
+        self.fd = os.open(self.path, os.O_RDONLY)
+        self.direct_fd = -1
+        self.direct = direct_reads_enabled() if direct is None else bool(direct) and hasattr(os, "O_DIRECT")
+        if self.direct:
+            try:
+                self.direct = os.fstat(self.fd).st_dev not in _no_direct_devices
+            except OSError:
+                self.direct = False
+
+    def __enter__(self) -> "PositionalReader":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def close(self) -> None:
+        for fd in (self.fd, self.direct_fd):
+            if fd >= 0:
+                os.close(fd)
+        self.fd = self.direct_fd = -1
+
+    def _refused(self) -> None:
+        """O_DIRECT refused by this filesystem: read it the ordinary way from now on."""
+        try:
+            _no_direct_devices.add(os.fstat(self.fd).st_dev)
+        except OSError:
+            pass
+        self.direct = False
+
+    def read_into(self, dst, pos: int) -> int:
+        """Read len(dst) bytes at file offset `pos` into `dst` (a writable contiguous buffer); returns the bytes
+        read (fewer only at the end of the file)."""
+        out = _bytes_of(dst)
+        if self.direct and out.size >= DIRECT_READ_MIN:
+            if self.direct_fd < 0:
+                try:
+                    self.direct_fd = os.open(self.path, os.O_RDONLY | os.O_DIRECT)
+                except OSError as e:
+                    if e.errno not in (errno.EINVAL, errno.EOPNOTSUPP, errno.ENOTSUP):
+                        raise
+                    self._refused()
+            if self.direct_fd >= 0:
+                try:
+                    return self._read_direct(out, int(pos))
+                except OSError as e:
+                    if e.errno != errno.EINVAL:
+                        raise
+                    self._refused()
+        return _pread_all(self.fd, memoryview(out), int(pos))
+
+    def _read_direct(self, out: np.ndarray, pos: int) -> int:
+        n, end = out.size, pos + out.size
+        a0, m0, m1 = pos - pos % ALIGN, -(-pos // ALIGN) * ALIGN, end - end % ALIGN
+        if (out.ctypes.data - pos) % ALIGN or m1 - m0 < ALIGN:
+            return self._read_staged(out, pos)
+        head = _thread_buffer("head", ALIGN) if m0 > pos else None
+        tail = _thread_buffer("tail", ALIGN) if end > m1 else None
+        iov = ([head] if head is not None else []) + [out[m0 - pos:m1 - pos]] + ([tail] if tail is not None else [])
+        got = os.preadv(self.direct_fd, iov, a0)
+        have = max(0, min(n, a0 + got - pos))       # bytes of [pos, end) read, the bounce buffers' included
+        if head is not None and have:
+            k = min(m0 - pos, have)
+            out[:k] = head[pos - a0:pos - a0 + k]
+        if tail is not None and pos + have > m1:
+            out[m1 - pos:have] = tail[:pos + have - m1]
+        if have < n:   # a short read (the file ends inside the range): the rest, if any, through staging
+            return have + self._read_staged(out[have:], pos + have)
+        return n
+
+    def _read_staged(self, out: np.ndarray, pos: int) -> int:
+        """Aligned reads into a per-thread staging buffer, each copied out; stops at the end of the file."""
+        n, done = out.size, 0
+        while done < n:
+            p = pos + done
+            q = min(pos + n, p + STAGE_BYTES - ALIGN)
+            b0, b1 = p - p % ALIGN, -(-q // ALIGN) * ALIGN
+            stage = _thread_buffer("stage", b1 - b0)
+            got = os.preadv(self.direct_fd, [stage], b0)
+            k = min(q, b0 + got) - p
+            if k <= 0:
+                break
+            out[done:done + k] = stage[p - b0:p - b0 + k]
+            done += k
+            if b0 + got < q:   # short: the end of the file, or continue from where it stopped
+                if got % ALIGN or got == 0:
+                    break
+        return done
+
+
+def _pread_all(fd: int, dst: memoryview, pos: int) -> int:
+    """Read len(dst) bytes at offset `pos` of `fd` into `dst` (stops early only at the end of the file)."""
+    done = 0
+    while done < dst.nbytes:
+        if hasattr(os, "preadv"):
+            got = os.preadv(fd, [dst[done:]], pos + done)
+        else:  # pragma: no cover - platforms without preadv
+            got = _pread_fallback(fd, dst[done:], pos + done)
+        if not got:
+            break
+        done += got
+    return done
+
+
+def _pread_fallback(fd: int, dst: memoryview, pos: int) -> int:  # pragma: no cover - platforms without preadv
+    data = os.pread(fd, dst.nbytes, pos)
+    dst[:len(data)] = data
+    return len(data)

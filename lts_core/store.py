@@ -48,7 +48,7 @@ import numpy as np
 from . import level_delta
 from .manifest import (ARRAY_NAME_PATTERN, RUN_ID_PATTERN, SCHEMA_VERSION, STATUSES, describe_errors, one_line,
                        validate_manifest)
-from .npy_direct import MIN_BYTES, NpyAppender, write_npy_direct
+from .npy_direct import ALIGN, MIN_BYTES, NpyAppender, PositionalReader, aligned_empty, write_npy_direct
 
 METRIC_COLUMNS = ("epoch", "train_loss", "test_acc", "frozen_fraction", "updates_eliminated",
                   "backward_flops_saved", "seconds", "lr")
@@ -1149,6 +1149,17 @@ class Run:
             return view
         return self.read_columns_raw(chunk, name, start, stop, out)
 
+    def _header(self, chunk: int, name: str) -> tuple[tuple[int, ...], np.dtype, int]:
+        """(shape, dtype, data offset) of a sealed chunk's file, parsed once per Run."""
+        key = ("header", chunk, name)
+        if key not in self._checked:
+            path = chunk_file(self.path, self._chunks[chunk]["index"], name)
+            try:
+                self._checked[key] = _npy_header(path)
+            except Exception as e:
+                raise CorruptChunkError(f"{path}: cannot be read ({e})") from None
+        return self._checked[key]
+
     def read_columns_raw(self, chunk: int, name: str, start: int, stop: int, out: np.ndarray | None = None
                          ) -> np.ndarray:
         """Columns [start, stop) of the stored file `name` of a chunk, as stored (no decoding)."""
@@ -1165,13 +1176,7 @@ class Run:
             view[...] = src
             return view
         path = chunk_file(self.path, ch["index"], name)
-        key = ("header", chunk, name)
-        if key not in self._checked:
-            try:
-                self._checked[key] = _npy_header(path)
-            except Exception as e:
-                raise CorruptChunkError(f"{path}: cannot be read ({e})") from None
-        shape, dtype, offset = self._checked[key]
+        shape, dtype, offset = self._header(chunk, name)
         n = int(np.prod(shape[1:], dtype=np.int64)) if len(shape) > 1 else 1
         if len(shape) != 2 or stop > n:
             raise RunError(f"{path}: not a [records, weights] array (shape {shape})")
@@ -1182,16 +1187,39 @@ class Run:
                 raise ValueError(f"buffer of {out.size} {out.dtype} cannot hold {r}×{b} {dtype}")
             view = out.reshape(-1)[:r * b].reshape(r, b)
         item = dtype.itemsize
-        with open(path, "rb", buffering=0) as f:
+        try:
+            f = PositionalReader(path)
+        except OSError as e:
+            raise CorruptChunkError(f"{path}: cannot be read ({e.strerror})") from None
+        with f:
             rows = [(i, offset + (i * n + int(start)) * item) for i in range(r)]
             if b == n:  # whole rows: one read
                 rows = [(slice(None), offset)]
             for i, pos in rows:
-                dst = memoryview(view[i]).cast("B")
-                got = _pread_into(f, dst, pos)
+                dst = view[i]
+                got = f.read_into(dst, pos)
                 if got != dst.nbytes:
-                    raise CorruptChunkError(f"{path}: short read ({got} of {dst.nbytes} bytes)")
+                    raise CorruptChunkError(f"{path}: the file ends before the data its header describes "
+                                            f"(shape {shape}): {got} of {dst.nbytes} bytes at offset {pos}; "
+                                            "the file was cut short")
         return view
+
+    def column_buffer(self, name: str, start: int, stop: int, records: int) -> np.ndarray:
+        """An empty flat buffer for `records` rows of columns [start, stop) of array `name`, placed so that
+        `read_columns` into it reads the chunk files straight from the disk (`npy_direct.PositionalReader`: its
+        address congruent, modulo 4096, with the columns' offset in the first sealed chunk's file)."""
+        dtype, phase = None, 0
+        for c, ch in enumerate(self._chunks):
+            if name in self._chunk_arrays(ch):
+                if ch.get("open"):
+                    dtype = ch["maps"][name].dtype
+                else:
+                    _, dtype, offset = self._header(c, name)
+                    phase = (offset + int(start) * dtype.itemsize) % ALIGN
+                break
+        if dtype is None:   # levels stored as changes, side as bits: decoded into uint8
+            dtype = np.dtype(np.uint8)
+        return aligned_empty(int(records) * (int(stop) - int(start)), dtype, phase)
 
     def _gather(self, name: str, cols, width: int, dtype) -> np.ndarray:
         out = np.empty((self.n_records, width), dtype=dtype)
@@ -1383,22 +1411,6 @@ def metrics_problem(df) -> str | None:
     if bad:
         return f"columns {', '.join(bad)} are not numbers ({', '.join(str(df[c].dtype) for c in bad)})"
     return None
-
-
-def _pread_into(f, dst: memoryview, pos: int) -> int:
-    """Read len(dst) bytes at offset `pos` of open file `f` into `dst` (stops early only at end of file);
-    returns the bytes read."""
-    done = 0
-    while done < dst.nbytes:
-        if hasattr(os, "preadv"):
-            got = os.preadv(f.fileno(), [dst[done:]], pos + done)
-        else:  # pragma: no cover - platforms without preadv
-            f.seek(pos + done)
-            got = f.readinto(dst[done:])
-        if not got:
-            break
-        done += got
-    return done
 
 
 def decode_codes(codes: np.ndarray) -> np.ndarray:

@@ -7,9 +7,11 @@ lie inside one layer and hold at most `SUB_COLS` weights (small enough for the C
 
 - *map*: one task per column range, `scan_task(source, task, passes)`: for each group of consecutive chunks
   of the run (`chunk_groups`: about `GROUP_BYTES` per array), in record order, read the task's columns of the
-  arrays the passes need (into reused buffers, double-buffered: a reader thread reads the next group while
-  the task computes on this one) and feed each sub-block to every pass's worker, whose compiled kernel
-  (`stream_kernels`) follows each weight through the group's records; return each worker's result;
+  arrays the passes need (into reused buffers from `source.column_buffer`, double-buffered: `READ_THREADS`
+  reader threads read the next group while the task computes on this one; a run's big chunk files are read
+  with O_DIRECT, `npy_direct.PositionalReader`) and feed each sub-block to every pass's worker, whose
+  compiled kernel (`stream_kernels`) follows each weight through the group's records; return each worker's
+  result;
 - *reduce*: each pass's collector takes the task results in any order, places per-weight results at their
   columns and adds per-layer tables.
 
@@ -38,6 +40,10 @@ GROUP_BYTES = 1 << 24       # a task reads chunks in groups of about this many b
                             # values): e.g. 8 records of 2M weights, so that a kernel visits each weight's state
                             # once per 8 records instead of once per record (the state, 10-25 bytes per weight,
                             # goes to memory and back between visits)
+ALIGN_COLS = 4096           # task bounds fall on multiples of this many columns when tasks are wide (≥ 16×):
+                            # a task's row slices then sit at one offset modulo 4096 in every one-record chunk
+                            # file, so they are read with O_DIRECT straight into its buffers (npy_direct)
+READ_THREADS = 2            # reads of a task in flight at once (its group's chunks and arrays, split over them)
 
 Executor = Callable[[Callable[[Any], Any], Sequence[Any]], Iterable[Any]]
 
@@ -77,7 +83,8 @@ def thread_executor(workers: int | None = None) -> Executor:
 # ---- sources ------------------------------------------------------------------------------------------------
 
 class RunSource:
-    """A stored run as a pass source: chunked [r, N] arrays read by column range (`Run.read_columns`).
+    """A stored run as a pass source: chunked [r, N] arrays read by column range (`Run.read_columns`, into
+    buffers from `Run.column_buffer`).
     Pickles as its path (a task on another process reopens the run)."""
 
     def __init__(self, run):
@@ -95,6 +102,9 @@ class RunSource:
 
     def read(self, chunk: int, name: str, start: int, stop: int, out=None) -> np.ndarray:
         return self.run.read_columns(chunk, name, start, stop, out)
+
+    def column_buffer(self, name: str, start: int, stop: int, records: int) -> np.ndarray:
+        return self.run.column_buffer(name, start, stop, records)
 
     def __getstate__(self):
         return {"path": self.path, "n_chunks": len(self.chunk_sizes)}
@@ -129,6 +139,9 @@ class ArraySource:
 
     def has(self, name: str) -> bool:
         return self.arrays.get(name) is not None
+
+    def column_buffer(self, name: str, start: int, stop: int, records: int) -> np.ndarray:
+        return np.empty(int(records) * (int(stop) - int(start)), self.arrays[name].dtype)
 
     def read(self, chunk: int, name: str, start: int, stop: int, out=None) -> np.ndarray:
         r0 = sum(self.chunk_sizes[:chunk])
@@ -171,7 +184,8 @@ class Task:
 def plan_tasks(layer_sizes: Sequence[int], workers: int = 1, task_cols: int | None = None,
                sub_cols: int | None = None) -> list[Task]:
     """Cut the flat weight index into tasks (contiguous, about equal, at least 2 per worker when there is
-    enough work) and each task into sub-blocks inside one layer."""
+    enough work; bounds on multiples of `ALIGN_COLS` when tasks are at least 16 times wider) and each task into
+    sub-blocks inside one layer."""
     sizes = [int(s) for s in layer_sizes]
     N = sum(sizes)
     if N == 0:
@@ -180,6 +194,8 @@ def plan_tasks(layer_sizes: Sequence[int], workers: int = 1, task_cols: int | No
     cap = max(1, int(task_cols or TASK_COLS))
     n_tasks = max(math.ceil(N / cap), min(2 * max(1, workers), math.ceil(N / sub)))
     bounds = np.linspace(0, N, n_tasks + 1).round().astype(np.int64)
+    if N >= 16 * ALIGN_COLS * n_tasks:
+        bounds[1:-1] = (bounds[1:-1] + ALIGN_COLS // 2) // ALIGN_COLS * ALIGN_COLS
     offsets = np.concatenate([[0], np.cumsum(sizes)])
     tasks = []
     for a, b in zip(bounds[:-1], bounds[1:]):
@@ -237,57 +253,66 @@ def chunk_groups(chunk_sizes: Sequence[int], first_chunk: int, width: int,
     return groups
 
 
-def _read_group(src, names: Sequence[str], task: Task, group: Sequence[int], bufs: dict[str, np.ndarray]
-                ) -> dict:
-    """The task's columns of the chunks in `group` of every array in `names`, one [records, task.size] array
-    per name, read into the reusable flat buffers `bufs` (grown as needed)."""
+def _read_chunk(src, name: str, task: Task, chunk: int, part: np.ndarray) -> None:
+    """The task's columns of one chunk's array `name` into `part` (a [records, task.size] view of a buffer)."""
+    got = src.read(chunk, name, task.start, task.stop, part)
+    if got.__array_interface__["data"][0] != part.__array_interface__["data"][0]:
+        part[...] = got
+
+
+def _read_group(pool, src, names: Sequence[str], task: Task, group: Sequence[int], bufs: dict[str, np.ndarray]
+                ) -> tuple[dict, list]:
+    """Start reading the task's columns of the chunks in `group` of every array in `names` on the threads of
+    `pool`, one read per chunk and array, into the flat buffers `bufs` (`src.column_buffer`, sized for the
+    largest group); returns the [records, task.size] arrays they fill and the reads' futures."""
     w = task.size
-    rows = sum(int(src.chunk_sizes[c]) for c in group)
-    data = {}
+    data, reads = {}, []
     for name in names:
-        buf = bufs.get(name)
-        row = 0
+        buf, row = bufs[name], 0
         for c in group:
             r = int(src.chunk_sizes[c])
-            if buf is None:   # the first read tells the dtype
-                got = src.read(c, name, task.start, task.stop)
-                buf = bufs[name] = np.empty(rows * w, got.dtype)
-                buf[:r * w].reshape(r, w)[...] = got
-            else:
-                if buf.size < rows * w:
-                    old, buf = buf, np.empty(rows * w, buf.dtype)
-                    buf[:row * w] = old[:row * w]
-                    bufs[name] = buf
-                part = buf[row * w:(row + r) * w]
-                got = src.read(c, name, task.start, task.stop, part)
-                if got.__array_interface__["data"][0] != part.__array_interface__["data"][0]:
-                    part.reshape(r, w)[...] = got
+            reads.append(pool.submit(_read_chunk, src, name, task, c, buf[row * w:(row + r) * w].reshape(r, w)))
             row += r
-        data[name] = buf[:rows * w].reshape(rows, w)
-    return data
+        data[name] = buf[:row * w].reshape(row, w)
+    return data, reads
+
+
+def _wait(reads: list) -> None:
+    for f in reads:   # every read, then the first error (a failed read leaves its buffer half-filled)
+        f.exception()
+    for f in reads:
+        f.result()
 
 
 def scan_task(src, passes: Sequence[Pass], first_chunk: int, task: Task) -> list:
     """The map step: stream the task's columns of every chunk from `first_chunk` on, in record order, a group
     of chunks at a time (`chunk_groups`), through one worker per pass; returns the workers' results.
-    Double-buffered: a reader thread reads the next group (disk, page cache, decoding of levels stored as
-    changes) while this thread computes on the current one."""
+    Double-buffered: `READ_THREADS` reader threads read the next group's chunks (disk, page cache, decoding of
+    levels stored as changes), several requests in flight, while this thread computes on the current one."""
     first_record = sum(src.chunk_sizes[:first_chunk])
     workers = [p.worker(src, task, first_record) for p in passes]
     names = sorted({n for p in passes for n in p.needs})
     groups = chunk_groups(src.chunk_sizes, first_chunk, task.size)
-    bufsets: tuple[dict, dict] = ({}, {})
+    if not groups:
+        return [w.result() for w in workers]
+    rows = max(sum(int(src.chunk_sizes[c]) for c in g) for g in groups)
+    bufsets = tuple({n: src.column_buffer(n, task.start, task.stop, rows) for n in names} for _ in range(2))
     r0 = first_record
-    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="lts-read") as reader:
-        pending = reader.submit(_read_group, src, names, task, groups[0], bufsets[0]) if groups else None
-        for i, group in enumerate(groups):
-            data = pending.result()
-            if i + 1 < len(groups):   # into the other buffer set, which no worker looks at now
-                pending = reader.submit(_read_group, src, names, task, groups[i + 1], bufsets[(i + 1) % 2])
-            for sub in task.subs:
-                for w in workers:
-                    w.feed(r0, data, sub)
-            r0 += sum(src.chunk_sizes[c] for c in group)
+    with ThreadPoolExecutor(max_workers=READ_THREADS, thread_name_prefix="lts-read") as pool:
+        pending = _read_group(pool, src, names, task, groups[0], bufsets[0])
+        try:
+            for i, group in enumerate(groups):
+                data, reads = pending
+                _wait(reads)
+                if i + 1 < len(groups):   # into the other buffer set, which no worker looks at now
+                    pending = _read_group(pool, src, names, task, groups[i + 1], bufsets[(i + 1) % 2])
+                for sub in task.subs:
+                    for w in workers:
+                        w.feed(r0, data, sub)
+                r0 += sum(src.chunk_sizes[c] for c in group)
+        finally:
+            for f in pending[1]:   # on an error, no read may still write into a buffer when we leave
+                f.cancel()
     return [w.result() for w in workers]
 
 
@@ -306,5 +331,6 @@ def run_passes(src, passes: Sequence[Pass], executor: Executor | None = None, fi
     return [c.finish() for c in collectors]
 
 
-__all__ = ["SUB_COLS", "TASK_COLS", "GROUP_BYTES", "Executor", "serial", "thread_executor", "default_workers", "RunSource",
+__all__ = ["SUB_COLS", "TASK_COLS", "GROUP_BYTES", "ALIGN_COLS", "READ_THREADS", "Executor", "serial",
+           "thread_executor", "default_workers", "RunSource",
            "ArraySource", "SubBlock", "Task", "plan_tasks", "Pass", "chunk_groups", "scan_task", "run_passes"]
