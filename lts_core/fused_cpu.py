@@ -62,12 +62,9 @@ def _position(w, lo, b, n1):
 
 
 @numba.njit(cache=True, nogil=True)
-def _measure_ema(w, ema, prev, live, lo, b, n1, decay, one_minus_decay, reset, thr):
-    """The hot loop of `lts_step` (t ≥ 2, no raw distances kept) over one block. Returns (weights to freeze,
-    unfrozen weights)."""
-    hits = 0
-    n_live = 0
-    lv = live.view(np.uint8)
+def _measure_ema(w, ema, prev, lo, b, n1, decay, one_minus_decay, reset):
+    """The hot loop of `lts_step` (t ≥ 2, no raw distances kept) over one block: the EMA and level only (the
+    decision's counts in a second loop over the same block, `_hits`, cost less than in this one)."""
     for j in range(w.size):
         x, k = _position(w[j], lo, b, n1)
         r = abs(x - k / n1)
@@ -76,7 +73,16 @@ def _measure_ema(w, ema, prev, live, lo, b, n1, decay, one_minus_decay, reset, t
         e = reset - (reset - e) * _Z if k != prev[j] else e + _Z * (reset - e)   # torch.lerp, weight 1 / 0
         ema[j] = e
         prev[j] = k
-        hits += np.uint8(e <= thr) & lv[j]
+
+
+@numba.njit(cache=True, nogil=True)
+def _hits(ema, live, thr):
+    """(unfrozen weights whose EMA is ≤ thr, unfrozen weights) of one block."""
+    hits = 0
+    n_live = 0
+    lv = live.view(np.uint8)
+    for j in range(ema.size):
+        hits += np.uint8(ema[j] <= thr) & lv[j]
         n_live += lv[j]
     return hits, n_live
 
@@ -124,8 +130,8 @@ def lts_step(start, stop, w, lo, b, n1, phase, ema, prev, decay, one_minus_decay
     for s in range(start, stop, _BLOCK):
         e_ = min(s + _BLOCK, stop)
         if phase == 2 and not write_raw:
-            hits, n_live = _measure_ema(w[s:e_], ema[s:e_], prev[s:e_], live[s:e_], lo, b, n1, decay,
-                                        one_minus_decay, reset, thr)
+            _measure_ema(w[s:e_], ema[s:e_], prev[s:e_], lo, b, n1, decay, one_minus_decay, reset)
+            hits, n_live = _hits(ema[s:e_], live[s:e_], thr)
         else:
             hits, n_live = _measure_any(w[s:e_], ema[s:e_], prev[s:e_], live[s:e_], lo, b, n1, phase, decay,
                                         one_minus_decay, reset, thr, raw[s:e_] if write_raw else raw, write_raw)
