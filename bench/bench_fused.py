@@ -219,7 +219,8 @@ def numba_table(n: int, best) -> None:
         "LTS rule, one layer: `lts_step`": lambda: cpu.lts_step(
             0, n, w.numpy(), f(-1), f(2), f(3), 2, ema.numpy(), prev.numpy(), f(0.99), f(0.01), f(1 / 3),
             f(0.01), True, live.numpy(), frozen.numpy(), live_f.numpy(), fv.numpy(), fs_f.numpy(), fs.numpy(),
-            9, f(9), chan.numpy(), 2048, grad.numpy(), True, cpu.empty_f32(), False),
+            9, f(9), chan.numpy(), 2048, grad.numpy(), True, cpu.empty_f32(), False, cpu.empty_i32(),
+            cpu.empty_i64()),
         "restore: `torch.lerp` over the float32 live mask": lambda: torch.lerp(val, w, live_f, out=out),
         "restore: `restore`": lambda: cpu.restore(0, n, out.numpy(), val.numpy(), live.numpy()),
         "quantizer forward: `quant_fwd` (ŵ, x, q)": lambda: cpu.quant_fwd(

@@ -89,11 +89,17 @@ def test_lts_step_same_bits_as_eager_ops(n, per_chan, n1, two_threads):
     fv2, fs_f2, fs2 = torch.zeros(n), torch.full((n,), -1.0), torch.full((n,), -1, dtype=torch.int64)
     chan2 = torch.zeros(n_chan)
     f = cpu.f32
+    new_idx, new_cnt = np.full(n, -1, np.int32), np.zeros(2, np.int64)
     n_new = cpu.run_split(cpu.lts_step, n, per_chan, w.numpy(), f(lo), f(up - lo), f(n1), 2, ema2.numpy(),
                           prev2.numpy(), f(decay), f(1 - decay), f(1 / n1), f(thr_value), True, live2.numpy(),
                           frozen2.numpy(), live_f2.numpy(), fv2.numpy(), fs_f2.numpy(), fs2.numpy(), t, f(t),
-                          chan2.numpy(), per_chan, grad2.numpy(), True, cpu.empty_f32(), False)
+                          chan2.numpy(), per_chan, grad2.numpy(), True, cpu.empty_f32(), False, new_idx, new_cnt)
     assert n_new == n_ref
+    # the new freezes listed: the first half's from 0, the second's from where run_split cut
+    mid = cpu.split_point(n, per_chan)
+    assert (mid > 0) == (n >= cpu.SPLIT_MIN_NUMEL) and new_cnt.sum() == n_new
+    listed = np.concatenate([new_idx[:new_cnt[0]], new_idx[mid:mid + new_cnt[1]]])
+    np.testing.assert_array_equal(listed, np.flatnonzero((live & ~live2).numpy()))
     assert torch.equal(torch.nan_to_num(prev2, nan=-7), torch.nan_to_num(k_ref, nan=-7))
     assert torch.equal(ema2.isnan(), ema_ref.isnan())
     assert _same_bits(ema2[~ema2.isnan()], ema_ref[~ema_ref.isnan()])
@@ -122,7 +128,7 @@ def test_lts_step_first_steps_and_raw(phase):
     cpu.lts_step(0, n, w.numpy(), f(lo), f(up - lo), f(n1), phase, ema2.numpy(), prev2.numpy(), f(0.9), f(0.1),
                  f(1 / n1), f(-1.0), False, live.numpy(), (~live).numpy(), live.float().numpy(), torch.zeros(n).numpy(),
                  torch.zeros(n).numpy(), torch.zeros(n, dtype=torch.int64).numpy(), 0, f(0), torch.zeros(100).numpy(),
-                 50, grad.numpy(), False, raw.numpy(), True)
+                 50, grad.numpy(), False, raw.numpy(), True, cpu.empty_i32(), cpu.empty_i64())
     fin = r.isfinite()
     assert _same_bits(raw[fin], r[fin]) and torch.equal(raw.isnan(), r.isnan())
     assert torch.equal(torch.nan_to_num(prev2, nan=-7), torch.nan_to_num(k, nan=-7))
@@ -147,6 +153,13 @@ def test_mask_grad_and_restore_same_bits(n, frozen_share, two_threads):
     cpu.run_split(cpu.restore, n, 1, w2.numpy(), value.numpy(), live.numpy())
     assert torch.equal(g2.isnan(), ref_grad.isnan()) and _same_bits(g2[~g2.isnan()], ref_grad[~ref_grad.isnan()])
     assert _same_bits(w2, ref_w)
+    # the frozen weights listed (in any order), their values beside them: the same bits as the full pass
+    idx = torch.nonzero(~live).view(-1).to(torch.int32)[torch.randperm(int((~live).sum()), generator=g)]
+    w3 = w.clone()
+    w3[idx[:3].long()] = torch.tensor([float("inf"), float("nan"), -0.0])[:len(idx[:3])]   # moved to non-finite
+    ref_w3 = torch.lerp(value, w3, live.float())
+    cpu.run_split(cpu.restore_listed, len(idx), 1, w3.numpy(), idx.numpy(), value[idx.long()].numpy())
+    assert torch.equal(w3.isnan(), ref_w3.isnan()) and _same_bits(w3[~w3.isnan()], ref_w3[~ref_w3.isnan()])
 
 
 def test_split_cuts_at_channel_boundaries(two_threads):
@@ -194,12 +207,13 @@ def _run(numba: bool, steps: int = 24, **rule_kw):
     return rule, grads, params
 
 
-RUNS = [{"ratio": 1.0}, {"ratio": 1.0, "bound_grad": "active"},
+RUNS = [{"ratio": 1.0}, {"ratio": 0.2}, {"ratio": 1.0, "bound_grad": "active"},
         {"granularity": "channel", "ratio": 0.25, "channel_quantile": 0.5},
         {"granularity": "channel", "ratio": 0.1, "bound_grad": "active"}]
 
 
-@pytest.mark.parametrize("rule_kw", RUNS, ids=["weight-all", "weight-active", "channel-all", "channel-active"])
+@pytest.mark.parametrize("rule_kw", RUNS, ids=["weight-all", "weight-all-listed", "weight-active", "channel-all",
+                                               "channel-active"])
 def test_seeded_run_numba_same_bits_as_eager(rule_kw, two_threads):
     """On a seeded run the numba loops give the eager fused path's every bit: freeze steps, EMA, levels, masks,
     the gradients the optimizer sees and every parameter after every update."""
@@ -284,3 +298,37 @@ def test_encode_same_bytes_as_measure_code(n, two_threads):
     assert _same_bits(raw[fin], raw_ref[fin]) and torch.equal(raw.isnan(), raw_ref.isnan())
     with use_numba(False):
         assert not encode_remembered(q, w, lv, cd, raw)   # the eager path does it then (measure_code)
+
+
+def test_the_frozen_weights_are_listed_while_few(two_threads):
+    """While at most `LIST_MAX` of a layer is frozen, the restore writes back the listed frozen weights only: the
+    list holds exactly the frozen weights and their frozen values after every step (appended by the step,
+    rebuilt after any other freeze), and is dropped once too many are frozen."""
+    from lts_core.models import build_model
+    torch.manual_seed(0)
+    x, y = torch.randn(256, 64), torch.randint(0, 10, (256,))
+    model = build_model("mlp", (64,), 10, width=256)
+    quantize_model(model, bits=2, example_input=x[:2])
+    opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9, weight_decay=1e-3)
+    rule = LTSRule(model, opt, total_steps=24, warmup_steps=2, schedule="linear", ratio=0.2)
+    seen = {"listed": 0, "full": 0}
+    for s in range(24):
+        if s == 5:   # a freeze from outside the step: the list no longer matches and is rebuilt
+            rule.freeze_weights(0, torch.rand(rule.frozen[0].shape) < 0.01)
+        opt.zero_grad(set_to_none=True)
+        F.cross_entropy(model(x[:64]), y[:64]).backward()
+        rule.step()
+        opt.step()
+        for i, listed in enumerate(rule._lists):
+            share = rule._n_frozen[i] / rule.numels[i]
+            if listed is None or listed.version != rule._mask_version[i]:
+                assert share > cpu.LIST_MAX or not rule._n_frozen[i]
+                seen["full"] += share > cpu.LIST_MAX
+                continue
+            seen["listed"] += 1
+            idx = listed.idx[:listed.n]
+            assert len(set(idx.tolist())) == listed.n == rule._n_frozen[i]
+            np.testing.assert_array_equal(np.sort(idx), np.flatnonzero(rule.frozen[i].view(-1).numpy()))
+            assert _same_bits(torch.from_numpy(listed.values[:listed.n]), rule.frozen_values[i].view(-1)[idx])
+            assert _same_bits(rule.modules[i].weight.detach().view(-1)[idx], rule.frozen_values[i].view(-1)[idx])
+    assert seen["listed"] >= 5 and seen["full"] >= 5

@@ -96,6 +96,10 @@ class FreezingRule:
         self.last_dist_code: list[torch.Tensor | None] = [None] * len(self.modules)
         self.record_codes = False
         self._n_frozen = [0] * len(self.modules)   # frozen weights per layer (Python ints: no device sync)
+        self._mask_version = [0] * len(self.modules)   # + 1 whenever a layer's frozen mask may have changed
+        # per layer, on CPU: its frozen weights listed while they are few (`fused_cpu.FrozenList`), for a cheaper
+        # restore; only rules that keep the list up to date when they freeze (`_lists_kept`)
+        self._lists: list = [None] * len(self.modules)
         self._n_frozen_channels = [0] * len(self.modules)  # output channels all of whose weights are frozen
         self._n_total = sum(self.numels)
         self._frozen_count_sum = 0  # Σ over steps of the number of frozen weights (after that step's freezes)
@@ -140,6 +144,7 @@ class FreezingRule:
         """After layer i's frozen mask changed: count its fully frozen channels and, with `bound_grad="active"`,
         give it the plan of its active channels."""
         frozen = self.frozen[i]
+        self._mask_version[i] += 1
         if self._n_frozen[i] in (0, self.numels[i]):
             self._n_frozen_channels[i] = self.n_channels[i] if self._n_frozen[i] else 0
         elif self.fused:
@@ -156,13 +161,32 @@ class FreezingRule:
         for i, (m, val, n, k) in enumerate(zip(self.modules, self.frozen_values, self._n_frozen, self.numels)):
             if n and not (n == k and m.weight.grad is None):   # no gradient: no optimizer moved it
                 if self.fused and (cpu := cpu_kernels(m.weight, val, self._unfrozen[i])) is not None:
-                    w = cpu.flat(m.weight)   # one pass reading the bool mask, writing frozen weights only
-                    cpu.run_split(cpu.restore, w.size, k // self.n_channels[i], w, cpu.flat(val),
-                                  cpu.flat(self._unfrozen[i]))
+                    w = cpu.flat(m.weight)
+                    if (listed := self._frozen_list(i, cpu, build=True)) is not None:   # the listed ones only
+                        cpu.run_split(cpu.restore_listed, listed.n, 1, w, listed.idx, listed.values)
+                    else:   # one pass reading the bool mask, writing frozen weights only
+                        cpu.run_split(cpu.restore, w.size, k // self.n_channels[i], w, cpu.flat(val),
+                                      cpu.flat(self._unfrozen[i]))
                 elif self.fused:   # live 1 → the weight, 0 → its frozen value (both exact)
                     torch.lerp(val, m.weight, self._live[i], out=m.weight)
                 else:
                     torch.where(self.frozen[i], val, m.weight, out=m.weight)
+
+    _lists_kept = False   # whether this rule's CPU step appends its freezes to the layer's FrozenList
+
+    def _frozen_list(self, i: int, cpu, build: bool = False):
+        """Layer i's `FrozenList` when it matches the frozen mask; with `build`, (re)built from the mask where
+        the frozen weights are few enough; None where the full pass is used."""
+        listed = self._lists[i]
+        if listed is not None and listed.version == self._mask_version[i]:
+            return listed
+        self._lists[i] = None
+        if not (build and self._lists_kept and self._n_frozen[i] <= cpu.LIST_MAX * self.numels[i]):
+            return None
+        idx = torch.nonzero(self.frozen[i].view(-1)).view(-1).to(torch.int32).numpy()
+        self._lists[i] = cpu.FrozenList(self.numels[i], idx, cpu.flat(self.frozen_values[i])[idx],
+                                        self._mask_version[i])
+        return self._lists[i]
 
     def _buffer(self, name: str, i: int, dtype: torch.dtype) -> torch.Tensor:
         """A per-layer scratch tensor of layer i's weight shape, reused every step (large CPU allocations are

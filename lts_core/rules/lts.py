@@ -102,6 +102,9 @@ class LTSRule(FreezingRule):
         fold = grad is not None and self.bound_grad == "all" and decide   # else the eager logic, after
         raw = torch.empty_like(w) if self.record_codes else None
         n1 = self.n_levels[i] - 1
+        listed = self._frozen_list(i, cpu) if decide else None   # this step's freezes are appended to it
+        if listed is not None:
+            listed.new_cnt[:] = 0
         n_new = cpu.run_split(
             cpu.lts_step, w.numel(), self.numels[i] // self.n_channels[i], cpu.flat(w), cpu.f32(lo), cpu.f32(b),
             cpu.f32(n1), min(t, 2), cpu.flat(self.ema[i]), cpu.flat(self._own_level[i]), cpu.f32(self.decay),
@@ -109,12 +112,16 @@ class LTSRule(FreezingRule):
                                                                  else -1.0), decide,
             *(cpu.flat(x) for x in state[3:9]), t, cpu.f32(t), cpu.flat(self._channel_frozen[i]),
             self.numels[i] // self.n_channels[i], cpu.empty_f32() if grad is None else cpu.flat(grad), fold,
-            cpu.empty_f32() if raw is None else cpu.flat(raw), raw is not None)
+            cpu.empty_f32() if raw is None else cpu.flat(raw), raw is not None,
+            *((cpu.empty_i32(), cpu.empty_i64()) if listed is None else (listed.scratch, listed.new_cnt)))
         self.last_level[i] = self.prev_level[i]
         self.last_raw[i] = raw
         if n_new:
             self._n_frozen[i] += n_new
             self._update_layer(i)
+            mid = cpu.split_point(w.numel(), self.numels[i] // self.n_channels[i])   # where run_split cut
+            if listed is not None and not listed.extend(mid, cpu.flat(self.frozen_values[i]), self._mask_version[i]):
+                self._lists[i] = None
         if self._granularity == "channel" and rho >= 0:   # the channel statistic on the updated EMA
             newly, _ = self._decide_channels(i, threshold_norm(rho, self.n_levels[i]))
             if newly is not None:
@@ -126,6 +133,10 @@ class LTSRule(FreezingRule):
     @property
     def granularity(self) -> str:
         return self._granularity
+
+    @property
+    def _lists_kept(self) -> bool:   # per weight, `_step_cpu` appends its freezes to the layer's FrozenList
+        return self._granularity == "weight"
 
     def threshold(self, t: int | None = None) -> float:
         """ρ_t in Δ units (-1 while no weight may freeze, i.e. t ≤ W)."""
