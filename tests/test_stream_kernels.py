@@ -66,8 +66,9 @@ def levels(rng, R, p_move=0.3):
 
 
 def raw_distances(rng, R, steps, schedule, W, T, extreme):
-    """float32 [R, N] raw distances (normalised units) where a fifth are exactly a grid threshold of their layer
-    at their record (ties) and, with `extreme`, others are 0, −0, the smallest subnormal, huge or +inf."""
+    """float32 [R, N] raw distances (normalised units) where a fifth are a grid threshold of their layer at their
+    record (ties) or the float32 next to it (either side), and, with `extreme`, others are 0, −0, the smallest
+    subnormal, huge or +inf."""
     N = sum(SIZES)
     d = (rng.random((R, N)) * 0.6).astype(np.float32)
     p = IndexPass(steps, N_LEVELS, schedule, W, T, 0.5, B, J, True)
@@ -78,6 +79,9 @@ def raw_distances(rng, R, steps, schedule, W, T, extreme):
         for r in range(R):
             cols = np.flatnonzero(tie[r] & (layer == li))
             d[r, cols] = ext[r, 1 + rng.integers(0, J + 1, cols.size)]
+            off = rng.integers(-1, 2, cols.size)    # or the float32 just below or above the threshold
+            d[r, cols] = np.where(off == 0, d[r, cols], np.nextafter(d[r, cols], np.where(off > 0, np.inf, -np.inf)
+                                                                     .astype(np.float32)))
     if extreme:
         special = np.array([0.0, -0.0, 1e-45, 1e-38, 3.4e38, np.finfo(np.float32).max, np.inf], np.float32)
         pick = rng.random((R, N)) < 0.05
@@ -114,6 +118,60 @@ def test_index_kernel_equals_numpy(seed, first_step, gap, chunk, sub, schedule, 
             a, b = run_both(IndexPass(*args), RefIndexPass(*args), arrays, chunk, sub)
             same_tree(a, b, f"index decay {decay} raw {use_raw}")
             assert a[0][J, :, -1].sum() > 0     # weights left the overflow bin
+
+
+@pytest.mark.filterwarnings("ignore:overflow encountered in multiply")
+def test_block_bins_are_grid_bins_at_and_next_to_every_threshold():
+    """The index kernel's computed thresholds (`_block_bins`) give `replay.grid_bins`' bin for distances at
+    every threshold of the grid, the float32 on either side of it, 0, −0, huge, +inf and NaN (J+1), over
+    gains and layer sizes."""
+    from lts_core.analysis.replay import grid_bins
+    from lts_core.analysis.stream_kernels import _block_bins
+    rng = np.random.default_rng(11)
+    for Bu, Jb in ((1024, 2048), (64, 128), (1000, 2000)):
+        for L in (2, 3, 4, 16, 256):
+            for g in (1.0, 0.5, 1 / 3, 1e-3, 0.987654321, *rng.random(3)):
+                sc = 1 / (L - 1)
+                thr = (sc * ((np.arange(Jb + 1, dtype=np.float64) / Bu) * g)).astype(np.float32)
+                x = np.concatenate([thr, np.nextafter(thr, np.float32(np.inf)), np.nextafter(thr, np.float32(-np.inf)),
+                                    (rng.random(2000) * 1.2 * thr[-1]).astype(np.float32),
+                                    np.array([0, -0.0, 3e38, np.inf], np.float32)])
+                q = np.float32(Bu / (g * sc))
+                got = np.empty(x.size, np.int32)
+                _block_bins(x, q, np.float32(Jb + 1), g, sc, float(Bu), np.int32(Jb), got)
+                np.testing.assert_array_equal(got, grid_bins(x, g, Bu, Jb, thr, scale=sc), err_msg=f"{Bu} {L} {g}")
+                _block_bins(np.array([np.nan], np.float32), q, np.float32(Jb + 1), g, sc, float(Bu), np.int32(Jb), got)
+                assert got[0] == Jb + 1
+
+
+@pytest.mark.filterwarnings("ignore:overflow encountered in cast")
+def test_index_kernel_equals_numpy_where_the_gain_is_zero_negative_or_tiny(monkeypatch):
+    """Records whose gain is 0, negative or so small that B/(gain·scale) overflows float32 take the kernel's
+    look-up path (`_candidate_bins`); the others its computed thresholds (`_block_bins`): both the reference's
+    bins, record after record."""
+    import stream_reference
+    from lts_core.analysis import replay_stream
+    rng = np.random.default_rng(7)
+    R = 30
+    steps = np.arange(R)
+    special = {8: 0.0, 9: -0.5, 10: 1e-40, 14: 0.0, 20: 1e-40}
+
+    def gain(t, schedule, W, T):
+        return special.get(int(t), (int(t) + 1) / R)
+    monkeypatch.setattr(replay_stream, "schedule_gain", gain)
+    monkeypatch.setattr(stream_reference, "schedule_gain", gain)
+    lv = levels(rng, R)
+    codes = rng.integers(1, 256, lv.shape).astype(np.uint8)
+    raw = (rng.random(lv.shape) * 0.6 + 1e-3).astype(np.float32)     # > 0: the reference's bins are defined
+    still = np.arange(5, lv.shape[1], 11)            # weights that never move: their EMA is never reset
+    codes[8:, still], raw[8:, still] = 0, 0          # d = 0 from record 8 (gain 0: bin 0) on
+    for use_raw, arrays in ((False, {"level": lv, "dist": codes}), (True, {"level": lv, "raw_dist": raw})):
+        args = (steps, N_LEVELS, "linear", 3, R, 0.0, B, J, use_raw, None)
+        p = IndexPass(*args)
+        assert not np.isfinite(p.bins(4)[2][10]) and p.bins(4)[1][9] < 0    # the cases are there
+        a, b = run_both(p, RefIndexPass(*args), arrays, 4, 64)
+        same_tree(a, b, f"index raw {use_raw}")
+        assert a[0][J, :, -1].sum() > 0
 
 
 @pytest.mark.parametrize("seed,first_step,gap,chunk,sub", CASES)

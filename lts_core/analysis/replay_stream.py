@@ -98,9 +98,10 @@ class IndexPass(Pass):
         self._bins: dict = {}
 
     def bins(self, n_levels: int) -> tuple:
-        """(eligible bool [R], gain float64 [R], B/(gain·scale) float32 [R], ext float32 [R, J+3], J+1 float32):
-        per record the grid of thresholds of a layer of `n_levels` levels, as `replay.grid_bins` takes them
-        (ext[r] = −inf, fl32(scale·((j/B)·gain)) for j = 0 … J, +inf; scale = 1/(L−1))."""
+        """(eligible bool [R], gain float64 [R], B/(gain·scale) float32 [R], ext float32 [R, J+3], J+1 float32,
+        scale float64, B float64): per record the grid of thresholds of a layer of `n_levels` levels, as
+        `replay.grid_bins` takes them (ext[r] = −inf, fl32(scale·((j/B)·gain)) for j = 0 … J, +inf; scale =
+        1/(L−1)), and the operands the kernel computes them from."""
         got = self._bins.get(n_levels)
         if got is None:
             R, J, B, L = len(self.steps), self.J, self.B, n_levels
@@ -115,7 +116,7 @@ class IndexPass(Pass):
                 ext[rec, 1:J + 2] = ((1 / (L - 1)) * (grid * g)).astype(np.float32)
                 if g > 0:
                     qscale[rec] = np.float32(B / (g * (1 / (L - 1))))
-            got = self._bins[n_levels] = (ok, gain, qscale, ext, np.float32(J + 1))
+            got = self._bins[n_levels] = (ok, gain, qscale, ext, np.float32(J + 1), float(1 / (L - 1)), float(B))
         return got
 
     def worker(self, src, task: Task, first_record: int):
@@ -138,6 +139,7 @@ class _IndexWorker:
         self.M = np.full(n, p.J + 1, dtype=np.int32)    # every weight starts at the overflow bin
         from .stream_kernels import BLOCK
         self.cand = np.empty(BLOCK, np.int32)           # the kernel's scratch: a block's candidates
+        self.jb = np.empty(BLOCK, np.int32)             # and their grid bins
         if p.final is not None:
             self.final = np.ascontiguousarray(p.final[task.start:task.stop], dtype=np.uint8)
         else:
@@ -157,7 +159,7 @@ class _IndexWorker:
         L = p.n_levels[sub.layer]
         index_kernel(data["level"], data[p.needs[1]], sub.offset, sub.size, r0, *p.ema.args(L),
                      *p.bins(L), ema.prev[s], ema.d[s], self.M[s], self.final[s], self.counts[sub.layer],
-                     self.tick[sub.layer], self.cand)
+                     self.tick[sub.layer], self.cand, self.jb)
 
     def result(self):
         return self.counts, self.tick

@@ -72,24 +72,67 @@ def _ema_block(mode, m, k, reset, inv128, scale, lv, dist, prev, d):
 
 
 @kernel
-def index_kernel(lv, dist, c0, n, rec0, inv128, scale, reset, mode, m32, k32, eligible, gain, qscale, ext, top,
-                 prev, d, M, final, counts, tick, cand):
-    """`IndexPass`: the EMA, then per eligible record each weight whose distance is ≤ the threshold of bin M−1
-    moves to its grid bin (`replay.grid_bins`); counts[rec] gets +1 at the new bin and −1 at the old, tick the
-    same for weights at their final level. ext float32 [R, J+3] (−inf, the record's thresholds, +inf), gain
-    float64 [R], qscale float32 [R] (B / (gain·scale)), top = J+1 (the overflow bin) as float32; cand int32
-    [≥ BLOCK] scratch. Blocks of `BLOCK` weights, the group's records inside: the EMA vectorised, the
-    candidates compacted without branches, then one by one into one histogram per record keyed
-    2·bin + (at its final level) (two increments per candidate instead of four), added to counts and tick at
-    the end."""
+def _block_bins(dd, q_scale, top, g, sc, bf, J, jb):
+    """jb[j] = the grid bin of dd[j] for a whole block (`replay.grid_bins`: the smallest j with d ≤ thr_j,
+    J+1 where none, with thr_j = fl32(sc·((j/B)·g)), the same double operations as `IndexPass.bins`' table):
+    ceil(d·B/(g·scale)) in float32 clamped to 0 … J+1, then −1 where thr_{bin−1} ≥ d and +1 where
+    thr_bin < d, the two thresholds computed rather than looked up, so that the loop has no gather and the
+    compiler vectorises it. For g > 0 and a finite q_scale; NaN lands in J+1 (never a candidate)."""
     zero = np.float32(0)
+    for j in range(dd.size):
+        x = dd[j]
+        y = np.ceil(x * q_scale)
+        y = y if y < top else top       # NaN → top
+        y = y if y > zero else zero
+        jt = np.int32(y)
+        lo = np.float32(sc * ((np.float64(jt - 1) / bf) * g))
+        jt -= np.int32((jt >= 1) & (lo >= x))
+        hi = np.float32(sc * ((np.float64(jt) / bf) * g))
+        jt += np.int32((jt <= J) & (hi < x))
+        jb[j] = jt
+
+
+@kernel
+def _candidate_bins(dd, cand, nc, e, g, q_scale, top, jb):
+    """The general case of `_block_bins` (any gain, any q_scale), for the candidates only: jb[cand[q]] = the
+    grid bin of dd[cand[q]] by table look-ups (ext), as `replay.grid_bins` computes it."""
+    zero = np.float32(0)
+    for q in range(nc):
+        j = cand[q]
+        x = dd[j]
+        if g <= 0:
+            jb[j] = 0 if x <= 0 else np.int32(top)
+        else:
+            jt = np.int32(max(min(np.ceil(x * q_scale), top), zero))
+            if jt > 0 and e[jt] >= x:    # (jt > 0: −inf, a damaged run's distance, stays in bin 0)
+                jt -= 1
+            if e[jt + 1] < x:
+                jt += 1
+            jb[j] = jt
+
+
+@kernel
+def index_kernel(lv, dist, c0, n, rec0, inv128, scale, reset, mode, m32, k32, eligible, gain, qscale, ext, top,
+                 sc, bf, prev, d, M, final, counts, tick, cand, jb):
+    """`IndexPass`: the EMA, then per eligible record each weight whose distance is ≤ the threshold of bin M−1
+    (its bin drops) moves to its grid bin (`replay.grid_bins`); counts[rec] gets +1 at the new bin and −1 at
+    the old, tick the same for weights at their final level. ext float32 [R, J+3] (−inf, the record's
+    thresholds, +inf), gain float64 [R], qscale float32 [R] (B / (gain·scale)), top = J+1 (the overflow bin)
+    as float32, sc = 1/(L−1) and bf = B as float64 (the thresholds' own operands); cand, jb int32 [≥ BLOCK]
+    scratch. Blocks of `BLOCK` weights, the group's records inside: the EMA and the grid bins of the whole
+    block vectorised (`_block_bins`; a weight is a candidate exactly when its bin is below M, as the bin is the
+    smallest with d ≤ its threshold), the candidates compacted without branches, then one by one into one
+    histogram per record keyed 2·bin + (at its final level) (unsigned indices: no negative-index checks).
+    Records with gain ≤ 0 or an infinite q_scale test d ≤ ext[M] and look the bins up (`_candidate_bins`)."""
     NB = counts.shape[1]
+    J = np.int32(NB - 2)
     rows = lv.shape[0]
     h = np.zeros((rows, 2 * NB), np.int32)    # per record: +1/−1 at 2·bin + (at its final level)
     h_used = np.zeros(rows, np.bool_)
     for b0 in range(0, n, BLOCK):
         b1 = min(b0 + BLOCK, n)
         pr, dd, mm, fin = prev[b0:b1], d[b0:b1], M[b0:b1], final[b0:b1]
+        jbb = jb[:b1 - b0]
         for i in range(rows):
             rec = rec0 + i
             md = mode[rec]
@@ -97,30 +140,27 @@ def index_kernel(lv, dist, c0, n, rec0, inv128, scale, reset, mode, m32, k32, el
             _ema_block(md, m32[rec], k32[rec], reset, inv128, scale, row, dist[i, c0 + b0:c0 + b1], pr, dd)
             if md == 0 or not eligible[rec]:
                 continue
-            e = ext[rec]
             h_used[i] = True
+            g, q_scale = gain[rec], qscale[rec]
             nc = 0
-            for j in range(b1 - b0):     # branch-free compaction of the weights whose bin drops
-                cand[nc] = j
-                nc += dd[j] <= e[mm[j]]
-            g = gain[rec]
-            q_scale = qscale[rec]
+            if g > 0 and np.isfinite(q_scale):
+                _block_bins(dd, q_scale, top, g, sc, bf, J, jbb)
+                for j in range(b1 - b0):     # branch-free compaction of the weights whose bin drops
+                    cand[nc] = j
+                    nc += jbb[j] < mm[j]
+            else:
+                e = ext[rec]
+                for j in range(b1 - b0):
+                    cand[nc] = j
+                    nc += dd[j] <= e[mm[j]]
+                _candidate_bins(dd, cand, nc, e, g, q_scale, top, jbb)
             hr = h[i]
-            for q in range(nc):
-                j = cand[q]
-                x = dd[j]
-                if g <= 0:
-                    jt = 0 if x <= 0 else np.int64(top)
-                else:
-                    jt = np.int64(max(min(np.ceil(x * q_scale), top), zero))
-                    if e[jt] >= x:
-                        jt -= 1
-                    if e[jt + 1] < x:
-                        jt += 1
-                old = mm[j]
-                ok = np.int64(row[j] == fin[j])
-                hr[2 * jt + ok] += 1
-                hr[2 * old + ok] -= 1
+            for q in range(nc):          # the histogram moves: +1 at the new bin, −1 at the old
+                j = np.uint64(cand[q])
+                jt = jbb[j]
+                ok = np.uint64(row[j] == fin[j])
+                hr[np.uint64(2 * jt) + ok] += 1
+                hr[np.uint64(2 * mm[j]) + ok] -= 1
                 mm[j] = jt
     for i in range(rows):      # per bin (all, at the final level) → counts and tick
         if h_used[i]:
