@@ -1,0 +1,50 @@
+"""The replay index's kernel alone: CPU per weight-record of `IndexPass` over the first columns of a stored run,
+in memory (no reading), one thread, the run's own replay settings; the code of this checkout or of another one
+(`--code DIR`, e.g. a worktree of an older commit), so that two versions compare on the same data.
+
+    python bench/bench_index_kernel.py /work/bigruns/syn-100m [--columns 1000000] [--rounds 4] [--code DIR]
+
+Prints the thread CPU time of each round (the first includes numba's start and, once per installation, the
+compilation) and a checksum of the tables, which must be the same for every version.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+import zlib
+from pathlib import Path
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("run")
+    ap.add_argument("--columns", type=int, default=1_000_000)
+    ap.add_argument("--rounds", type=int, default=4)
+    ap.add_argument("--code", default=str(Path(__file__).resolve().parents[1]))
+    args = ap.parse_args()
+    sys.path.insert(0, args.code)
+    import numpy as np
+    from lts_core import open_run
+    from lts_core.analysis.replay import ReplayIndex
+    from lts_core.analysis.stream import ArraySource, run_passes, serial
+    from lts_core.analysis.summaries import run_settings
+
+    run = open_run(args.run)
+    C = min(args.columns, run.n_weights)
+    arrays = {name: np.concatenate([run.read_columns(c, name, 0, C) for c in range(len(run.chunk_sizes))])
+              for name in ("level", "dist")}
+    _, p = ReplayIndex.build(run, plan_only=True, **run_settings(run))
+    src = ArraySource(arrays, [C], 1)
+    wr = arrays["level"].size
+    for i in range(args.rounds):
+        t0 = time.thread_time()
+        (tables,) = run_passes(src, [p], serial, workers=1)
+        t = time.thread_time() - t0
+        crc = zlib.crc32(np.ascontiguousarray(tables[0]).tobytes()) ^ zlib.crc32(tables[1].tobytes())
+        print(f"round {i + 1}: {t:.3f} s CPU, {t / wr * 1e9:.2f} ns per weight-record ({wr:.3g} weight-records), "
+              f"tables crc {crc:08x}")
+
+
+if __name__ == "__main__":
+    main()
