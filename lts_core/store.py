@@ -1204,10 +1204,13 @@ class Run:
                                             "the file was cut short")
         return view
 
-    def column_buffer(self, name: str, start: int, stop: int, records: int) -> np.ndarray:
-        """An empty flat buffer for `records` rows of columns [start, stop) of array `name`, placed so that
+    def column_buffer(self, name: str, start: int, stop: int, records: int, reuse: np.ndarray | None = None
+                      ) -> np.ndarray:
+        """A flat buffer of at least `records` rows of columns [start, stop) of array `name`, placed so that
         `read_columns` into it reads the chunk files straight from the disk (`npy_direct.PositionalReader`: its
-        address congruent, modulo 4096, with the columns' offset in the first sealed chunk's file)."""
+        address congruent, modulo 4096, with the columns' offset in the first sealed chunk's file): `reuse`
+        when it fits (dtype, size, placement), else a new one with room for `records` rows of `ALIGN` more
+        columns (so that it fits the next task too)."""
         dtype, phase = None, 0
         for c, ch in enumerate(self._chunks):
             if name in self._chunk_arrays(ch):
@@ -1219,7 +1222,11 @@ class Run:
                 break
         if dtype is None:   # levels stored as changes, side as bits: decoded into uint8
             dtype = np.dtype(np.uint8)
-        return aligned_empty(int(records) * (int(stop) - int(start)), dtype, phase)
+        n = int(records) * (int(stop) - int(start))
+        if (reuse is not None and reuse.dtype == dtype and reuse.size >= n
+                and (reuse.ctypes.data - phase) % ALIGN == 0):
+            return reuse
+        return aligned_empty(n + int(records) * ALIGN, dtype, phase)
 
     def _gather(self, name: str, cols, width: int, dtype) -> np.ndarray:
         out = np.empty((self.n_records, width), dtype=dtype)

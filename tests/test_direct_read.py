@@ -180,3 +180,26 @@ def test_a_file_shorter_than_its_header_says_is_a_clear_error(tmp_path, monkeypa
 
 class _NeedsDist(LevelStatsPass):
     needs = ("level", "dist")
+
+
+def test_a_pass_reuses_its_read_buffers_from_task_to_task(tmp_path, monkeypatch):
+    """Each task in flight allocates its buffers once (`BufferPool`); later tasks, narrower or up to 4096
+    columns wider, read into them, and the results stay those computed in memory."""
+    sizes = [150_000, 3, 0, 120_000]
+    lv, dist, _ = trajectories(R=9, N=sum(sizes), seed=4)
+    run = write_wide_run(tmp_path, lv, dist, 2, True, sizes, monkeypatch)
+    made, real = [], type(run).column_buffer
+
+    def counting(self, name, start, stop, records, reuse=None):
+        got = real(self, name, start, stop, records, reuse)
+        if got is not reuse:
+            made.append(name)
+        return got
+    monkeypatch.setattr(type(run), "column_buffer", counting)
+    tasks = plan_tasks(sizes, 1, task_cols=70_000)     # bounds on 4096 columns: one placement for all tasks
+    assert len(tasks) == 4 and len({t.size for t in tasks}) > 1
+    for executor, in_flight in ((serial, 1), (thread_executor(2), 2)):
+        made.clear()
+        (stats,) = run_passes(RunSource(run), [_NeedsDist()], executor, task_cols=70_000)
+        check_stats(stats, reference(lv, dist, sizes))
+        assert 4 <= len(made) <= 4 * in_flight    # 2 sets × (level, dist) per task in flight

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import math
 import os
+import threading
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from functools import partial
@@ -103,8 +104,8 @@ class RunSource:
     def read(self, chunk: int, name: str, start: int, stop: int, out=None) -> np.ndarray:
         return self.run.read_columns(chunk, name, start, stop, out)
 
-    def column_buffer(self, name: str, start: int, stop: int, records: int) -> np.ndarray:
-        return self.run.column_buffer(name, start, stop, records)
+    def column_buffer(self, name: str, start: int, stop: int, records: int, reuse=None) -> np.ndarray:
+        return self.run.column_buffer(name, start, stop, records, reuse)
 
     def __getstate__(self):
         return {"path": self.path, "n_chunks": len(self.chunk_sizes)}
@@ -140,8 +141,11 @@ class ArraySource:
     def has(self, name: str) -> bool:
         return self.arrays.get(name) is not None
 
-    def column_buffer(self, name: str, start: int, stop: int, records: int) -> np.ndarray:
-        return np.empty(int(records) * (int(stop) - int(start)), self.arrays[name].dtype)
+    def column_buffer(self, name: str, start: int, stop: int, records: int, reuse=None) -> np.ndarray:
+        n, dtype = int(records) * (int(stop) - int(start)), self.arrays[name].dtype
+        if reuse is not None and reuse.dtype == dtype and reuse.size >= n:
+            return reuse
+        return np.empty(n, dtype)
 
     def read(self, chunk: int, name: str, start: int, stop: int, out=None) -> np.ndarray:
         r0 = sum(self.chunk_sizes[:chunk])
@@ -284,11 +288,38 @@ def _wait(reads: list) -> None:
         f.result()
 
 
-def scan_task(src, passes: Sequence[Pass], first_chunk: int, task: Task) -> list:
+class BufferPool:
+    """Read buffers handed from one task to the next of a pass (`run_passes` makes one per pass): a task takes a
+    pair of buffer sets when it starts and gives them back when it ends, so that a pass allocates (and the OS
+    page-faults in) about one pair per task in flight instead of one per task. Pickles empty (a task on
+    another process allocates its own)."""
+
+    def __init__(self):
+        self._free: list = []
+        self._lock = threading.Lock()
+
+    def take(self) -> tuple | None:
+        with self._lock:
+            return self._free.pop() if self._free else None
+
+    def give(self, bufsets: tuple) -> None:
+        with self._lock:
+            self._free.append(bufsets)
+
+    def __getstate__(self):
+        return {}
+
+    def __setstate__(self, state):
+        self.__init__()
+
+
+def scan_task(src, passes: Sequence[Pass], first_chunk: int, task: Task, buffers: BufferPool | None = None
+              ) -> list:
     """The map step: stream the task's columns of every chunk from `first_chunk` on, in record order, a group
     of chunks at a time (`chunk_groups`), through one worker per pass; returns the workers' results.
     Double-buffered: `READ_THREADS` reader threads read the next group's chunks (disk, page cache, decoding of
-    levels stored as changes), several requests in flight, while this thread computes on the current one."""
+    levels stored as changes), several requests in flight, while this thread computes on the current one.
+    The buffers come from `buffers` (reused where `src.column_buffer` finds them fit) and go back to it."""
     first_record = sum(src.chunk_sizes[:first_chunk])
     workers = [p.worker(src, task, first_record) for p in passes]
     names = sorted({n for p in passes for n in p.needs})
@@ -296,7 +327,9 @@ def scan_task(src, passes: Sequence[Pass], first_chunk: int, task: Task) -> list
     if not groups:
         return [w.result() for w in workers]
     rows = max(sum(int(src.chunk_sizes[c]) for c in g) for g in groups)
-    bufsets = tuple({n: src.column_buffer(n, task.start, task.stop, rows) for n in names} for _ in range(2))
+    spare = buffers.take() if buffers is not None else None
+    bufsets = tuple({n: src.column_buffer(n, task.start, task.stop, rows, spare[k].get(n) if spare else None)
+                     for n in names} for k in range(2))
     r0 = first_record
     with ThreadPoolExecutor(max_workers=READ_THREADS, thread_name_prefix="lts-read") as pool:
         pending = _read_group(pool, src, names, task, groups[0], bufsets[0])
@@ -313,6 +346,8 @@ def scan_task(src, passes: Sequence[Pass], first_chunk: int, task: Task) -> list
         finally:
             for f in pending[1]:   # on an error, no read may still write into a buffer when we leave
                 f.cancel()
+    if buffers is not None:
+        buffers.give(bufsets)
     return [w.result() for w in workers]
 
 
@@ -325,7 +360,8 @@ def run_passes(src, passes: Sequence[Pass], executor: Executor | None = None, fi
     tasks = plan_tasks(src.layer_sizes, n_workers, task_cols, sub_cols)
     first_record = sum(src.chunk_sizes[:first_chunk])
     collectors = [p.collector(src, first_record) for p in passes]
-    for task, results in zip(tasks, executor(partial(scan_task, src, list(passes), first_chunk), tasks)):
+    scan = partial(scan_task, src, list(passes), first_chunk, buffers=BufferPool())
+    for task, results in zip(tasks, executor(scan, tasks)):
         for col, res in zip(collectors, results):
             col.add(task, res)
     return [c.finish() for c in collectors]
@@ -333,4 +369,5 @@ def run_passes(src, passes: Sequence[Pass], executor: Executor | None = None, fi
 
 __all__ = ["SUB_COLS", "TASK_COLS", "GROUP_BYTES", "ALIGN_COLS", "READ_THREADS", "Executor", "serial",
            "thread_executor", "default_workers", "RunSource",
-           "ArraySource", "SubBlock", "Task", "plan_tasks", "Pass", "chunk_groups", "scan_task", "run_passes"]
+           "ArraySource", "SubBlock", "Task", "plan_tasks", "Pass", "chunk_groups", "BufferPool", "scan_task",
+           "run_passes"]
