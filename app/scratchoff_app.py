@@ -18,6 +18,18 @@ import common as C  # noqa: E402
 st.set_page_config(page_title="scratchoff", page_icon=str(APP_DIR / "static" / "favicon.png"), layout="wide")
 C.refuse_if_exposed()
 
+
+@st.cache_resource
+def keep_freed_memory() -> bool:
+    """Once per server: glibc keeps freed blocks for reuse (`lts_core.malloc`), as the training CLI does. The
+    streamed analysis of a big run allocates and frees its buffers task after task; with glibc's defaults they
+    are page-faulted in afresh each time (10–20 % of its CPU on a 100M-weight run, BENCHMARKS.md)."""
+    from lts_core.malloc import keep_freed_memory as keep
+    return keep()
+
+
+keep_freed_memory()
+
 PAGES_DIR = APP_DIR / "app_pages"
 pages = {
     "runs": st.Page(PAGES_DIR / "runs.py", title="Runs", icon=":material/folder_open:", url_path="runs"),

@@ -25,7 +25,10 @@ file pages mapped and resident (`RssFile`: memory-mapped cache files, and librar
 `--cold` drops the run's files from the page cache before every operation (`posix_fadvise(DONTNEED)` on each
 file of the run folder, nothing else on the machine), so the operation reads from the disk. `--baseline DIR`
 runs every operation also with the code of another checkout (e.g. a worktree of the previous commit),
-interleaved with this one (baseline, this, baseline, this …), and prints the ratios per round.
+interleaved with this one (baseline, this, baseline, this …), and prints the ratios per round. Each
+operation's process first applies `lts_core.malloc.keep_freed_memory()`, as the app's server and `python -m
+lts_core train` do (`--malloc keep`, the default); `--malloc default` leaves glibc's
+defaults, `--malloc both` runs every operation both ways, interleaved ("this" and "this+keep").
 
 The disk's cold sequential read rate of the chunk files is measured before and after the operations
 (`--disk-repeats` times each, each time on other files of the run): `dd iflag=direct bs=4M` (O_DIRECT: from
@@ -34,6 +37,7 @@ see: the kernel's readahead included). That is the rate a disk-limited analysis 
 
     python bench/bench_scale.py /work/bigruns/syn-1m /work/bigruns/syn-10m [--rounds 2] [--no-old]
     [--ops levels,index,osc,replay,cache,open] [--cold] [--baseline /tmp/wt-old] [--disk-repeats 3]
+    [--malloc default|keep|both]
 """
 from __future__ import annotations
 
@@ -77,6 +81,9 @@ def do(op: str, path: str) -> dict:
     from lts_core.analysis.settle import arrays_from_run
     from lts_core.analysis.stream import RunSource, run_passes
     from lts_core.analysis.summaries import run_settings
+    if os.environ.get("BENCH_KEEP_FREED") == "1":
+        from lts_core.malloc import keep_freed_memory
+        keep_freed_memory()
     io0 = io_mb()
     t0, c0 = time.perf_counter(), time.process_time()
     run = open_run(path)
@@ -111,10 +118,10 @@ def do(op: str, path: str) -> dict:
             "held": len(held), "records": run.n_records, "weights": run.n_weights}
 
 
-def in_child(op: str, path: Path, code: str | None = None) -> dict:
+def in_child(op: str, path: Path, code: str | None = None, keep: bool = False) -> dict:
     code = code or str(ROOT)
     out = subprocess.run([sys.executable, __file__, "--child", op, str(path)], capture_output=True, text=True,
-                         env=dict(os.environ, PYTHONPATH=code, BENCH_CODE=code))
+                         env=dict(os.environ, PYTHONPATH=code, BENCH_CODE=code, BENCH_KEEP_FREED=str(int(keep))))
     if out.returncode:
         raise SystemExit(f"{op} on {path} ({code}) failed:\n{out.stderr[-3000:]}")
     return json.loads(out.stdout.strip().splitlines()[-1])
@@ -182,9 +189,15 @@ def main() -> None:
     ap.add_argument("--cold", action="store_true", help="drop the run's files from the page cache before each op")
     ap.add_argument("--baseline", help="a checkout of other code: every op also runs with it, interleaved")
     ap.add_argument("--disk-repeats", type=int, default=3)
+    ap.add_argument("--malloc", choices=["default", "keep", "both"], default="keep",
+                    help="glibc malloc in each operation's process: keep_freed_memory() (as the app's server and "
+                         "the training CLI; the default), glibc's defaults, or both")
     args = ap.parse_args()
     ops = args.ops.split(",") + ([] if args.no_old else ["old-settle", "old-index"])
-    codes = ([("base", str(Path(args.baseline).resolve()))] if args.baseline else []) + [("this", str(ROOT))]
+    keeps = {"default": [False], "keep": [True], "both": [False, True]}[args.malloc]
+    codes = [(label + ("+keep" if keep and args.malloc == "both" else ""), code, keep)
+             for label, code in ([("base", str(Path(args.baseline).resolve()))] if args.baseline else [])
+             + [("this", str(ROOT))] for keep in keeps]
     res: dict = {}
     threads = os.environ.get("SCRATCHOFF_ANALYSIS_THREADS", "all cores")
     print(f"{os.cpu_count()} CPUs, analysis threads: {threads}, cold: {args.cold}, load average at start: "
@@ -193,10 +206,10 @@ def main() -> None:
     for rnd in range(args.rounds):
         for run in args.runs:
             for op in ops:
-                for label, code in codes:
+                for label, code, keep in codes:
                     if args.cold:
                         drop_cached(run)
-                    r = in_child(op, run, code)
+                    r = in_child(op, run, code, keep)
                     r["load"] = os.getloadavg()[0]
                     res.setdefault((run.name, op, label), []).append(r)
                     print(f"round {rnd + 1} {run.name} {op} [{label}]: {r['wall']:.2f} s wall, {r['cpu']:.2f} s "
@@ -218,12 +231,15 @@ def main() -> None:
             if v:
                 print(f"\n{name}: chunk files read cold ({way}) at " + ", ".join(f"{x:.0f}" for x in v)
                       + f" MB/s (median {statistics.median(v):.0f})")
-    if args.baseline:
-        print("\nratios base ÷ this, wall (per round, interleaved):")
+    pairs = [("base" + k, "this" + k) for k in (["", "+keep"] if args.malloc == "both" else [""])] \
+        if args.baseline else []
+    pairs += [("this", "this+keep")] if args.malloc == "both" else []
+    for a_label, b_label in pairs:
+        print(f"\nratios {a_label} ÷ {b_label}, wall (per round, interleaved):")
         for run in args.runs:
             for op in args.ops.split(","):
-                a = [o["wall"] / n["wall"] for o, n in zip(res[(run.name, op, "base")], res[(run.name, op, "this")])]
-                c = [o["cpu"] / n["cpu"] for o, n in zip(res[(run.name, op, "base")], res[(run.name, op, "this")])]
+                a = [o["wall"] / n["wall"] for o, n in zip(res[(run.name, op, a_label)], res[(run.name, op, b_label)])]
+                c = [o["cpu"] / n["cpu"] for o, n in zip(res[(run.name, op, a_label)], res[(run.name, op, b_label)])]
                 print(f"  {run.name} {op}: wall " + ", ".join(f"{x:.2f}×" for x in a)
                       + f"; CPU " + ", ".join(f"{x:.2f}×" for x in c))
     if not args.no_old:
