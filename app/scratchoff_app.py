@@ -23,7 +23,7 @@ C.refuse_if_exposed()
 def keep_freed_memory() -> bool:
     """Once per server: glibc keeps freed blocks for reuse (`lts_core.malloc`), as the training CLI does. The
     streamed analysis of a big run allocates and frees its buffers task after task; with glibc's defaults they
-    are page-faulted in afresh each time (10–20 % of its CPU on a 100M-weight run, BENCHMARKS.md)."""
+    are page-faulted in afresh each time (0–28 % of its CPU on a 100M-weight run, BENCHMARKS.md)."""
     from lts_core.malloc import keep_freed_memory as keep
     return keep()
 
