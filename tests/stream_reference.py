@@ -1,6 +1,6 @@
 """The numpy workers that the numba kernels (`lts_core.analysis.stream_kernels`) replaced, kept as the tested
 reference: the code of main at fc77b35 (replay_stream.py, level_stats.py), unchanged but for the imports
-and for the oscillation and level workers, which take their state and `result` from the kernel workers. A
+and for the index, oscillation and level workers, which take their state and `result` from the kernel workers. A
 `Ref*Pass` is the pass with these workers; tests/test_stream_kernels.py checks that the kernels give bit for bit
 what they give."""
 from __future__ import annotations
@@ -72,28 +72,20 @@ class _Ema:
         return out
 
 
-class _IndexWorker:
+class _IndexWorker(replay_stream._IndexWorker):
+    """The replay index on one task's columns: numpy, candidates found with `np.take` and binned with
+    `grid_bins`. The final levels, the per-record histogram changes, the ticks and `result` are the kernel
+    worker's; the EMA, the running-minimum bins (intp: gathers need no conversion) and `feed` are the numpy
+    code's."""
+
     def __init__(self, p: IndexPass, src, task: Task, first_record: int):
-        if first_record:
-            raise ValueError("the replay index is built from the first record")
-        self.p, self.task = p, task
+        super().__init__(p, src, task, first_record)
         n = task.size
         OV = p.J + 1
         self.ema = _Ema(n, p.steps, p.decay, p.use_raw, sub_width(task))
-        self.M = np.full(n, OV, dtype=np.intp)      # index dtype: gathers need no conversion
+        self.M = np.full(n, OV, dtype=np.intp)
         self.thr_m = np.empty(sub_width(task), np.float32)   # scratch: each weight's threshold of bin M
         self.below = np.empty(sub_width(task), bool)
-        if p.final is not None:
-            self.final = np.asarray(p.final[task.start:task.stop])
-        else:
-            last = len(src.chunk_sizes) - 1
-            self.final = np.array(src.read(last, "level", task.start, task.stop)[-1])
-        NB = p.J + 2
-        R = src.n_records
-        # per record, the change of the running-minimum histogram (int32: bounded by the layer's size; zeroed
-        # pages of records without changes, e.g. the warm-up, are never touched)
-        self.counts = {layer: np.zeros((R, NB), np.int32) for layer in task.layers()}
-        self.tick = {layer: np.zeros(NB, np.int64) for layer in task.layers()}
         self._thr: dict = {}
 
     def _thresholds(self, rec: int, L: int):
@@ -145,9 +137,6 @@ class _IndexWorker:
             delta = delta.reshape(-1, 2)
             counts[rec] += (delta[:, 0] + delta[:, 1]).astype(np.int32)
             tick += delta[:, 1]
-
-    def result(self):
-        return self.counts, self.tick
 
 
 class _FreezeWorker:
