@@ -210,13 +210,28 @@ def train(
         if isinstance(e, (ValueError, OSError, RuntimeError)):
             fail(str(e), code=1)
         raise
+    from .trainer import dist_info
+    rank, world = dist_info()
     if dump_frozen is not None and res.frozen_mask is not None:
-        from .trainer import dist_info
-        np.save(f"{dump_frozen}.rank{dist_info()[0]}.npy", res.frozen_mask.numpy())
+        np.save(f"{dump_frozen}.rank{rank}.npy", res.frozen_mask.numpy())
     last = res.metrics[-1] if res.metrics else {}
     typer.echo(json.dumps({"run_dir": str(res.run_dir) if res.run_dir else None, "fp_test_acc": res.fp_test_acc,
                            **{k: last.get(k) for k in ("test_acc", "updates_eliminated",
                                                        "updates_eliminated_all_params", "backward_flops_saved")}}))
+    if world > 1:
+        _leave_distributed()
+
+
+def _leave_distributed() -> None:
+    """End a torchrun rank whose run is written: wait for the other ranks, destroy the process group, exit 0.
+
+    The exit skips the interpreter's teardown: with torch 2.13, gloo's threads made it abort now and then
+    ("terminate called without an active exception", SIGABRT, so torchrun reported the finished run as failed;
+    pytorch/pytorch#190489), even after `destroy_process_group()`."""
+    import torch.distributed as dist
+    dist.barrier()
+    dist.destroy_process_group()
+    _exit_now(0)
 
 
 def _parse_list(text: Optional[str], cast, option: str) -> list:
