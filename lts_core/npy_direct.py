@@ -81,13 +81,15 @@ def _pwrite_all(fd: int, data, offset: int) -> None:
 def write_npy_direct(path: str | os.PathLike, arr: np.ndarray) -> bool:
     """Write `arr` to `path` (created or truncated) as ``.npy`` with O_DIRECT and fsync it.
 
+    An array that is not `ALIGN`-aligned in memory (numpy's own allocations are not) goes through an aligned
+    staging buffer of at most `STAGE_BYTES`, a piece at a time (one copy, still no page cache).
+
     Returns False, having left no file behind, when O_DIRECT cannot be used here: no ``os.O_DIRECT``, the
-    filesystem refuses it, the array is smaller than `MIN_BYTES`, not C-contiguous or not `ALIGN`-aligned in
-    memory. Other I/O errors (disk full…) are raised.
+    filesystem refuses it, the array is smaller than `MIN_BYTES` or not C-contiguous. Other I/O errors (disk
+    full…) are raised.
     """
     flag = getattr(os, "O_DIRECT", 0)
-    if (not flag or arr.nbytes < MIN_BYTES or not arr.flags.c_contiguous or arr.dtype.hasobject
-            or arr.ctypes.data % ALIGN):
+    if not flag or arr.nbytes < MIN_BYTES or not arr.flags.c_contiguous or arr.dtype.hasobject:
         return False
     path = Path(path)
     try:
@@ -103,7 +105,14 @@ def write_npy_direct(path: str | os.PathLike, arr: np.ndarray) -> bool:
         data = arr.reshape(-1).view(np.uint8)
         n_main = arr.nbytes - arr.nbytes % ALIGN
         _pwrite_all(fd, head, 0)
-        _pwrite_all(fd, data[:n_main], ALIGN)
+        if arr.ctypes.data % ALIGN == 0:
+            _pwrite_all(fd, data[:n_main], ALIGN)
+        elif n_main:   # e.g. numpy's own allocations (16 bytes past a page): through an aligned staging buffer
+            stage = aligned_empty(min(STAGE_BYTES, n_main), np.uint8)
+            for a in range(0, n_main, stage.size):
+                part = stage[:min(stage.size, n_main - a)]
+                part[:] = data[a:a + part.size]
+                _pwrite_all(fd, part, ALIGN + a)
         if n_main < arr.nbytes:
             tail = aligned_empty(ALIGN, np.uint8)
             tail[:arr.nbytes - n_main] = data[n_main:]

@@ -418,3 +418,14 @@ def test_grid_bins_equal_searchsorted(data):
         np.asarray(data.draw(hs.lists(hs.floats(0, 2, width=32), min_size=1, max_size=50)), dtype=np.float32),
         thr32, np.nextafter(thr32, np.float32(np.inf)), np.nextafter(thr32, np.float32(-np.inf)).clip(0)])
     np.testing.assert_array_equal(grid_bins(d, g, B, J, scale=scale), np.searchsorted(thr32, d))
+
+
+def test_per_weight_units_are_built_only_when_used():
+    """A streamed replay needs only the layers' level counts: the per-weight unit tensors (800 MB at 100M
+    weights) are built on first use, with the values fl32(1/(L−1)) and L−1 per weight."""
+    from lts_core.analysis.replay import _units
+    u = _units([3, 2], [4, 2], 5, torch.device("cpu"))
+    assert u.n_levels == [4, 2] and u._w is None
+    assert torch.equal(u.step_w, torch.tensor([1 / 3] * 3 + [1.0] * 2, dtype=torch.float32))
+    assert torch.equal(u.span_w, torch.tensor([3.0] * 3 + [1.0] * 2))
+    assert _units([3, 2], None, 5, torch.device("cpu")).step_w is None

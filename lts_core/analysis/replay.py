@@ -109,13 +109,37 @@ def _row(arr, r: int, dev: torch.device) -> torch.Tensor:
     return torch.from_numpy(np.array(arr[r], copy=True)).to(dev)
 
 
-class _Units(NamedTuple):
+class _Units:
     """Per-layer unit of the replay: one step is 1/(L_l−1) in normalised units (L = 2, i.e. Δ units, without
-    layer information)."""
-    sizes: list[int]
-    n_levels: list[int]
-    step_w: torch.Tensor | None   # float32 [N]: fl32(1/(L−1)) per weight (None when every layer has L = 2)
-    span_w: torch.Tensor | None   # float32 [N]: L−1 per weight, to convert back to Δ units
+    layer information). The per-weight tensors are built on first use (a streamed pass needs only
+    `n_levels`; at 100M weights they would be 800 MB)."""
+
+    def __init__(self, sizes: list[int], n_levels: list[int], dev: torch.device):
+        self.sizes, self.n_levels, self._dev = sizes, n_levels, dev
+        self._w: tuple | None = None
+
+    def _per_weight(self) -> tuple:
+        if self._w is None:
+            if all(L == 2 for L in self.n_levels):
+                self._w = (None, None)
+            else:
+                counts = torch.tensor(self.sizes, dtype=torch.int64)
+                step = torch.repeat_interleave(
+                    torch.tensor([1 / (L - 1) for L in self.n_levels], dtype=torch.float32), counts)
+                span = torch.repeat_interleave(
+                    torch.tensor([L - 1 for L in self.n_levels], dtype=torch.float32), counts)
+                self._w = (step.to(self._dev), span.to(self._dev))
+        return self._w
+
+    @property
+    def step_w(self) -> torch.Tensor | None:
+        """float32 [N]: fl32(1/(L−1)) per weight (None when every layer has L = 2)."""
+        return self._per_weight()[0]
+
+    @property
+    def span_w(self) -> torch.Tensor | None:
+        """float32 [N]: L−1 per weight, to convert back to Δ units (None when every layer has L = 2)."""
+        return self._per_weight()[1]
 
     def slices(self):
         """(column slice, L) per layer."""
@@ -137,12 +161,7 @@ def _units(layer_sizes, layer_n_levels, N: int, dev: torch.device) -> _Units:
         if len(layer_n_levels) != len(sizes):
             raise ValueError(f"{len(layer_n_levels)} layer level counts for {len(sizes)} layers")
         n_levels = [int(L) if int(L) >= 2 else 2 for L in layer_n_levels]
-    if all(L == 2 for L in n_levels):
-        return _Units(sizes, n_levels, None, None)
-    counts = torch.tensor(sizes, dtype=torch.int64)
-    step = torch.repeat_interleave(torch.tensor([1 / (L - 1) for L in n_levels], dtype=torch.float32), counts)
-    span = torch.repeat_interleave(torch.tensor([L - 1 for L in n_levels], dtype=torch.float32), counts)
-    return _Units(sizes, n_levels, step.to(dev), span.to(dev))
+    return _Units(sizes, n_levels, dev)
 
 
 def _ema_stream(steps: np.ndarray, levels, dist_codes, decay: float, dev: torch.device, units: _Units,
