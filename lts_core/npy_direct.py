@@ -9,7 +9,8 @@ any other.
 
 ``O_DIRECT`` needs the memory, the file offset and the length aligned to the device's block size; we use
 4096 bytes, which covers 512-byte and 4 KiB devices. The last partial block goes through a small aligned
-bounce buffer and the file is then truncated to its exact size. Where ``O_DIRECT`` is not available
+bounce buffer and the file is then truncated to its exact size; an array that does not start on a 4096-byte
+boundary (numpy's own allocations, e.g. the analysis cache's results) goes through an aligned staging buffer. Where ``O_DIRECT`` is not available
 (macOS, Windows, tmpfs, some network filesystems) `write_npy_direct` returns False and the caller writes
 the ordinary way.
 
@@ -36,7 +37,7 @@ import numpy as np
 ALIGN = 4096  # bytes: block alignment for memory, file offsets and lengths
 MIN_BYTES = 1 << 20  # smaller arrays are not worth it: the ordinary write is as cheap
 DIRECT_READ_MIN = 1 << 20  # bytes: smaller reads go through the page cache (a hot page cache beats the disk)
-STAGE_BYTES = 8 << 20  # bytes: the most a staging buffer holds (longer unaligned reads go in pieces)
+STAGE_BYTES = 8 << 20  # bytes: the most a staging buffer holds (longer unaligned reads and writes go in pieces)
 
 
 def aligned_empty(shape, dtype, phase: int = 0) -> np.ndarray:
