@@ -10,9 +10,9 @@ any other.
 ``O_DIRECT`` needs the memory, the file offset and the length aligned to the device's block size; we use
 4096 bytes, which covers 512-byte and 4 KiB devices. The last partial block goes through a small aligned
 bounce buffer and the file is then truncated to its exact size; an array that does not start on a 4096-byte
-boundary (numpy's own allocations, e.g. the analysis cache's results) goes through an aligned staging buffer. Where ``O_DIRECT`` is not available
-(macOS, Windows, tmpfs, some network filesystems) `write_npy_direct` returns False and the caller writes
-the ordinary way.
+boundary (numpy's own allocations, e.g. the analysis cache's results) goes through an aligned staging
+buffer. Where ``O_DIRECT`` is not available (macOS, Windows, tmpfs, some network filesystems)
+`write_npy_direct` returns False and the caller writes the ordinary way.
 
 Reading (`PositionalReader`): the streamed analyses read a big run's chunk files once, cold, column range by
 column range. Through the page cache every byte costs the CPU about 0.5–1.7 ns (the kernel's page-cache work
