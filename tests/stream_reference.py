@@ -176,8 +176,8 @@ class _OscWorker(replay_stream._OscWorker):
     `osc_ema_update` (x·m + f·(1−m)), int8 directions, preallocated buffers. The state and `result` are the
     kernel worker's; `feed` is the numpy code."""
 
-    def __init__(self, p: OscPass, src, task: Task):
-        super().__init__(p, src, task)
+    def __init__(self, p: OscPass, src, task: Task, out=None):
+        super().__init__(p, src, task, out)
         w = sub_width(task)
         self.b1, self.b2 = np.empty(w, bool), np.empty(w, bool)
         self.i1, self.i2 = np.empty(w, np.int8), np.empty(w, np.int8)
@@ -232,8 +232,8 @@ class _OscWorker(replay_stream._OscWorker):
 class _LevelWorker(level_stats._LevelWorker):
     """The level statistics' numpy `feed`; the state and `result` are the kernel worker's."""
 
-    def __init__(self, p: LevelStatsPass, src, task: Task, first_record: int):
-        super().__init__(p, src, task, first_record)
+    def __init__(self, p: LevelStatsPass, src, task: Task, first_record: int, out=None):
+        super().__init__(p, src, task, first_record, out)
         self.ne = None     # bool scratch of one sub-block
 
     def feed(self, r0: int, data: dict, sub) -> None:
@@ -290,15 +290,15 @@ class RefIndexPass(IndexPass):
 
 
 class RefFreezeStepsPass(FreezeStepsPass):
-    def worker(self, src, task, first_record):
+    def worker(self, src, task, first_record, out=None):   # (its own array: the collector copies it)
         return _Sliced(_FreezeWorker(self, task))
 
 
 class RefOscPass(OscPass):
-    def worker(self, src, task, first_record):
-        return _Sliced(_OscWorker(self, src, task))
+    def worker(self, src, task, first_record, out=None):   # (in place where the collector offers its arrays)
+        return _Sliced(_OscWorker(self, src, task, out))
 
 
 class RefLevelStatsPass(LevelStatsPass):
-    def worker(self, src, task, first_record):
-        return _Sliced(_LevelWorker(self, src, task, first_record))
+    def worker(self, src, task, first_record, out=None):
+        return _Sliced(_LevelWorker(self, src, task, first_record, out))

@@ -124,6 +124,38 @@ def test_a_process_pool_executor_gives_the_same_result(tmp_path):
     check_stats(stats, reference(lv, dist))
 
 
+def test_in_process_workers_fill_the_collectors_arrays_in_place():
+    """On an executor that runs tasks in this process (serial, threads) each worker keeps its per-weight
+    results in its collector's own arrays, so nothing is copied over; on any other executor (which may pickle
+    tasks to other processes) workers have arrays of their own, which the collector copies. Same results."""
+    lv, dist, _ = trajectories(seed=4)
+    src = ArraySource({"level": lv}, SIZES, 4)
+    shared: dict[str, list[bool]] = {}
+
+    class Spy(LevelStatsPass):
+        def __init__(self, kind):
+            super().__init__()
+            self.kind = kind
+
+        def collector(self, src_, first_record):
+            col = super().collector(src_, first_record)
+            add = col.add
+
+            def spy_add(task, res):   # res[2]: the task's flips
+                shared.setdefault(self.kind, []).append(np.shares_memory(res[2], col.flips))
+                add(task, res)
+            col.add = spy_add
+            return col
+
+    for kind, executor in (("serial", serial), ("threads", thread_executor(2)),
+                           ("other", lambda fn, items: map(fn, items))):
+        (stats,) = run_passes(src, [Spy(kind)], executor, task_cols=200, sub_cols=50)
+        check_stats(stats, reference(lv, dist))
+    n_tasks = len(plan_tasks(SIZES, 2, 200, 50))
+    assert shared["serial"] == shared["threads"] == [True] * n_tasks
+    assert shared["other"] == [False] * n_tasks
+
+
 def test_resume_equals_a_full_pass():
     lv, dist, _ = trajectories(seed=1)
     (first,) = run_passes(ArraySource({"level": lv[:9]}, SIZES, 3), [LevelStatsPass()], sub_cols=29)
@@ -178,8 +210,8 @@ class _WaitForNextRead(LevelStatsPass):
         super().__init__()
         self.src, self.r0_to_chunk = src, r0_to_chunk
 
-    def worker(self, src, task, first_record):
-        w = super().worker(src, task, first_record)
+    def worker(self, src, task, first_record, out=None):
+        w = super().worker(src, task, first_record, out)
         feed, me = w.feed, self
 
         def waiting_feed(r0, data, sub):

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .stream import Pass, Task
+from .stream import Pass, Task, place
 
 N_CODES = 256
 
@@ -60,33 +60,35 @@ class LevelStatsPass(Pass):
     def __init__(self, resume: LevelStats | None = None):
         self.resume = resume
 
-    def worker(self, src, task: Task, first_record: int):
-        return _LevelWorker(self, src, task, first_record)
+    def worker(self, src, task: Task, first_record: int, out: dict | None = None):
+        return _LevelWorker(self, src, task, first_record, out)
 
     def collector(self, src, first_record: int):
         return _LevelCollector(self, src, first_record)
 
 
 class _LevelWorker:
-    def __init__(self, p: LevelStatsPass, src, task: Task, first_record: int):
+    """`stream_kernels.level_kernel` on one task's columns. Its state is the per-weight result itself (the
+    last level seen, the settle record, flips, reversals, last direction): its own arrays, or with `out` the
+    collector's (`_LevelCollector.views`)."""
+
+    def __init__(self, p: LevelStatsPass, src, task: Task, first_record: int, out: dict | None = None):
         a, b = task.start, task.stop
         n = task.size
         self.task, self.first = task, first_record
         old = p.resume if first_record > 0 else None
         if first_record > 0 and (old is None or old.n_records != first_record):
             raise ValueError("resuming a level pass needs the statistics of every earlier record")
-        if old is None:
-            self.prev = np.empty(n, np.uint8)
-            self.last_change = np.zeros(n, np.int32)
-            self.flips = np.zeros(n, np.int32)
-            self.reversals = np.zeros(n, np.int32)
-            self.last_dir = np.zeros(n, np.int8)
+        if out is None:
+            out = {name: np.empty(n, dtype) for name, dtype in _STATE}
+        self.prev, self.last_change, self.flips, self.reversals, self.last_dir = (out[name] for name, _ in _STATE)
+        if old is None:      # (prev is set at record 0)
+            for a_ in (self.last_change, self.flips, self.reversals, self.last_dir):
+                a_.fill(0)
         else:
-            self.prev = np.array(old.final_level[a:b], dtype=np.uint8)
-            self.last_change = np.array(old.settle_record[a:b], dtype=np.int32)
-            self.flips = np.array(old.flips[a:b], dtype=np.int32)
-            self.reversals = np.array(old.reversals[a:b], dtype=np.int32)
-            self.last_dir = np.array(old.last_dir[a:b], dtype=np.int8)
+            for a_, name in zip((self.prev, self.last_change, self.flips, self.reversals, self.last_dir),
+                                ("final_level", "settle_record", "flips", "reversals", "last_dir")):
+                a_[...] = getattr(old, name)[a:b]
         R_new = src.n_records - first_record
         self.occ = {layer: np.zeros((R_new, N_CODES), np.int64) for layer in task.layers()}
 
@@ -100,21 +102,28 @@ class _LevelWorker:
         return (self.prev, self.last_change, self.flips, self.reversals, self.last_dir, self.occ)
 
 
+_STATE = (("prev", np.uint8), ("last_change", np.int32), ("flips", np.int32), ("reversals", np.int32),
+          ("last_dir", np.int8))    # a level worker's per-weight state, which is its result
+
+
 class _LevelCollector:
     def __init__(self, p: LevelStatsPass, src, first_record: int):
         N = src.n_weights
         self.src, self.first, self.resume = src, first_record, p.resume if first_record > 0 else None
-        self.final = np.empty(N, np.uint8)
-        self.settle = np.empty(N, np.int32)
-        self.flips = np.empty(N, np.int32)
-        self.reversals = np.empty(N, np.int32)
-        self.last_dir = np.empty(N, np.int8)
+        self.final, self.settle, self.flips, self.reversals, self.last_dir = (np.empty(N, dt) for _, dt in _STATE)
         self.occ = np.zeros((src.n_records - first_record, len(src.layer_sizes), N_CODES), np.int64)
+
+    def _arrays(self):
+        return self.final, self.settle, self.flips, self.reversals, self.last_dir
+
+    def views(self, task: Task) -> dict:
+        """The task's columns of the per-weight results, for its worker to fill in place."""
+        return {name: a[task.start:task.stop] for (name, _), a in zip(_STATE, self._arrays())}
 
     def add(self, task: Task, res) -> None:
         sl = slice(task.start, task.stop)
-        for out, part in zip((self.final, self.settle, self.flips, self.reversals, self.last_dir), res[:5]):
-            out[sl] = part
+        for out, part in zip(self._arrays(), res[:5]):
+            place(out, sl, part)
         for layer, table in res[5].items():
             self.occ[:, layer] += table
 

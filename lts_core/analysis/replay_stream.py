@@ -15,7 +15,7 @@ import functools
 import numpy as np
 
 from ..schedules import eligible, osc_threshold_at, ratio_at, schedule_gain, threshold_norm
-from .stream import Pass, Task
+from .stream import Pass, Task, place
 
 RAW = "raw_dist"
 
@@ -217,8 +217,8 @@ class FreezeStepsPass(Pass):
             got = self._thr[n_levels] = (active, thr)
         return got
 
-    def worker(self, src, task: Task, first_record: int):
-        return _FreezeWorker(self, task)
+    def worker(self, src, task: Task, first_record: int, out: dict | None = None):
+        return _FreezeWorker(self, task, out)
 
     def collector(self, src, first_record: int):
         return _PlaceCollector(src.n_weights, np.int64)
@@ -227,10 +227,11 @@ class FreezeStepsPass(Pass):
 class _FreezeWorker:
     """`stream_kernels.freeze_kernel` on one task's columns."""
 
-    def __init__(self, p: FreezeStepsPass, task: Task):
+    def __init__(self, p: FreezeStepsPass, task: Task, out: dict | None = None):
         self.p = p
         self.ema = _EmaState(task.size)
-        self.freeze = np.full(task.size, -1, np.int64)
+        self.freeze = np.empty(task.size, np.int64) if out is None else out["out"]   # (in place: the collector's)
+        self.freeze.fill(-1)
         self.free = np.ones(task.size, bool)      # not frozen yet
 
     def feed(self, r0: int, data: dict, sub) -> None:
@@ -246,13 +247,16 @@ class _FreezeWorker:
 
 
 class _PlaceCollector:
-    """Places each task's per-weight array at its columns."""
+    """Places each task's per-weight array at its columns (or hands the worker its columns: `views`)."""
 
     def __init__(self, n: int, dtype):
         self.out = np.empty(n, dtype)
 
+    def views(self, task: Task) -> dict:
+        return {"out": self.out[task.start:task.stop]}
+
     def add(self, task: Task, res) -> None:
-        self.out[task.start:task.stop] = res
+        place(self.out, slice(task.start, task.stop), res)
 
     def finish(self) -> np.ndarray:
         return self.out
@@ -278,8 +282,8 @@ class OscPass(Pass):
         self.thr32 = np.array([np.float32(thr) for thr in self.thr], np.float32)   # torch's float32 comparison
         self.watch_layers = None if watch_layers is None else [bool(w) for w in watch_layers]
 
-    def worker(self, src, task: Task, first_record: int):
-        return _OscWorker(self, src, task)
+    def worker(self, src, task: Task, first_record: int, out: dict | None = None):
+        return _OscWorker(self, src, task, out)
 
     def collector(self, src, first_record: int):
         return _OscCollector(src)
@@ -289,15 +293,18 @@ class _OscWorker:
     """`stream_kernels.osc_kernel` on one task's columns: the frequency and level EMAs (float32), the last
     direction (int8), the freeze step and level."""
 
-    def __init__(self, p: OscPass, src, task: Task):
+    def __init__(self, p: OscPass, src, task: Task, out: dict | None = None):
         n = task.size
         self.p, self.task = p, task
-        self.freq = np.zeros(n, np.float32)
+        if out is None:
+            out = {"fs": np.empty(n, np.int64), "flevel": np.empty(n, np.int16), "freq": np.empty(n, np.float32)}
+        self.fs, self.flevel, self.freq = out["fs"], out["flevel"], out["freq"]   # (in place: the collector's)
+        self.fs.fill(-1)
+        self.flevel.fill(-1)
+        self.freq.fill(0)
         self.level_ema = np.zeros(n, np.float32)
         self.prev = np.zeros(n, np.uint8)
         self.last_dir = np.zeros(n, np.int8)
-        self.fs = np.full(n, -1, np.int64)
-        self.flevel = np.full(n, -1, np.int16)
         self.free = np.ones(n, bool)             # not frozen yet
         R = src.n_records
         self.new_by_record = {layer: np.zeros(R, np.int64) for layer in task.layers()}
@@ -337,10 +344,15 @@ class _OscCollector:
         self.n_frozen = np.zeros(nl, np.int64)
         self.n_correct = np.zeros(nl, np.int64)
 
+    def views(self, task: Task) -> dict:
+        sl = slice(task.start, task.stop)
+        return {"fs": self.fs[sl], "flevel": self.flevel[sl], "freq": self.freq[sl]}
+
     def add(self, task: Task, res) -> None:
         fs, flevel, freq, new_by_record, per_layer = res
         sl = slice(task.start, task.stop)
-        self.fs[sl], self.flevel[sl], self.freq[sl] = fs, flevel, freq
+        for out, part in ((self.fs, fs), (self.flevel, flevel), (self.freq, freq)):
+            place(out, sl, part)
         for layer, row in new_by_record.items():
             self.newly[layer] += row
         for layer, (sum_fs, n, c) in per_layer.items():

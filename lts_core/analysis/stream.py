@@ -13,7 +13,9 @@ lie inside one layer and hold at most `SUB_COLS` weights (small enough for the C
   compiled kernel (`stream_kernels`) follows each weight through the group's records; return each worker's
   result;
 - *reduce*: each pass's collector takes the task results in any order, places per-weight results at their
-  columns and adds per-layer tables.
+  columns and adds per-layer tables. When the executor runs tasks in this process (`in_process`: `serial`,
+  `thread_executor()`), a collector may hand each task's worker views of its own per-weight arrays
+  (`views(task)`), which the worker fills in place: no second copy of the results, no copying them over.
 
 Memory: the pass outputs (O(weights)) plus, per task in flight, its two sets of group buffers and the
 workers' state for its columns; never O(records × weights). The executor is any `map(fn, items) -> iterable
@@ -56,6 +58,9 @@ def serial(fn, items):
     return map(fn, items)
 
 
+serial.in_process = True   # its tasks share this process's memory (workers may fill the collectors' arrays)
+
+
 def default_workers() -> int:
     """Threads for a pass: $SCRATCHOFF_ANALYSIS_THREADS, else the number of usable cores."""
     env = os.environ.get("SCRATCHOFF_ANALYSIS_THREADS")
@@ -78,6 +83,7 @@ def thread_executor(workers: int | None = None) -> Executor:
             return
         with ThreadPoolExecutor(max_workers=n, thread_name_prefix="lts-analysis") as pool:
             yield from pool.map(fn, items)
+    run.in_process = True
     return run
 
 
@@ -225,7 +231,10 @@ class Pass:
     """One analysis streamed over the records. Subclasses define `needs` (arrays read), `worker(source, task,
     first_record)` (an object with `feed(r0, data, sub)` and `result()`) and `collector(source)` (an object
     with `add(task, result)` and `finish()`). `feed` gets the task's columns of one chunk, `data[name]` C-order
-    [records, task.size] starting at record r0, and works on the sub-block's columns sub.offset … +sub.size."""
+    [records, task.size] starting at record r0, and works on the sub-block's columns sub.offset … +sub.size.
+    Optionally the collector has `views(task)` (a dict of writable views of its per-weight arrays at the
+    task's columns); on an in-process executor the worker is then made with `worker(…, out=views)`, keeps
+    its per-weight results there and returns them from `result()`, and `place` sees that nothing is to copy."""
 
     needs: tuple[str, ...] = ("level",)
 
@@ -313,19 +322,40 @@ class BufferPool:
         self.__init__()
 
 
-def scan_task(src, passes: Sequence[Pass], first_chunk: int, task: Task, buffers: BufferPool | None = None
-              ) -> list:
+def place(out: np.ndarray, cols: slice, part: np.ndarray) -> None:
+    """out[cols] = part (a collector placing a task's per-weight result), unless `part` is that very view
+    (its worker filled it in place)."""
+    dst = out[cols]
+    if (part.__array_interface__["data"][0] != dst.__array_interface__["data"][0] or part.shape != dst.shape
+            or part.dtype != dst.dtype):
+        dst[...] = part
+
+
+def _make_workers(src, passes: Sequence[Pass], task: Task, first_record: int, sinks: Sequence | None) -> list:
+    """One worker per pass for `task`; with `out=collector.views(task)` where the collector offers views."""
+    workers = []
+    for k, p in enumerate(passes):
+        views = getattr(sinks[k], "views", None) if sinks is not None else None
+        out = views(task) if views is not None else None
+        workers.append(p.worker(src, task, first_record) if out is None else
+                       p.worker(src, task, first_record, out=out))
+    return workers
+
+
+def scan_task(src, passes: Sequence[Pass], first_chunk: int, task: Task, buffers: BufferPool | None = None,
+              sinks: Sequence | None = None) -> list:
     """The map step: stream the task's columns of every chunk from `first_chunk` on, in record order, a group
     of chunks at a time (`chunk_groups`), through one worker per pass; returns the workers' results.
     Double-buffered: `READ_THREADS` reader threads read the next group's chunks (disk, page cache, decoding of
     levels stored as changes), several requests in flight, while this thread computes on the current one.
-    The buffers come from `buffers` (reused where `src.column_buffer` finds them fit) and go back to it."""
+    The buffers come from `buffers` (reused where `src.column_buffer` finds them fit) and go back to it.
+    `sinks` (the passes' collectors, when they live in this process): a worker whose collector has
+    `views(task)` fills those views in place."""
     first_record = sum(src.chunk_sizes[:first_chunk])
-    workers = [p.worker(src, task, first_record) for p in passes]
     names = sorted({n for p in passes for n in p.needs})
     groups = chunk_groups(src.chunk_sizes, first_chunk, task.size)
     if not groups:
-        return [w.result() for w in workers]
+        return [w.result() for w in _make_workers(src, passes, task, first_record, sinks)]
     rows = max(sum(int(src.chunk_sizes[c]) for c in g) for g in groups)
     spare = buffers.take() if buffers is not None else None
     bufsets = tuple({n: src.column_buffer(n, task.start, task.stop, rows, spare[k].get(n) if spare else None)
@@ -333,7 +363,8 @@ def scan_task(src, passes: Sequence[Pass], first_chunk: int, task: Task, buffers
     r0 = first_record
     with ThreadPoolExecutor(max_workers=READ_THREADS, thread_name_prefix="lts-read") as pool:
         pending = _read_group(pool, src, names, task, groups[0], bufsets[0])
-        try:
+        try:   # the workers are made (their state allocated and first touched) while the first group is read
+            workers = _make_workers(src, passes, task, first_record, sinks)
             for i, group in enumerate(groups):
                 data, reads = pending
                 _wait(reads)
@@ -360,7 +391,8 @@ def run_passes(src, passes: Sequence[Pass], executor: Executor | None = None, fi
     tasks = plan_tasks(src.layer_sizes, n_workers, task_cols, sub_cols)
     first_record = sum(src.chunk_sizes[:first_chunk])
     collectors = [p.collector(src, first_record) for p in passes]
-    scan = partial(scan_task, src, list(passes), first_chunk, buffers=BufferPool())
+    sinks = collectors if getattr(executor, "in_process", False) else None   # never pickled to another process
+    scan = partial(scan_task, src, list(passes), first_chunk, buffers=BufferPool(), sinks=sinks)
     for task, results in zip(tasks, executor(scan, tasks)):
         for col, res in zip(collectors, results):
             col.add(task, res)
@@ -368,6 +400,5 @@ def run_passes(src, passes: Sequence[Pass], executor: Executor | None = None, fi
 
 
 __all__ = ["SUB_COLS", "TASK_COLS", "GROUP_BYTES", "ALIGN_COLS", "READ_THREADS", "Executor", "serial",
-           "thread_executor", "default_workers", "RunSource",
-           "ArraySource", "SubBlock", "Task", "plan_tasks", "Pass", "chunk_groups", "BufferPool", "scan_task",
-           "run_passes"]
+           "thread_executor", "default_workers", "RunSource", "ArraySource", "SubBlock", "Task", "plan_tasks", "Pass",
+           "chunk_groups", "BufferPool", "place", "scan_task", "run_passes"]
