@@ -14,6 +14,11 @@ op 2, …, run B op 1, …). Operations:
 - `cache`: `build_cache(run)` from scratch (all of the above but `replay`, in one scan), what a finished run
   pays once;
 - `open`: a fresh process opening the run and loading what the Settling and Sweep pages need from the cache;
+- `read1`, `read2`: the streamed reading alone, no analysis: `run_passes` with a pass that reads the levels
+  (`read1`, what `levels` and `osc` read) or the levels and distances (`read2`, what `index`, `replay` and
+  `cache` read) and computes nothing. The same reader threads, O_DIRECT reads and buffers as the analyses:
+  the rate a disk-limited analysis reaches on this machine. With them, the bench prints each analysis's
+  MB/s ÷ its reading's MB/s, per round;
 - `old-index`, `old-settle`: the in-memory path for comparison (`ReplayIndex.build` and `settle_summary` on the
   arrays gathered by `arrays_from_run(run)`); skipped with --no-old.
 
@@ -36,7 +41,7 @@ the disk, not the page cache), and buffered 16 MiB reads after `posix_fadvise(DO
 see: the kernel's readahead included). That is the rate a disk-limited analysis approaches.
 
     python bench/bench_scale.py /work/bigruns/syn-1m /work/bigruns/syn-10m [--rounds 2] [--no-old]
-    [--ops levels,index,osc,replay,cache,open] [--cold] [--baseline /tmp/wt-old] [--disk-repeats 3]
+    [--ops read1,levels,osc,read2,index,replay,cache,open] [--cold] [--baseline /tmp/wt-old] [--disk-repeats 3]
     [--malloc default|keep|both]
 """
 from __future__ import annotations
@@ -106,6 +111,8 @@ def do(op: str, path: str) -> dict:
     elif op == "open":   # held until measured: their memory maps count in "MB read"
         held += [cached_settle_summary(run), cached_replay_index(run, **s), cached_oscillation_summary(run)]
         held.append(held[1].sweep())
+    elif op in ("read1", "read2"):
+        run_passes(RunSource(run), [_ReadOnly(("level",) if op == "read1" else ("level", "dist"))])
     elif op == "old-index":
         ReplayIndex.build(arrays_from_run(run), **s)
     elif op == "old-settle":
@@ -116,6 +123,34 @@ def do(op: str, path: str) -> dict:
     return {"wall": time.perf_counter() - t0, "cpu": time.process_time() - c0,
             "maxrss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, "read_mb": io_mb() - io0,
             "held": len(held), "records": run.n_records, "weights": run.n_weights}
+
+
+class _ReadOnly:
+    """A pass that reads `needs` and computes nothing (the `read1`/`read2` ops)."""
+
+    def __init__(self, needs):
+        self.needs = tuple(needs)
+
+    def worker(self, src, task, first_record):
+        return self
+
+    def collector(self, src, first_record):
+        return self
+
+    def feed(self, r0, data, sub):
+        pass
+
+    def result(self):
+        return None
+
+    def add(self, task, res):
+        pass
+
+    def finish(self):
+        return None
+
+
+READ_OF = {"levels": "read1", "osc": "read1", "index": "read2", "replay": "read2", "cache": "read2"}
 
 
 def in_child(op: str, path: Path, code: str | None = None, keep: bool = False) -> dict:
@@ -242,6 +277,18 @@ def main() -> None:
                 c = [o["cpu"] / n["cpu"] for o, n in zip(res[(run.name, op, a_label)], res[(run.name, op, b_label)])]
                 print(f"  {run.name} {op}: wall " + ", ".join(f"{x:.2f}×" for x in a)
                       + f"; CPU " + ", ".join(f"{x:.2f}×" for x in c))
+    for label in {c[0] for c in codes}:
+        lines = []
+        for run in args.runs:
+            for op in args.ops.split(","):
+                rd = res.get((run.name, READ_OF.get(op, ""), label))
+                if rd is None:
+                    continue
+                r = [(n["read_mb"] / n["wall"]) / (d["read_mb"] / d["wall"]) for n, d in zip(res[(run.name, op, label)], rd)]
+                lines.append(f"  {run.name} {op}: " + ", ".join(f"{x:.2f}" for x in r))
+        if lines:
+            print(f"\n[{label}] MB/s of each analysis ÷ MB/s of its reading alone (read1/read2), per round:")
+            print("\n".join(lines))
     if not args.no_old:
         print("\nratios old ÷ streamed (same round, then best):")
         for run in args.runs:
