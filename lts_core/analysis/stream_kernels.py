@@ -243,33 +243,40 @@ def level_kernel(lv, c0, n, rec0, first, prev, last_change, flips, reversals, la
     """`LevelStatsPass`: per weight and record, a level change counts a flip, sets the settle record, counts a
     reversal when opposite to the weight's previous change; occ[rec − first] gets +1 at the new level and −1 at
     the old (record 0: +1 at every level). Blocks of `BLOCK` weights (their state in L1), the group's records
-    inside; the counters are touched only where the level changed (a few % of the weight-records)."""
+    inside. A level changes at a few % of the weight-records: per record, the block's changed weights are
+    first listed without branches (as `index_kernel` lists its candidates), then only they are updated."""
+    cand = np.empty(BLOCK, np.int32)
     for b0 in range(0, n, BLOCK):
         b1 = min(b0 + BLOCK, n)
+        nb = b1 - b0
         pr, lc, fl, rv, ld = prev[b0:b1], last_change[b0:b1], flips[b0:b1], reversals[b0:b1], last_dir[b0:b1]
         for i in range(lv.shape[0]):
             rec = rec0 + i
             row = lv[i, c0 + b0:c0 + b1]
             if rec == 0:
-                for j in range(b1 - b0):
+                for j in range(nb):
                     occ[0, row[j]] += 1
                     pr[j] = row[j]
                 continue
+            nc = 0
+            for j in range(nb):          # branch-free: the changed weights' positions
+                cand[nc] = j
+                nc += row[j] != pr[j]
             o = occ[rec - first]
             r32 = np.int32(rec)
-            for j in range(b1 - b0):
+            for q in range(nc):
+                j = cand[q]
                 cur = row[j]
                 p = pr[j]
-                if cur != p:
-                    direction = np.int8(1) if cur > p else np.int8(-1)
-                    fl[j] += 1
-                    lc[j] = r32
-                    if ld[j] == -direction:
-                        rv[j] += 1
-                    ld[j] = direction
-                    o[cur] += 1
-                    o[p] -= 1
-                    pr[j] = cur
+                direction = np.int8(1) if cur > p else np.int8(-1)
+                fl[j] += 1
+                lc[j] = r32
+                if ld[j] == -direction:
+                    rv[j] += 1
+                ld[j] = direction
+                o[cur] += 1
+                o[p] -= 1
+                pr[j] = cur
 
 
 __all__ = ["BLOCK", "BEFORE", "START", "START_RESET", "UPDATE", "ema_modes", "index_kernel", "freeze_kernel", "osc_kernel",
