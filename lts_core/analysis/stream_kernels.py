@@ -200,9 +200,11 @@ def osc_kernel(lv, c0, n, rec0, m, k, active, thr, steps, freq, level_ema, prev,
     """`OscPass`: per record the direction of the level change, an oscillation where it is opposite to the
     last change, freq = freq·(1−m) + osc·m and level_ema = level_ema·(1−m) + level·m (float32; record 0 sets
     level_ema = level); at an active record a free weight with freq > thr[rec] freezes at steps[rec] on
-    rint(level_ema) (half to even). Blocks of `BLOCK` weights, the group's records inside, the updates
-    branch-free (vectorised)."""
+    rint(level_ema) (half to even). Blocks of `BLOCK` weights, the group's records inside. The updates are
+    branch-free and in the weights' own widths (uint8 and int8 comparisons, bool logic: vectorised), and the
+    same loop tells whether any free weight of the block crosses the threshold; only then are they frozen."""
     zero = np.float32(0)
+    up1, down1 = np.int8(1), np.int8(-1)
     for b0 in range(0, n, BLOCK):
         b1 = min(b0 + BLOCK, n)
         fq, le, pr, ld = freq[b0:b1], level_ema[b0:b1], prev[b0:b1], last_dir[b0:b1]
@@ -210,32 +212,35 @@ def osc_kernel(lv, c0, n, rec0, m, k, active, thr, steps, freq, level_ema, prev,
         for i in range(lv.shape[0]):
             rec = rec0 + i
             row = lv[i, c0 + b0:c0 + b1]
+            t = thr[rec]
+            hit = False
             if rec == 0:
                 for j in range(b1 - b0):
                     le[j] = np.float32(row[j])
                     pr[j] = row[j]
+                    hit |= fre[j] & (fq[j] > t)
             else:
+                tt = t if active[rec] else np.float32(np.inf)     # (never crossed where freezing is off)
                 for j in range(b1 - b0):
                     cur = row[j]
                     p = pr[j]
-                    direction = np.int8(cur > p) - np.int8(cur < p)
+                    up = cur > p
+                    down = cur < p
                     last = ld[j]
-                    ld[j] = direction if direction != 0 else last
-                    fq[j] = fq[j] * k + (m if last * direction == -1 else zero)
+                    osc = (up & (last == down1)) | (down & (last == up1))     # opposite to the last change
+                    ld[j] = up1 if up else (down1 if down else last)
+                    f = fq[j] * k + (m if osc else zero)
+                    fq[j] = f
+                    hit |= fre[j] & (f > tt)
                     le[j] = le[j] * k + np.float32(cur) * m
                     pr[j] = cur
-            if active[rec]:
-                t = thr[rec]
-                hit = False
+            if active[rec] and hit:
                 for j in range(b1 - b0):
-                    hit |= fre[j] & (fq[j] > t)
-                if hit:
-                    for j in range(b1 - b0):
-                        if fre[j] and fq[j] > t:
-                            fss[j] = steps[rec]
-                            flv[j] = np.int16(np.rint(le[j]))
-                            fre[j] = False
-                            new_by_record[rec] += 1
+                    if fre[j] and fq[j] > t:
+                        fss[j] = steps[rec]
+                        flv[j] = np.int16(np.rint(le[j]))
+                        fre[j] = False
+                        new_by_record[rec] += 1
 
 
 @kernel
