@@ -284,7 +284,8 @@ def main() -> None:
                 rd = res.get((run.name, READ_OF.get(op, ""), label))
                 if rd is None:
                     continue
-                r = [(n["read_mb"] / n["wall"]) / (d["read_mb"] / d["wall"]) for n, d in zip(res[(run.name, op, label)], rd)]
+                r = [(n["read_mb"] / n["wall"]) / (d["read_mb"] / d["wall"])
+                     for n, d in zip(res[(run.name, op, label)], rd)]
                 lines.append(f"  {run.name} {op}: " + ", ".join(f"{x:.2f}" for x in r))
         if lines:
             print(f"\n[{label}] MB/s of each analysis ÷ MB/s of its reading alone (read1/read2), per round:")
