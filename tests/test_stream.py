@@ -156,6 +156,29 @@ def test_in_process_workers_fill_the_collectors_arrays_in_place():
     assert shared["other"] == [False] * n_tasks
 
 
+def test_counts_are_int16_while_they_fit_then_int32_and_resume_across_the_boundary():
+    """Settle records, flips and reversals are at most R − 1: int16 up to 32,768 records, int32 beyond, with
+    the same values; a live run that grows past the boundary resumes from its int16 statistics."""
+    from lts_core.analysis.level_stats import count_dtype
+    assert count_dtype(1) == count_dtype(32768) == np.int16 and count_dtype(32769) == np.int32
+    rng = np.random.default_rng(7)
+    R, sizes = 32772, [5, 3]
+    lv = np.zeros((R, 8), np.uint8)
+    lv[:, 0] = np.arange(R) % 2           # flips at every record: 32,771 flips and 32,770 reversals
+    lv[:, 1:] = np.clip(np.cumsum(rng.integers(-1, 2, size=(R, 7)) * (rng.random((R, 7)) < 0.01), axis=0) + 1,
+                        0, 3)
+    ref = reference(lv, None, sizes)
+    (full,) = run_passes(ArraySource({"level": lv}, sizes, 4096), [LevelStatsPass()])
+    check_stats(full, ref)
+    assert full.flips.dtype == full.settle_record.dtype == np.int32 and full.flips[0] == R - 1
+    (part,) = run_passes(ArraySource({"level": lv[:32000]}, sizes, 4000), [LevelStatsPass()])
+    assert part.flips.dtype == part.reversals.dtype == part.settle_record.dtype == np.int16
+    check_stats(part, reference(lv[:32000], None, sizes))
+    (grown,) = run_passes(ArraySource({"level": lv}, sizes, 4000), [LevelStatsPass(resume=part)], first_chunk=8)
+    check_stats(grown, ref)
+    assert grown.flips.dtype == np.int32
+
+
 def test_resume_equals_a_full_pass():
     lv, dist, _ = trajectories(seed=1)
     (first,) = run_passes(ArraySource({"level": lv[:9]}, SIZES, 3), [LevelStatsPass()], sub_cols=29)
