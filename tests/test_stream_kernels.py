@@ -144,6 +144,35 @@ def test_block_bins_are_grid_bins_at_and_next_to_every_threshold():
                 assert got[0] == Jb + 1
 
 
+@pytest.mark.filterwarnings("ignore:overflow encountered in multiply")
+def test_quick_bins_are_grid_bins_or_unsure():
+    """The float32-only bins (`_quick_bins`) are `replay.grid_bins`' bin or UNSURE, for the same distances as
+    above plus a million random ones on each grid: UNSURE at every tie with a threshold, at 0, negative
+    distances and NaN, and for under 0.1 % of the random distances."""
+    from lts_core.analysis.replay import grid_bins
+    from lts_core.analysis.stream_kernels import UNSURE, _quick_bins
+    rng = np.random.default_rng(12)
+    for Bu, Jb in ((1024, 2048), (64, 128), (1000, 2000)):
+        for L in (2, 3, 4, 16, 256):
+            for g in (1.0, 0.5, 1 / 3, 1e-3, 0.987654321, *rng.random(2)):
+                sc = 1 / (L - 1)
+                thr = (sc * ((np.arange(Jb + 1, dtype=np.float64) / Bu) * g)).astype(np.float32)
+                near = np.concatenate([np.nextafter(thr, np.float32(np.inf)), np.nextafter(thr, np.float32(-np.inf))])
+                rand = (rng.random(1 << 20) * 1.3 * thr[-1]).astype(np.float32)
+                x = np.concatenate([thr, near, rand, np.array([0, -0.0, -1, 3e38, np.inf, np.nan], np.float32)])
+                q = np.float32(Bu / (g * sc))
+                got = np.empty(x.size, np.int32)
+                n_unsure = _quick_bins(x, q, np.float32(Jb + 1), got)
+                want = np.append(grid_bins(x[:-1], g, Bu, Jb, thr, scale=sc), UNSURE)    # (NaN: no grid bin)
+                sure = got != UNSURE
+                assert n_unsure == (~sure).sum()
+                np.testing.assert_array_equal(got[sure], want[sure], err_msg=f"{Bu} {L} {g}")
+                assert (got[1:thr.size] == UNSURE).all()        # ties (thr_0 = 0 included)
+                assert (got[-6:-3] == UNSURE).all() and got[-1] == UNSURE and got[-2] == got[-3] == Jb + 1
+                r = got[3 * thr.size:3 * thr.size + rand.size]
+                assert (r == UNSURE).mean() < 1e-3, (Bu, L, g, (r == UNSURE).mean())
+
+
 @pytest.mark.filterwarnings("ignore:overflow encountered in cast")
 def test_index_kernel_equals_numpy_where_the_gain_is_zero_negative_or_tiny(monkeypatch):
     """Records whose gain is 0, negative or so small that B/(gain·scale) overflows float32 take the kernel's
@@ -246,6 +275,33 @@ def test_level_kernel_equals_numpy(seed, first_step, gap, chunk, sub):
         a, b = run_both(LevelStatsPass(old), RefLevelStatsPass(old), {"level": lv}, chunk, sub,
                         executor=thread_executor(2), first_chunk=1)
         same_tree(a, b, "levels resumed")
+
+
+def test_level_kernel_finds_rare_changes_eight_weights_at_a_time():
+    """Rare changes, as in a late QAT run (the kernel reads eight weights as one 64-bit word): full blocks of
+    1,024 weights whose words mostly do not change, words with one to eight changed bytes, and byte values
+    that differ in the high bit only (127 ↔ 128, 0 ↔ 255), at any column offset of the task's chunks."""
+    rng = np.random.default_rng(11)
+    sizes, R = [5000, 3001], 30
+    lv = np.empty((R, sum(sizes)), np.uint8)
+    lv[0] = rng.integers(0, 256, lv.shape[1])
+    for r in range(1, R):
+        row = lv[r - 1].copy()
+        moved = rng.random(row.size) < 0.004
+        row[moved] = rng.integers(0, 256, int(moved.sum()))
+        lv[r] = row
+    lv[::2, 1000:1008] = 127     # a whole word of high-bit-only changes every record
+    lv[1::2, 1000:1008] = 128
+    lv[3::4, 2001] = 255         # 0 ↔ 255 in one byte of a word
+    lv[1::4, 2001] = 0
+    assert (lv[1:] != lv[:-1]).mean() < 0.01
+    for task_cols, sub in ((4096, 1 << 17), (3000, 1029)):
+        src = ArraySource({"level": lv}, sizes, 7)
+        kw = {"task_cols": task_cols, "sub_cols": sub}
+        (a,) = run_passes(src, [LevelStatsPass()], **kw)
+        (b,) = run_passes(src, [RefLevelStatsPass()], **kw)
+        same_tree(a, b, f"tasks of {task_cols}")
+        assert a.flips[1000:1008].tolist() == [R - 1] * 8 and a.reversals[1000] == R - 2
 
 
 def test_kernels_follow_strided_columns_of_one_wide_chunk():
