@@ -28,7 +28,12 @@ file pages mapped and resident (`RssFile`: memory-mapped cache files, and librar
 "MB/s" is that divided by the wall time: the rate at which the operation consumed the run's chunk files.
 
 `--cold` drops the run's files from the page cache before every operation (`posix_fadvise(DONTNEED)` on each
-file of the run folder, nothing else on the machine), so the operation reads from the disk. `--baseline DIR`
+file of the run folder, nothing else on the machine), so the operation reads from the disk. `--warm-process`
+runs each operation once untimed in its process before timing it (after `--cold`'s drop again): numba's
+kernels are loaded and the memory the first run freed is reused, as in the app's long-lived server after its
+first analysis. On a VM that hands freed guest memory back to its host (virtio-balloon free page reporting),
+fresh memory costs seconds per GB to touch the first time, and only a fresh process pays it; peak memory is
+then the larger of the two runs. `--baseline DIR`
 runs every operation also with the code of another checkout (e.g. a worktree of the previous commit),
 interleaved with this one (baseline, this, baseline, this …), and prints the ratios per round. Each
 operation's process first applies `lts_core.malloc.keep_freed_memory()`, as the app's server and `python -m
@@ -153,10 +158,12 @@ class _ReadOnly:
 READ_OF = {"levels": "read1", "osc": "read1", "index": "read2", "replay": "read2", "cache": "read2"}
 
 
-def in_child(op: str, path: Path, code: str | None = None, keep: bool = False) -> dict:
+def in_child(op: str, path: Path, code: str | None = None, keep: bool = False, warm: bool = False,
+             cold: bool = False) -> dict:
     code = code or str(ROOT)
     out = subprocess.run([sys.executable, __file__, "--child", op, str(path)], capture_output=True, text=True,
-                         env=dict(os.environ, PYTHONPATH=code, BENCH_CODE=code, BENCH_KEEP_FREED=str(int(keep))))
+                         env=dict(os.environ, PYTHONPATH=code, BENCH_CODE=code, BENCH_KEEP_FREED=str(int(keep)),
+                                  BENCH_WARM=str(int(warm)), BENCH_COLD=str(int(cold))))
     if out.returncode:
         raise SystemExit(f"{op} on {path} ({code}) failed:\n{out.stderr[-3000:]}")
     return json.loads(out.stdout.strip().splitlines()[-1])
@@ -214,6 +221,10 @@ def drop_cached_files(files) -> None:
 
 def main() -> None:
     if len(sys.argv) > 1 and sys.argv[1] == "--child":
+        if os.environ.get("BENCH_WARM") == "1":     # once untimed: the process is then as a server after it
+            do(sys.argv[2], sys.argv[3])
+            if os.environ.get("BENCH_COLD") == "1":
+                drop_cached(Path(sys.argv[3]))
         print(json.dumps(do(sys.argv[2], sys.argv[3])))
         return
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
@@ -224,6 +235,9 @@ def main() -> None:
     ap.add_argument("--cold", action="store_true", help="drop the run's files from the page cache before each op")
     ap.add_argument("--baseline", help="a checkout of other code: every op also runs with it, interleaved")
     ap.add_argument("--disk-repeats", type=int, default=3)
+    ap.add_argument("--warm-process", action="store_true",
+                    help="each operation's process runs it once untimed, then (after --cold's drop) timed: "
+                         "imports and kernels loaded, freed memory reused, as in the app's long-lived server")
     ap.add_argument("--malloc", choices=["default", "keep", "both"], default="keep",
                     help="glibc malloc in each operation's process: keep_freed_memory() (as the app's server and "
                          "the training CLI; the default), glibc's defaults, or both")
@@ -235,8 +249,8 @@ def main() -> None:
              + [("this", str(ROOT))] for keep in keeps]
     res: dict = {}
     threads = os.environ.get("SCRATCHOFF_ANALYSIS_THREADS", "all cores")
-    print(f"{os.cpu_count()} CPUs, analysis threads: {threads}, cold: {args.cold}, load average at start: "
-          f"{os.getloadavg()}")
+    print(f"{os.cpu_count()} CPUs, analysis threads: {threads}, cold: {args.cold}, warm process: "
+          f"{args.warm_process}, load average at start: {os.getloadavg()}")
     disk = {run.name: disk_read_mbps(run, args.disk_repeats) for run in args.runs}
     for rnd in range(args.rounds):
         for run in args.runs:
@@ -244,7 +258,7 @@ def main() -> None:
                 for label, code, keep in codes:
                     if args.cold:
                         drop_cached(run)
-                    r = in_child(op, run, code, keep)
+                    r = in_child(op, run, code, keep, args.warm_process, args.cold)
                     r["load"] = os.getloadavg()[0]
                     res.setdefault((run.name, op, label), []).append(r)
                     print(f"round {rnd + 1} {run.name} {op} [{label}]: {r['wall']:.2f} s wall, {r['cpu']:.2f} s "
