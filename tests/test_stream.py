@@ -156,6 +156,40 @@ def test_in_process_workers_fill_the_collectors_arrays_in_place():
     assert shared["other"] == [False] * n_tasks
 
 
+def test_big_results_are_mapped_arrays_populated_task_by_task(monkeypatch):
+    """From RESULT_MAP_MIN bytes, a collector's per-weight results live in a mapping of their own (ordinary
+    pages, unmapped with the array), which each task populates before its worker fills it: the same
+    results, levels and the oscillation replay, on threads; below it, plain NumPy arrays."""
+    import mmap
+    from lts_core.analysis import stream
+    from lts_core.analysis.replay_stream import OscPass
+    from stream_reference import RefOscPass
+
+    def mapped(a):
+        return isinstance(getattr(a.base, "obj", a.base), mmap.mmap)     # (frombuffer: a memoryview of the map)
+    small = stream.result_array(1000, np.int16)
+    assert small.base is None and small.dtype == np.int16 and small.shape == (1000,)
+    big = stream.result_array(stream.RESULT_MAP_MIN // 8, np.int64)
+    assert mapped(big) and big.flags.writeable and big.shape == (stream.RESULT_MAP_MIN // 8,)
+    stream.populate(big[1000:70000], big[:3])     # any alignment; pages read as zeros, then take writes
+    assert not big[:70000].any()
+    big[5:9] = [1, -2, 3, -4]
+    assert big[5:9].tolist() == [1, -2, 3, -4]
+    monkeypatch.setattr(stream, "RESULT_MAP_MIN", 0)      # every result array mapped
+    lv, dist, _ = trajectories(seed=5)
+    src = ArraySource({"level": lv}, SIZES, 4)
+    (stats,) = run_passes(src, [LevelStatsPass()], thread_executor(2), task_cols=200, sub_cols=50)
+    assert mapped(stats.flips)
+    check_stats(stats, reference(lv, dist))
+    steps = np.arange(lv.shape[0]) * 3
+    args = (steps, int(steps[-1]), 0.9, 0.2, 0.2, 0.05)
+    (a,) = run_passes(src, [OscPass(*args)], thread_executor(2), task_cols=200, sub_cols=50)
+    (b,) = run_passes(src, [RefOscPass(*args)], serial, task_cols=200, sub_cols=50)
+    for k in a:
+        np.testing.assert_array_equal(np.asarray(a[k]), np.asarray(b[k]), err_msg=k)
+    assert mapped(a["freeze_steps"])
+
+
 def test_counts_are_int16_while_they_fit_then_int32_and_resume_across_the_boundary():
     """Settle records, flips and reversals are at most R − 1: int16 up to 32,768 records, int32 beyond, with
     the same values; a live run that grows past the boundary resumes from its int16 statistics."""

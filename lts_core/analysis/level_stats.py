@@ -15,7 +15,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .stream import Pass, Task, place
+from .stream import Pass, Task, place, populate, result_array
 
 N_CODES = 256
 
@@ -123,7 +123,7 @@ class _LevelCollector:
         N = src.n_weights
         self.src, self.first, self.resume = src, first_record, p.resume if first_record > 0 else None
         self.state = _state(src.n_records)
-        self.final, self.settle, self.flips, self.reversals, self.last_dir = (np.empty(N, dt) for _, dt in self.state)
+        self.final, self.settle, self.flips, self.reversals, self.last_dir = (result_array(N, dt) for _, dt in self.state)
         self.occ = np.zeros((src.n_records - first_record, len(src.layer_sizes), N_CODES), np.int64)
 
     def _arrays(self):
@@ -131,7 +131,9 @@ class _LevelCollector:
 
     def views(self, task: Task) -> dict:
         """The task's columns of the per-weight results, for its worker to fill in place."""
-        return {name: a[task.start:task.stop] for (name, _), a in zip(self.state, self._arrays())}
+        views = {name: a[task.start:task.stop] for (name, _), a in zip(self.state, self._arrays())}
+        populate(*views.values())
+        return views
 
     def add(self, task: Task, res) -> None:
         sl = slice(task.start, task.stop)

@@ -15,7 +15,7 @@ import functools
 import numpy as np
 
 from ..schedules import eligible, osc_threshold_at, ratio_at, schedule_gain, threshold_norm
-from .stream import Pass, Task, place
+from .stream import Pass, Task, place, populate, result_array
 
 RAW = "raw_dist"
 
@@ -250,10 +250,12 @@ class _PlaceCollector:
     """Places each task's per-weight array at its columns (or hands the worker its columns: `views`)."""
 
     def __init__(self, n: int, dtype):
-        self.out = np.empty(n, dtype)
+        self.out = result_array(n, dtype)
 
     def views(self, task: Task) -> dict:
-        return {"out": self.out[task.start:task.stop]}
+        out = self.out[task.start:task.stop]
+        populate(out)
+        return {"out": out}
 
     def add(self, task: Task, res) -> None:
         place(self.out, slice(task.start, task.stop), res)
@@ -336,9 +338,9 @@ class _OscWorker:
 class _OscCollector:
     def __init__(self, src):
         N, nl, R = src.n_weights, len(src.layer_sizes), src.n_records
-        self.fs = np.empty(N, np.int64)
-        self.flevel = np.empty(N, np.int16)
-        self.freq = np.empty(N, np.float32)
+        self.fs = result_array(N, np.int64)
+        self.flevel = result_array(N, np.int16)
+        self.freq = result_array(N, np.float32)
         self.newly = np.zeros((nl, R), np.int64)
         self.sum_fs = np.zeros(nl, np.int64)
         self.n_frozen = np.zeros(nl, np.int64)
@@ -346,7 +348,9 @@ class _OscCollector:
 
     def views(self, task: Task) -> dict:
         sl = slice(task.start, task.stop)
-        return {"fs": self.fs[sl], "flevel": self.flevel[sl], "freq": self.freq[sl]}
+        views = {"fs": self.fs[sl], "flevel": self.flevel[sl], "freq": self.freq[sl]}
+        populate(*views.values())
+        return views
 
     def add(self, task: Task, res) -> None:
         fs, flevel, freq, new_by_record, per_layer = res
