@@ -247,7 +247,8 @@ def osc_kernel(lv, c0, n, rec0, m, k, active, thr, steps, freq, level_ema, prev,
     level_ema = level); at an active record a free weight with freq > thr[rec] freezes at steps[rec] on
     rint(level_ema) (half to even). Blocks of `BLOCK` weights, the group's records inside. The updates are
     branch-free and in the weights' own widths (uint8 and int8 comparisons, bool logic: vectorised), and the
-    same loop tells whether any free weight of the block crosses the threshold; only then are they frozen."""
+    same loop tells whether any free weight of the block crosses the threshold; only then are they frozen, in
+    a second branch-free loop."""
     zero = np.float32(0)
     up1, down1 = np.int8(1), np.int8(-1)
     for b0 in range(0, n, BLOCK):
@@ -279,13 +280,16 @@ def osc_kernel(lv, c0, n, rec0, m, k, active, thr, steps, freq, level_ema, prev,
                     hit |= fre[j] & (f > tt)
                     le[j] = le[j] * k + np.float32(cur) * m
                     pr[j] = cur
-            if active[rec] and hit:
+            if active[rec] and hit:      # (branch-free: vectorised; a few % of the block freeze at once)
+                st = steps[rec]
+                n_new = 0
                 for j in range(b1 - b0):
-                    if fre[j] and fq[j] > t:
-                        fss[j] = steps[rec]
-                        flv[j] = np.int16(np.rint(le[j]))
-                        fre[j] = False
-                        new_by_record[rec] += 1
+                    c = fre[j] & (fq[j] > t)
+                    fss[j] = st if c else fss[j]
+                    flv[j] = np.int16(np.rint(le[j])) if c else flv[j]
+                    fre[j] = fre[j] & ~c
+                    n_new += c
+                new_by_record[rec] += n_new
 
 
 LOW7 = np.uint64(0x7F7F7F7F7F7F7F7F)   # per byte of a word: the low seven bits …
