@@ -120,6 +120,17 @@ def test_index_kernel_equals_numpy(seed, first_step, gap, chunk, sub, schedule, 
             assert a[0][J, :, -1].sum() > 0     # weights left the overflow bin
 
 
+def grids(rng, n_random_gains):
+    """(B, J, L, g, scale, the float32 thresholds thr_0 … thr_J, B/(g·scale) in float32) over bins per unit,
+    layer sizes and gains, the thresholds computed as `IndexPass.bins` does."""
+    for Bu, Jb in ((1024, 2048), (64, 128), (1000, 2000)):
+        for L in (2, 3, 4, 16, 256):
+            for g in (1.0, 0.5, 1 / 3, 1e-3, 0.987654321, *rng.random(n_random_gains)):
+                sc = 1 / (L - 1)
+                thr = (sc * ((np.arange(Jb + 1, dtype=np.float64) / Bu) * g)).astype(np.float32)
+                yield Bu, Jb, L, g, sc, thr, np.float32(Bu / (g * sc))
+
+
 @pytest.mark.filterwarnings("ignore:overflow encountered in multiply")
 def test_block_bins_are_grid_bins_at_and_next_to_every_threshold():
     """The index kernel's computed thresholds (`_block_bins`) give `replay.grid_bins`' bin for distances at
@@ -128,20 +139,15 @@ def test_block_bins_are_grid_bins_at_and_next_to_every_threshold():
     from lts_core.analysis.replay import grid_bins
     from lts_core.analysis.stream_kernels import _block_bins
     rng = np.random.default_rng(11)
-    for Bu, Jb in ((1024, 2048), (64, 128), (1000, 2000)):
-        for L in (2, 3, 4, 16, 256):
-            for g in (1.0, 0.5, 1 / 3, 1e-3, 0.987654321, *rng.random(3)):
-                sc = 1 / (L - 1)
-                thr = (sc * ((np.arange(Jb + 1, dtype=np.float64) / Bu) * g)).astype(np.float32)
-                x = np.concatenate([thr, np.nextafter(thr, np.float32(np.inf)), np.nextafter(thr, np.float32(-np.inf)),
-                                    (rng.random(2000) * 1.2 * thr[-1]).astype(np.float32),
-                                    np.array([0, -0.0, 3e38, np.inf], np.float32)])
-                q = np.float32(Bu / (g * sc))
-                got = np.empty(x.size, np.int32)
-                _block_bins(x, q, np.float32(Jb + 1), g, sc, float(Bu), np.int32(Jb), got)
-                np.testing.assert_array_equal(got, grid_bins(x, g, Bu, Jb, thr, scale=sc), err_msg=f"{Bu} {L} {g}")
-                _block_bins(np.array([np.nan], np.float32), q, np.float32(Jb + 1), g, sc, float(Bu), np.int32(Jb), got)
-                assert got[0] == Jb + 1
+    for Bu, Jb, L, g, sc, thr, q in grids(rng, 3):
+        x = np.concatenate([thr, np.nextafter(thr, np.float32(np.inf)), np.nextafter(thr, np.float32(-np.inf)),
+                            (rng.random(2000) * 1.2 * thr[-1]).astype(np.float32),
+                            np.array([0, -0.0, 3e38, np.inf], np.float32)])
+        got = np.empty(x.size, np.int32)
+        _block_bins(x, q, np.float32(Jb + 1), g, sc, float(Bu), np.int32(Jb), got)
+        np.testing.assert_array_equal(got, grid_bins(x, g, Bu, Jb, thr, scale=sc), err_msg=f"{Bu} {L} {g}")
+        _block_bins(np.array([np.nan], np.float32), q, np.float32(Jb + 1), g, sc, float(Bu), np.int32(Jb), got)
+        assert got[0] == Jb + 1
 
 
 @pytest.mark.filterwarnings("ignore:overflow encountered in multiply")
@@ -152,25 +158,20 @@ def test_quick_bins_are_grid_bins_or_unsure():
     from lts_core.analysis.replay import grid_bins
     from lts_core.analysis.stream_kernels import UNSURE, _quick_bins
     rng = np.random.default_rng(12)
-    for Bu, Jb in ((1024, 2048), (64, 128), (1000, 2000)):
-        for L in (2, 3, 4, 16, 256):
-            for g in (1.0, 0.5, 1 / 3, 1e-3, 0.987654321, *rng.random(2)):
-                sc = 1 / (L - 1)
-                thr = (sc * ((np.arange(Jb + 1, dtype=np.float64) / Bu) * g)).astype(np.float32)
-                near = np.concatenate([np.nextafter(thr, np.float32(np.inf)), np.nextafter(thr, np.float32(-np.inf))])
-                rand = (rng.random(1 << 20) * 1.3 * thr[-1]).astype(np.float32)
-                x = np.concatenate([thr, near, rand, np.array([0, -0.0, -1, 3e38, np.inf, np.nan], np.float32)])
-                q = np.float32(Bu / (g * sc))
-                got = np.empty(x.size, np.int32)
-                n_unsure = _quick_bins(x, q, np.float32(Jb + 1), got)
-                want = np.append(grid_bins(x[:-1], g, Bu, Jb, thr, scale=sc), UNSURE)    # (NaN: no grid bin)
-                sure = got != UNSURE
-                assert n_unsure == (~sure).sum()
-                np.testing.assert_array_equal(got[sure], want[sure], err_msg=f"{Bu} {L} {g}")
-                assert (got[1:thr.size] == UNSURE).all()        # ties (thr_0 = 0 included)
-                assert (got[-6:-3] == UNSURE).all() and got[-1] == UNSURE and got[-2] == got[-3] == Jb + 1
-                r = got[3 * thr.size:3 * thr.size + rand.size]
-                assert (r == UNSURE).mean() < 1e-3, (Bu, L, g, (r == UNSURE).mean())
+    for Bu, Jb, L, g, sc, thr, q in grids(rng, 2):
+        near = np.concatenate([np.nextafter(thr, np.float32(np.inf)), np.nextafter(thr, np.float32(-np.inf))])
+        rand = (rng.random(1 << 20) * 1.3 * thr[-1]).astype(np.float32)
+        x = np.concatenate([thr, near, rand, np.array([0, -0.0, -1, 3e38, np.inf, np.nan], np.float32)])
+        got = np.empty(x.size, np.int32)
+        n_unsure = _quick_bins(x, q, np.float32(Jb + 1), got)
+        want = np.append(grid_bins(x[:-1], g, Bu, Jb, thr, scale=sc), UNSURE)    # (NaN: no grid bin)
+        sure = got != UNSURE
+        assert n_unsure == (~sure).sum()
+        np.testing.assert_array_equal(got[sure], want[sure], err_msg=f"{Bu} {L} {g}")
+        assert (got[1:thr.size] == UNSURE).all()        # ties (thr_0 = 0 included)
+        assert (got[-6:-3] == UNSURE).all() and got[-1] == UNSURE and got[-2] == got[-3] == Jb + 1
+        r = got[3 * thr.size:3 * thr.size + rand.size]
+        assert (r == UNSURE).mean() < 1e-3, (Bu, L, g, (r == UNSURE).mean())
 
 
 @pytest.mark.filterwarnings("ignore:overflow encountered in cast")
