@@ -27,6 +27,7 @@ objects, and `RunSource` reopens its run from its path.
 from __future__ import annotations
 
 import ctypes
+import errno
 import math
 import mmap
 import os
@@ -337,7 +338,7 @@ def result_array(n: int, dtype) -> np.ndarray:
     """An uninitialised [n] array for a collector's per-weight results. From `RESULT_MAP_MIN` bytes on, a
     private anonymous mapping of its own (unmapped when the array and its views are gone) on ordinary pages,
     which `populate` faults in task by task. NumPy's own large arrays ask for transparent huge pages, and on
-    the machine of BENCHMARKS.md ("First touch of the results") those took 1.2-2.0 s per 800 MiB to touch,
+    the machine of BENCHMARKS.md ("Session 8", first touch of fresh memory) those took 1.2-2.0 s per 800 MiB to touch,
     against 0.28-0.33 s on ordinary pages populated in one call; a 100M-weight pass writes 0.8-1.4 GB of
     results."""
     dtype = np.dtype(dtype)
@@ -351,7 +352,8 @@ def result_array(n: int, dtype) -> np.ndarray:
 def populate(*arrays: np.ndarray) -> None:
     """Fault in the whole pages inside each (contiguous) array at once, writable (madvise MADV_POPULATE_WRITE:
     one system call instead of a page fault per page), e.g. a task's columns of a `result_array` just before
-    its worker fills them. A no-op off Linux, before 5.14, or on any error: the pages then fault in as written."""
+    its worker fills them. A no-op off Linux or on any error: the pages then fault in as they are written (a
+    kernel before 5.14 answers EINVAL, and is not asked again)."""
     global _madvise
     if not sys.platform.startswith("linux"):
         return
@@ -368,7 +370,8 @@ def populate(*arrays: np.ndarray) -> None:
         start = a.__array_interface__["data"][0]
         lo, hi = -(-start // _PAGE) * _PAGE, (start + a.nbytes) // _PAGE * _PAGE
         if hi > lo and _madvise(lo, hi - lo, _MADV_POPULATE_WRITE) != 0:
-            _madvise = False        # (EINVAL: a kernel without it; stop asking)
+            if ctypes.get_errno() == errno.EINVAL:
+                _madvise = False
             return
 
 

@@ -110,8 +110,9 @@ def _quick_bins(dd, q_scale, top, jb):
     |δ| ≤ 1.2e-7 (q_scale and the product each rounded to float32), and thr_j = (j/B)·g·scale·(1+δ') with
     |δ'| ≤ 6.1e-8 (rounded to float32 once, the doubles' own errors ~1e-16); so d ≤ thr_j ⟺ r ≤ j·(1+δ'),
     decided for j = k−1 and j = k = ceil(u) whenever u is further than about 1.9e-7·k from them (η is twice
-    that). Distances at a threshold (ties), 0, negative, NaN: UNSURE. Float32 operations only: vectorised
-    sixteen at a time, about six times cheaper than `_block_bins`."""
+    that). Distances at a threshold (ties), 0, negative, NaN: UNSURE. Float32 operations only, vectorised
+    sixteen at a time (`_block_bins` needs eight double operations per weight: 0.8 ns of the index kernel's
+    2.2 per weight-record, BENCHMARKS.md "Session 8")."""
     zero, one = np.float32(0), np.float32(1)
     J1 = np.int32(top)
     n_unsure = 0
@@ -287,7 +288,7 @@ def osc_kernel(lv, c0, n, rec0, m, k, active, thr, steps, freq, level_ema, prev,
                     c = fre[j] & (fq[j] > t)
                     fss[j] = st if c else fss[j]
                     flv[j] = np.int16(np.rint(le[j])) if c else flv[j]
-                    fre[j] = fre[j] & ~c
+                    fre[j] = fre[j] ^ c         # (c implies fre[j])
                     n_new += c
                 new_by_record[rec] += n_new
 
