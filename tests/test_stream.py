@@ -156,6 +156,28 @@ def test_in_process_workers_fill_the_collectors_arrays_in_place():
     assert shared["other"] == [False] * n_tasks
 
 
+def test_a_task_reads_groups_ahead_into_rotating_buffers(monkeypatch):
+    """With one chunk per group, a task has many more groups than buffer sets: it reads READ_AHEAD groups ahead
+    of the one it computes on, each into the set the group before last used, and the results are the
+    in-memory ones, serially and on threads, with the chunk reads slowed at random."""
+    import time
+    from lts_core.analysis import stream
+    monkeypatch.setattr(stream, "GROUP_BYTES", 1)         # one chunk per group
+    lv, dist, _ = trajectories(R=31, seed=8)
+    src = ArraySource({"level": lv}, SIZES, 2)
+    assert len(stream.chunk_groups(src.chunk_sizes, 0, 200)) > 2 * (stream.READ_AHEAD + 1)
+    rng = np.random.default_rng(0)
+    real = ArraySource.read
+
+    def slow(self, *a, **k):     # reads finishing out of order
+        time.sleep(float(rng.random()) * 2e-3)
+        return real(self, *a, **k)
+    monkeypatch.setattr(ArraySource, "read", slow)
+    for executor in (serial, thread_executor(2)):
+        (stats,) = run_passes(src, [LevelStatsPass()], executor, task_cols=200, sub_cols=50)
+        check_stats(stats, reference(lv, dist))
+
+
 def test_big_results_are_mapped_arrays_populated_task_by_task(monkeypatch):
     """From RESULT_MAP_MIN bytes, a collector's per-weight results live in a mapping of their own (ordinary
     pages, unmapped with the array), which each task populates before its worker fills it: the same

@@ -7,8 +7,8 @@ lie inside one layer and hold at most `SUB_COLS` weights (small enough for the C
 
 - *map*: one task per column range, `scan_task(source, task, passes)`: for each group of consecutive chunks
   of the run (`chunk_groups`: about `GROUP_BYTES` per array), in record order, read the task's columns of the
-  arrays the passes need (into reused buffers from `source.column_buffer`, double-buffered: `READ_THREADS`
-  reader threads read the next group while the task computes on this one; a run's big chunk files are read
+  arrays the passes need (into reused buffers from `source.column_buffer`: `READ_THREADS` reader threads
+  read the next `READ_AHEAD` groups while the task computes on this one; a run's big chunk files are read
   with O_DIRECT, `npy_direct.PositionalReader`) and feed each sub-block to every pass's worker, whose
   compiled kernel (`stream_kernels`) follows each weight through the group's records; return each worker's
   result;
@@ -17,7 +17,7 @@ lie inside one layer and hold at most `SUB_COLS` weights (small enough for the C
   `thread_executor()`), a collector may hand each task's worker views of its own per-weight arrays
   (`views(task)`), which the worker fills in place: no second copy of the results, no copying them over.
 
-Memory: the pass outputs (O(weights)) plus, per task in flight, its two sets of group buffers and the
+Memory: the pass outputs (O(weights)) plus, per task in flight, its READ_AHEAD + 1 sets of group buffers and the
 workers' state for its columns; never O(records × weights). The executor is any `map(fn, items) -> iterable
 of results in item order`: `thread_executor()` (the default: one thread per core; the kernels release the
 GIL), `serial` (debugging), or on a cluster e.g. Dask:
@@ -33,6 +33,7 @@ import mmap
 import os
 import sys
 import threading
+from collections import deque
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from functools import partial
@@ -50,7 +51,9 @@ GROUP_BYTES = 1 << 24       # a task reads chunks in groups of about this many b
 ALIGN_COLS = 4096           # task bounds fall on multiples of this many columns when tasks are wide (≥ 16×):
                             # a task's row slices then sit at one offset modulo 4096 in every one-record chunk
                             # file, so they are read with O_DIRECT straight into its buffers (npy_direct)
-READ_THREADS = 2            # reads of a task in flight at once (its group's chunks and arrays, split over them)
+READ_AHEAD = 3              # groups a task reads ahead of the one it computes on (1 was 4-10 % slower, reading
+                            # alone included: a group's reads then waited on the end of the one before)
+READ_THREADS = 4            # reads of a task in flight at once (its groups' chunks and arrays, split over them)
 
 Executor = Callable[[Callable[[Any], Any], Sequence[Any]], Iterable[Any]]
 
@@ -303,8 +306,8 @@ def _wait(reads: list) -> None:
 
 class BufferPool:
     """Read buffers handed from one task to the next of a pass (`run_passes` makes one per pass): a task takes a
-    pair of buffer sets when it starts and gives them back when it ends, so that a pass allocates (and the OS
-    page-faults in) about one pair per task in flight instead of one per task. Pickles empty (a task on
+    tuple of up to READ_AHEAD + 1 buffer sets when it starts and gives it back when it ends, so that a pass allocates
+    (and the OS page-faults in) about one tuple per task in flight instead of one per task. Pickles empty (a task on
     another process allocates its own)."""
 
     def __init__(self):
@@ -399,7 +402,7 @@ def scan_task(src, passes: Sequence[Pass], first_chunk: int, task: Task, buffers
               sinks: Sequence | None = None) -> list:
     """The map step: stream the task's columns of every chunk from `first_chunk` on, in record order, a group
     of chunks at a time (`chunk_groups`), through one worker per pass; returns the workers' results.
-    Double-buffered: `READ_THREADS` reader threads read the next group's chunks (disk, page cache, decoding of
+    `READ_THREADS` reader threads read the next `READ_AHEAD` groups' chunks (disk, page cache, decoding of
     levels stored as changes), several requests in flight, while this thread computes on the current one.
     The buffers come from `buffers` (reused where `src.column_buffer` finds them fit) and go back to it.
     `sinks` (the passes' collectors, when they live in this process): a worker whose collector has
@@ -411,25 +414,30 @@ def scan_task(src, passes: Sequence[Pass], first_chunk: int, task: Task, buffers
         return [w.result() for w in _make_workers(src, passes, task, first_record, sinks)]
     rows = max(sum(int(src.chunk_sizes[c]) for c in g) for g in groups)
     spare = buffers.take() if buffers is not None else None
-    bufsets = tuple({n: src.column_buffer(n, task.start, task.stop, rows, spare[k].get(n) if spare else None)
-                     for n in names} for k in range(2))
+    n_sets = min(READ_AHEAD + 1, len(groups))
+    bufsets = tuple({n: src.column_buffer(n, task.start, task.stop, rows,
+                                          spare[k].get(n) if spare is not None and k < len(spare) else None)
+                     for n in names} for k in range(n_sets))
     r0 = first_record
     with ThreadPoolExecutor(max_workers=READ_THREADS, thread_name_prefix="lts-read") as pool:
-        pending = _read_group(pool, src, names, task, groups[0], bufsets[0])
-        try:   # the workers are made (their state allocated and first touched) while the first group is read
+        pending = deque(_read_group(pool, src, names, task, groups[g], bufsets[g])
+                        for g in range(min(READ_AHEAD, len(groups))))
+        try:   # the workers are made (their state allocated and first touched) while the first groups are read
             workers = _make_workers(src, passes, task, first_record, sinks)
             for i, group in enumerate(groups):
-                data, reads = pending
+                data, reads = pending.popleft()
                 _wait(reads)
-                if i + 1 < len(groups):   # into the other buffer set, which no worker looks at now
-                    pending = _read_group(pool, src, names, task, groups[i + 1], bufsets[(i + 1) % 2])
+                g = i + READ_AHEAD
+                if g < len(groups):   # into the buffer set group i − 1 used, which no worker looks at now
+                    pending.append(_read_group(pool, src, names, task, groups[g], bufsets[g % n_sets]))
                 for sub in task.subs:
                     for w in workers:
                         w.feed(r0, data, sub)
                 r0 += sum(src.chunk_sizes[c] for c in group)
         finally:
-            for f in pending[1]:   # on an error, no read may still write into a buffer when we leave
-                f.cancel()
+            for _, reads in pending:   # on an error, no read may still write into a buffer when we leave
+                for f in reads:
+                    f.cancel()
     if buffers is not None:
         buffers.give(bufsets)
     return [w.result() for w in workers]
@@ -452,6 +460,6 @@ def run_passes(src, passes: Sequence[Pass], executor: Executor | None = None, fi
     return [c.finish() for c in collectors]
 
 
-__all__ = ["SUB_COLS", "TASK_COLS", "GROUP_BYTES", "ALIGN_COLS", "READ_THREADS", "Executor", "serial",
+__all__ = ["SUB_COLS", "TASK_COLS", "GROUP_BYTES", "ALIGN_COLS", "READ_AHEAD", "READ_THREADS", "Executor", "serial",
            "thread_executor", "default_workers", "RunSource", "ArraySource", "SubBlock", "Task", "plan_tasks", "Pass",
            "chunk_groups", "BufferPool", "place", "scan_task", "run_passes"]
