@@ -156,6 +156,50 @@ def test_in_process_workers_fill_the_collectors_arrays_in_place():
     assert shared["other"] == [False] * n_tasks
 
 
+def test_no_full_gc_during_a_scan_and_the_thresholds_as_they_were_after():
+    """`run_passes` holds off the cyclic GC's full collections (`full_gc_paused`): the workers see the
+    generation-2 threshold raised and the GC still on (young collections go on); afterwards the thresholds are
+    as they were, whatever they were, also when the pass fails; of two overlapping scans, the first to end
+    leaves them raised for the other."""
+    import gc
+    from lts_core.analysis.stream import NO_FULL_GC, full_gc_paused
+    lv, dist, _ = trajectories(seed=5)
+    src = ArraySource({"level": lv}, SIZES, 4)
+    seen: list[tuple] = []
+
+    class Spy(LevelStatsPass):
+        def __init__(self, fail=False):
+            super().__init__()
+            self.fail = fail
+
+        def worker(self, src_, task, first_record, out=None):
+            w = super().worker(src_, task, first_record, out)
+            seen.append((gc.isenabled(), gc.get_threshold()))
+            if self.fail:
+                raise RuntimeError("a damaged chunk")
+            return w
+
+    was = gc.get_threshold()
+    try:
+        for before in ((700, 10, 10), (1000, 20, 5)):
+            gc.set_threshold(*before)
+            seen.clear()
+            (stats,) = run_passes(src, [Spy()], thread_executor(2), task_cols=200, sub_cols=50)
+            check_stats(stats, reference(lv, dist))
+            assert seen and set(seen) == {(True, (before[0], before[1], NO_FULL_GC))}
+            assert gc.get_threshold() == before
+            with pytest.raises(RuntimeError, match="damaged"):
+                run_passes(src, [Spy(fail=True)], thread_executor(2), task_cols=200, sub_cols=50)
+            assert gc.get_threshold() == before
+        with full_gc_paused():
+            with full_gc_paused():
+                assert gc.get_threshold()[2] == NO_FULL_GC
+            assert gc.get_threshold()[2] == NO_FULL_GC      # the inner scan ended, the outer one still runs
+        assert gc.get_threshold() == (1000, 20, 5)
+    finally:
+        gc.set_threshold(*was)
+
+
 def test_a_task_reads_groups_ahead_into_rotating_buffers(monkeypatch):
     """With one chunk per group, a task has many more groups than buffer sets: it reads READ_AHEAD groups ahead
     of the one it computes on, each into the set the group before last used, and the results are the

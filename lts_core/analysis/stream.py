@@ -28,12 +28,14 @@ from __future__ import annotations
 
 import ctypes
 import errno
+import gc
 import math
 import mmap
 import os
 import sys
 import threading
 from collections import deque
+from contextlib import contextmanager
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from functools import partial
@@ -443,23 +445,52 @@ def scan_task(src, passes: Sequence[Pass], first_chunk: int, task: Task, buffers
     return [w.result() for w in workers]
 
 
+_gc_lock = threading.Lock()
+_gc_scans = 0               # scans running in this process (`full_gc_paused`)
+_gc_threshold = None        # the GC thresholds when the first of them began
+NO_FULL_GC = 1 << 30        # generation-2 threshold meanwhile: young collections go on, full ones wait
+
+
+@contextmanager
+def full_gc_paused():
+    """No full collections of Python's cyclic GC while a scan runs; the thresholds back as they were when the
+    last concurrent scan ends. A full collection walks every tracked object of the process (torch alone brings
+    ~176K) holding the GIL, which the readers and the workers need between kernel calls: 0.10–0.13 s each at
+    100M weights, and a scan allocates enough to set one off (BENCHMARKS.md "Session 9"). Young collections
+    (milliseconds) go on, so a reference cycle made during a scan is still freed during it."""
+    global _gc_scans, _gc_threshold
+    with _gc_lock:
+        if _gc_scans == 0:
+            _gc_threshold = gc.get_threshold()
+            gc.set_threshold(_gc_threshold[0], _gc_threshold[1], NO_FULL_GC)
+        _gc_scans += 1
+    try:
+        yield
+    finally:
+        with _gc_lock:
+            _gc_scans -= 1
+            if _gc_scans == 0:
+                gc.set_threshold(*_gc_threshold)
+
+
 def run_passes(src, passes: Sequence[Pass], executor: Executor | None = None, first_chunk: int = 0,
                task_cols: int | None = None, sub_cols: int | None = None, workers: int | None = None) -> list:
     """Run `passes` in one streamed scan of `src` (records of chunks `first_chunk` … end); returns each
-    pass's collected result."""
+    pass's collected result. No full GC collections meanwhile (`full_gc_paused`)."""
     n_workers = default_workers() if workers is None else int(workers)
     executor = thread_executor(n_workers) if executor is None else executor
     tasks = plan_tasks(src.layer_sizes, n_workers, task_cols, sub_cols)
     first_record = sum(src.chunk_sizes[:first_chunk])
-    collectors = [p.collector(src, first_record) for p in passes]
-    sinks = collectors if getattr(executor, "in_process", False) else None   # never pickled to another process
-    scan = partial(scan_task, src, list(passes), first_chunk, buffers=BufferPool(), sinks=sinks)
-    for task, results in zip(tasks, executor(scan, tasks)):
-        for col, res in zip(collectors, results):
-            col.add(task, res)
-    return [c.finish() for c in collectors]
+    with full_gc_paused():
+        collectors = [p.collector(src, first_record) for p in passes]
+        sinks = collectors if getattr(executor, "in_process", False) else None   # never pickled to another process
+        scan = partial(scan_task, src, list(passes), first_chunk, buffers=BufferPool(), sinks=sinks)
+        for task, results in zip(tasks, executor(scan, tasks)):
+            for col, res in zip(collectors, results):
+                col.add(task, res)
+        return [c.finish() for c in collectors]
 
 
 __all__ = ["SUB_COLS", "TASK_COLS", "GROUP_BYTES", "ALIGN_COLS", "READ_AHEAD", "READ_THREADS", "Executor", "serial",
            "thread_executor", "default_workers", "RunSource", "ArraySource", "SubBlock", "Task", "plan_tasks", "Pass",
-           "chunk_groups", "BufferPool", "place", "scan_task", "run_passes"]
+           "chunk_groups", "BufferPool", "place", "scan_task", "full_gc_paused", "run_passes"]
