@@ -48,7 +48,7 @@ import numpy as np
 from . import level_delta
 from .manifest import (ARRAY_NAME_PATTERN, RUN_ID_PATTERN, SCHEMA_VERSION, STATUSES, describe_errors, one_line,
                        validate_manifest)
-from .npy_direct import ALIGN, MIN_BYTES, NpyAppender, PositionalReader, aligned_empty, write_npy_direct
+from .npy_direct import ALIGN, MIN_BYTES, NpyAppender, PositionalReader, aligned_empty, read_buffer, write_npy_direct
 
 METRIC_COLUMNS = ("epoch", "train_loss", "test_acc", "frozen_fraction", "updates_eliminated",
                   "backward_flops_saved", "seconds", "lr")
@@ -1210,7 +1210,7 @@ class Run:
         `read_columns` into it reads the chunk files straight from the disk (`npy_direct.PositionalReader`: its
         address congruent, modulo 4096, with the columns' offset in the first sealed chunk's file): `reuse`
         when it fits (dtype, size, placement), else a new one with room for `records` rows of `ALIGN` more
-        columns (so that it fits the next task too)."""
+        columns (so that it fits the next task too), on transparent huge pages (`npy_direct.read_buffer`)."""
         dtype, phase = None, 0
         for c, ch in enumerate(self._chunks):
             if name in self._chunk_arrays(ch):
@@ -1226,7 +1226,7 @@ class Run:
         if (reuse is not None and reuse.dtype == dtype and reuse.size >= n
                 and (reuse.ctypes.data - phase) % ALIGN == 0):
             return reuse
-        return aligned_empty(n + int(records) * ALIGN, dtype, phase)
+        return read_buffer(n + int(records) * ALIGN, dtype, phase)
 
     def _gather(self, name: str, cols, width: int, dtype) -> np.ndarray:
         out = np.empty((self.n_records, width), dtype=dtype)

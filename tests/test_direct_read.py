@@ -183,6 +183,49 @@ class _NeedsDist(LevelStatsPass):
     needs = ("level", "dist")
 
 
+def _vma_of(address: int) -> dict:
+    """The /proc/self/smaps entry of the mapping holding `address`: its header line and fields."""
+    entry = None
+    with open("/proc/self/smaps") as f:
+        for line in f:
+            head = line.split()
+            if "-" in head[0] and ":" not in head[0]:
+                lo, hi = (int(x, 16) for x in head[0].split("-"))
+                entry = {"head": head, "hit": lo <= address < hi}
+            elif entry is not None and entry["hit"] and head[0].endswith(":"):
+                entry[head[0][:-1]] = " ".join(head[1:])
+            if entry is not None and entry["hit"] and head[0] == "VmFlags:":
+                return entry
+    raise AssertionError(f"no mapping holds {address:#x}")
+
+
+def test_read_buffers_are_placed_for_direct_reads_and_ask_for_huge_pages():
+    """`read_buffer` (the streamed passes' chunk buffers, `Run.column_buffer`) starts at the asked phase modulo
+    4096 like `aligned_empty`; from 2 MiB on it is an anonymous mapping of its own that asks for transparent
+    huge pages (so a direct read hands the disk 2 MiB segments, not 4 KiB ones); smaller, a plain array."""
+    from lts_core.npy_direct import HUGE_PAGE, read_buffer
+    for n, phase in ((5 << 20, 123), (HUGE_PAGE, 0), (3 * HUGE_PAGE + 7, 4095), (1000, 17)):
+        b = read_buffer(n, np.uint8, phase)
+        assert b.shape == (n,) and b.dtype == np.uint8 and b.ctypes.data % ALIGN == phase
+        b[:] = 7
+        assert int(b.sum()) == 7 * n
+        if n < HUGE_PAGE:
+            assert isinstance(b.base, np.ndarray)
+    w = read_buffer((3, 1 << 20), np.float32, 8)
+    assert w.shape == (3, 1 << 20) and w.ctypes.data % ALIGN == 8
+    mode_file = "/sys/kernel/mm/transparent_hugepage/enabled"
+    if not (os.path.exists("/proc/self/smaps") and os.path.exists(mode_file)):
+        pytest.skip("no transparent huge pages here")
+    mode = open(mode_file).read()
+    b = read_buffer(9 << 20, np.uint8, 100)
+    vma = _vma_of(b.ctypes.data + HUGE_PAGE)
+    assert len(vma["head"]) == 5          # anonymous: no file name
+    if "[never]" not in mode and "THPeligible" in vma:
+        assert vma["THPeligible"].split()[0] == "1"
+    if "[madvise]" in mode:
+        assert "hg" in vma["VmFlags"].split()      # MADV_HUGEPAGE was asked for
+
+
 def test_a_pass_reuses_its_read_buffers_from_task_to_task(tmp_path, monkeypatch):
     """Each task in flight allocates its buffers once (`BufferPool`); later tasks, narrower or up to 4096
     columns wider, read into them, and the results stay those computed in memory."""
