@@ -43,13 +43,18 @@ DIRECT_READ_MIN = 1 << 20  # bytes: smaller reads go through the page cache (a h
 STAGE_BYTES = 8 << 20  # bytes: the most a staging buffer holds (longer unaligned reads and writes go in pieces)
 
 
+def _layout(shape, dtype) -> tuple[tuple[int, ...], np.dtype, int]:
+    """(shape as a tuple, dtype, size in bytes) of an array to allocate."""
+    dtype = np.dtype(dtype)
+    shape = tuple(int(s) for s in np.atleast_1d(shape))
+    return shape, dtype, int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
+
+
 def aligned_empty(shape, dtype, phase: int = 0) -> np.ndarray:
     """`np.empty` whose data starts `phase` bytes after an `ALIGN`-byte boundary (phase 0: on it, so its
     leading rows can be written with O_DIRECT; phase p: congruent with file offsets ≡ p, so reads land in it
     straight from the disk)."""
-    dtype = np.dtype(dtype)
-    shape = tuple(int(s) for s in np.atleast_1d(shape))
-    nbytes = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
+    shape, dtype, nbytes = _layout(shape, dtype)
     raw = np.empty(nbytes + 2 * ALIGN, dtype=np.uint8)
     start = (int(phase) - raw.ctypes.data) % ALIGN
     return raw[start:start + nbytes].view(dtype).reshape(shape)
@@ -66,9 +71,7 @@ def read_buffer(shape, dtype, phase: int = 0) -> np.ndarray:
     into huge pages, one per 2 MiB: on the machine of BENCHMARKS.md ("Session 9") 2 MiB reads ran at 3.0–3.4
     GB/s with 0.013–0.022 s of system time per GB, against 1.25 GB/s and 0.043–0.062 s/GB. Elsewhere, or when
     the mapping cannot be made, `aligned_empty`."""
-    dtype = np.dtype(dtype)
-    shape = tuple(int(s) for s in np.atleast_1d(shape))
-    nbytes = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
+    shape, dtype, nbytes = _layout(shape, dtype)
     if not hasattr(mmap, "MAP_PRIVATE") or nbytes < HUGE_PAGE:
         return aligned_empty(shape, dtype, phase)
     try:
