@@ -356,7 +356,7 @@ def _osc(path: str, stamp: tuple):
 
 
 def osc_replay(row):
-    """(ReplayResult, OscReplay) of oscillation freezing (Nagel et al. 2022) replayed on the run."""
+    """The ReplayResult of oscillation freezing (Nagel et al. 2022) replayed on the run."""
     return _osc(row["path"], run_stamp(row["path"]))
 
 

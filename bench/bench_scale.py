@@ -6,7 +6,8 @@ op 2, …, run B op 1, …). Operations:
 
 - `levels`: settle records, flips, reversals, occupancy (`LevelStatsPass`, what `settle_summary(run)` uses);
 - `index`: `ReplayIndex.build(run, …)` with the run's own settings (`summaries.run_settings`);
-- `osc`: `oscillation_summary(run)`;
+- `osc`: `oscillation_summary(run)` (the accounting and the per-weight replay); `osc-sum`: its accounting
+  alone (`per_weight=False`, what the run's cache keeps and the Sweep page shows);
 - `dist`, `dist1`: `record_distributions(run, None)` and `(run, 0)` (the Distributions view's per-record
   histograms, of all layers and of the first layer, as the app asks; one thread, record by record, through
   memory maps, so "MB read" does not see its reads);
@@ -15,7 +16,7 @@ op 2, …, run B op 1, …). Operations:
   pays once;
 - `open`: a fresh process opening the run and loading what the Settling and Sweep pages need from the cache;
 - `read1`, `read2`: the streamed reading alone, no analysis: `run_passes` with a pass that reads the levels
-  (`read1`, what `levels` and `osc` read) or the levels and distances (`read2`, what `index`, `replay` and
+  (`read1`, what `levels`, `osc` and `osc-sum` read) or the levels and distances (`read2`, what `index`, `replay` and
   `cache` read) and computes nothing. The same reader threads, O_DIRECT reads and buffers as the analyses:
   the rate a disk-limited analysis reaches on this machine. With them, the bench prints each analysis's
   MB/s ÷ its reading's MB/s, per round;
@@ -105,6 +106,8 @@ def do(op: str, path: str) -> dict:
         ReplayIndex.build(run, **s)
     elif op == "osc":
         oscillation_summary(run)
+    elif op == "osc-sum":
+        oscillation_summary(run, per_weight=False)
     elif op in ("dist", "dist1"):
         from lts_core.analysis.distributions import record_distributions
         record_distributions(run, None if op == "dist" else 0)
@@ -155,7 +158,7 @@ class _ReadOnly:
         return None
 
 
-READ_OF = {"levels": "read1", "osc": "read1", "index": "read2", "replay": "read2", "cache": "read2"}
+READ_OF = {"levels": "read1", "osc": "read1", "osc-sum": "read1", "index": "read2", "replay": "read2", "cache": "read2"}
 
 
 def in_child(op: str, path: Path, code: str | None = None, keep: bool = False, warm: bool = False,

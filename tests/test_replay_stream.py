@@ -96,6 +96,18 @@ def test_direct_replay_and_oscillation_streamed_equal_in_memory(tmp_path, n_leve
     (o,) = run_passes(RunSource(run), [OscPass(arr.steps, arr.total_steps, 0.3, 0.25, 0.1, 0.01, watch)], serial,
                       task_cols=61, sub_cols=7)
     np.testing.assert_array_equal(o["freeze_steps"], pa.freeze_steps)
+    # the accounting alone (what the cache keeps): the same tables from the tasks' own scratch arrays
+    (t,) = run_passes(RunSource(run), [OscPass(arr.steps, arr.total_steps, 0.3, 0.25, 0.1, 0.01, watch,
+                                               per_weight=False)], serial, task_cols=61, sub_cols=7)
+    assert t["freeze_steps"] is None and t["frozen_level"] is None and t["freq"] is None
+    for name in ("frozen_by_record", "sum_freeze_steps", "n_frozen", "n_correct"):
+        np.testing.assert_array_equal(t[name], o[name])
+    rc, pc = oscillation_summary(run, decay=0.3, per_weight=False)
+    assert pc is None
+    for name in ("frozen_fraction", "layer_frozen_fraction", "layer_ticket_precision"):
+        np.testing.assert_array_equal(getattr(ra, name), getattr(rc, name))
+    for name in ("updates_eliminated", "backward_flops_saved", "ticket_precision", "n_frozen", "n_frozen_correct"):
+        assert getattr(ra, name) == getattr(rc, name), name
 
 
 def test_every_streamed_entry_point_runs_on_any_executor(tmp_path):
@@ -129,7 +141,7 @@ def test_ema_start():
 def test_replay_caches_are_reused_and_rebuilt_when_the_run_changes(tmp_path, monkeypatch):
     run = make_run(tmp_path, "mixed", False, 0, R=14)
     idx = cached_replay_index(run, "linear", 9, 0.9)
-    res, rep = cached_oscillation_summary(run)
+    res = cached_oscillation_summary(run)
     calls = []
     real = IndexPass.worker
     monkeypatch.setattr(IndexPass, "worker", lambda self, *a: calls.append(1) or real(self, *a))
@@ -139,8 +151,10 @@ def test_replay_caches_are_reused_and_rebuilt_when_the_run_changes(tmp_path, mon
     assert again.query(0.5).updates_eliminated == idx.query(0.5).updates_eliminated
     assert again.sweep()["ticket_precision"].tolist() == pytest.approx(idx.sweep()["ticket_precision"].tolist(),
                                                                        nan_ok=True, rel=0, abs=0)
-    res2, rep2 = cached_oscillation_summary(open_run(tmp_path / "r"))
-    assert isinstance(rep2.freeze_steps, np.memmap) and res2.updates_eliminated == res.updates_eliminated
+    res2 = cached_oscillation_summary(open_run(tmp_path / "r"))
+    assert res2.updates_eliminated == res.updates_eliminated and res.n_frozen > 0
+    np.testing.assert_array_equal(res2.frozen_fraction, oscillation_summary(run)[0].frozen_fraction)
+    assert sorted(p.name.split(".")[-1] for p in (tmp_path / "r" / "cache").glob("osc.*")) == ["json", "npz"]
     # the run grows: the index is rebuilt over every record (its ticket precision depends on the last record)
     lv, dist, _ = trajectories(R=3, seed=9)
     lv = in_range(lv, "mixed")
@@ -156,3 +170,25 @@ def test_replay_caches_are_reused_and_rebuilt_when_the_run_changes(tmp_path, mon
         cached_replay_index(grown, "fixed", w, 0.9)
     assert len(list((tmp_path / "r" / "cache").glob("replay-*.json"))) == 8
     assert cache.load(grown, "osc", {"max_bits": 4}).status == "prefix"
+
+
+def test_an_osc_cache_of_the_older_layout_is_read_and_its_arrays_go_with_the_next_build(tmp_path, monkeypatch):
+    """Caches written before the oscillation item kept only its tables (they also held the per-weight
+    arrays) are read as they are; the next build of the item removes those arrays."""
+    run = make_run(tmp_path)
+    res = cached_oscillation_summary(run)
+    c = cache.load(run, "osc", {"max_bits": 4})
+    _, rep = oscillation_summary(run)
+    arrays = {"freeze_steps": rep.freeze_steps, "frozen_level": rep.frozen_level, "freq": rep.freq}
+    assert cache.save(run, "osc", {"max_bits": 4}, arrays, c.tables)        # the older layout
+    folder = tmp_path / "r" / "cache"
+    assert len(list(folder.glob("osc.*.npy"))) == 3
+    monkeypatch.setattr("lts_core.analysis.summaries.run_passes", None)     # no pass may run
+    old = cached_oscillation_summary(open_run(tmp_path / "r"))
+    np.testing.assert_array_equal(old.frozen_fraction, res.frozen_fraction)
+    assert old.n_frozen_correct == res.n_frozen_correct
+    monkeypatch.undo()
+    (folder / "osc.json").unlink()                                          # rebuilt: the same key
+    again = cached_oscillation_summary(open_run(tmp_path / "r"))
+    assert again.updates_eliminated == res.updates_eliminated
+    assert list(folder.glob("osc.*.npy")) == [] and len(list(folder.glob("osc.*.npz"))) == 1

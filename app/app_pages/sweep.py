@@ -212,7 +212,7 @@ def _oscillation(row: dict, res, epochs) -> None:
     st.caption("Nagel et al. (2022) freeze the *restless* weights — those whose level keeps flipping back and "
                "forth (EMA of direction reversals above a cosine-annealed threshold, after 25% of training, "
                "layers ≤ 4 bits). LTS freezes the *settled* ones. Oscillations are counted between records.")
-    ores, orep = C.osc_replay(row)
+    ores = C.osc_replay(row)
     left, right = st.columns([3, 2])
     with left:
         (Chart("Frozen fraction: LTS replay vs oscillation freezing", "epoch", "frozen weights (%)")
@@ -220,7 +220,7 @@ def _oscillation(row: dict, res, epochs) -> None:
          .line("oscillation freezing", epochs, 100 * ores.frozen_fraction, C.color(1), fmt=".2f")
          .show("sweep_osc"))
     with right:
-        n = max(len(orep.freeze_steps), 1)
+        n = max(ores.n_weights, 1)
         # a Markdown table, not st.dataframe: five rows do not need the data grid, whose 1.3 MB of JavaScript
         # a new browser would otherwise load before this page's first view is complete
         rows = [("weights frozen", f"{res.n_frozen:,}", f"{ores.n_frozen:,}"),

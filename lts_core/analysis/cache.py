@@ -128,8 +128,9 @@ def save(run, item: str, settings: dict | None, arrays: dict[str, np.ndarray], t
         _atomic_write(d / f"{item}.json", lambda f: f.write(data))
     except OSError:
         return False
-    for p in d.glob(f"{item}.*"):   # files of earlier builds of this item
-        if p.name != f"{item}.json" and not p.name.startswith(f"{item}.{key}.") and ".tmp-" not in p.name:
+    written = {f"{item}.{key}.{name}.npy" for name in arrays} | ({f"{item}.{key}.npz"} if tables else set())
+    for p in d.glob(f"{item}.*"):   # files of earlier builds of this item (also of an older layout of it)
+        if p.name != f"{item}.json" and p.name not in written and ".tmp-" not in p.name:
             try:
                 p.unlink()
             except OSError:

@@ -855,7 +855,7 @@ def osc_ema_update(f: torch.Tensor, x: torch.Tensor, m: float) -> torch.Tensor:
 
 class OscReplay(NamedTuple):
     freeze_steps: np.ndarray   # int64 [N], -1 = never
-    frozen_level: np.ndarray   # int64 [N], round(level EMA) at freezing, -1 = never frozen
+    frozen_level: np.ndarray   # int64 [N] (int16 when streamed), round(level EMA) at freezing, -1 = never frozen
     freq: np.ndarray           # float32 [N], oscillation-frequency EMA after the last record
 
 
@@ -926,14 +926,15 @@ def oscillation_summary(steps, levels=None, layer_sizes=None, layer_flops=None, 
                         decay: float = 0.01, start_frac: float = 0.25, thr_start: float = 0.1,
                         thr_end: float = 0.01, steps_per_epoch: int | None = None,
                         device: str | torch.device = "cpu", max_bits: int | None = 4,
-                        layer_bits: Sequence[int] | None = None, *, executor=None
-                        ) -> tuple[ReplayResult, OscReplay]:
+                        layer_bits: Sequence[int] | None = None, *, executor=None, per_weight: bool = True
+                        ) -> tuple[ReplayResult, OscReplay | None]:
     """Oscillation-freezing replay plus its accounting (frozen fraction per record, updates eliminated,
     backward FLOPs saved). `ticket_precision` here = share of frozen weights whose frozen level (rounded level
     EMA) equals the final recorded level. With `max_bits` and per-layer `layer_bits`, only layers of ≤ max_bits
     bits are watched (default 4, as `OscillationRule`; layers of unknown width (0) are watched); unwatched
-    weights count as never frozen. Returns (accounting, per-weight replay). A stored run is streamed
-    (`replay_stream.OscPass`, with `executor`; the frozen level then comes as int16)."""
+    weights count as never frozen. Returns (accounting, per-weight replay); with `per_weight=False`
+    (accounting, None): a stored run is then streamed without keeping 14 bytes per weight. A stored run is
+    streamed (`replay_stream.OscPass`, with `executor`; the frozen level then comes as int16)."""
     if is_run(steps) and _streamable(steps) and levels is None and layer_sizes is None:
         run = steps
         arr = arrays_from_run(run, with_levels=False)
@@ -941,7 +942,8 @@ def oscillation_summary(steps, levels=None, layer_sizes=None, layer_flops=None, 
         watch = None if max_bits is None or bits is None else [int(b) <= max_bits for b in bits]
         return _stream_oscillation(run, total_steps, decay, start_frac, thr_start, thr_end, watch,
                                    arr.layer_flops if layer_flops is None else layer_flops,
-                                   arr.steps_per_epoch if steps_per_epoch is None else steps_per_epoch, executor)
+                                   arr.steps_per_epoch if steps_per_epoch is None else steps_per_epoch, executor,
+                                   per_weight)
     if is_run(steps):
         arr = arrays_from_run(steps, with_dists=False)
         steps, levels = arr.steps, arr.levels
@@ -960,22 +962,25 @@ def oscillation_summary(steps, levels=None, layer_sizes=None, layer_flops=None, 
     rep = replay_oscillation(steps, levels, total_steps, decay, start_frac, thr_start, thr_end, device, watch)
     correct = (rep.frozen_level >= 0) & (rep.frozen_level == np.asarray(levels[-1]).astype(np.int64))
     res = freeze_accounting(rep.freeze_steps, steps, sizes, layer_flops, total_steps, steps_per_epoch, correct)
-    return res, rep
+    return res, (rep if per_weight else None)
 
 
 def _stream_oscillation(run, total_steps, decay, start_frac, thr_start, thr_end, watch_layers=None,
-                        layer_flops=None, steps_per_epoch=None, executor=None) -> tuple[ReplayResult, OscReplay]:
+                        layer_flops=None, steps_per_epoch=None, executor=None, per_weight: bool = True
+                        ) -> tuple[ReplayResult, OscReplay | None]:
     """`oscillation_summary` of a stored run, streamed (`replay_stream.OscPass`)."""
     from .stream import RunSource, run_passes
     p, finish = oscillation_plan(run, total_steps, decay, start_frac, thr_start, thr_end, watch_layers,
-                                 layer_flops, steps_per_epoch)
+                                 layer_flops, steps_per_epoch, per_weight)
     (o,) = run_passes(RunSource(run), [p], executor)
     return finish(o)
 
 
 def oscillation_plan(run, total_steps=None, decay: float = 0.01, start_frac: float = 0.25, thr_start: float = 0.1,
-                     thr_end: float = 0.01, watch_layers=None, layer_flops=None, steps_per_epoch=None):
-    """(the `OscPass` of a stored run, finish(pass result) -> (ReplayResult, OscReplay))."""
+                     thr_end: float = 0.01, watch_layers=None, layer_flops=None, steps_per_epoch=None,
+                     per_weight: bool = True):
+    """(the `OscPass` of a stored run, finish(pass result) -> (ReplayResult, OscReplay, or None without
+    `per_weight`))."""
     from .replay_stream import OscPass
     if not run.n_records:
         raise ValueError(f"run {run.run_id} has no record yet")
@@ -996,8 +1001,8 @@ def oscillation_plan(run, total_steps=None, decay: float = 0.01, start_frac: flo
     def finish(o: dict) -> tuple[ReplayResult, OscReplay]:
         res = accounting_from_counts(o["frozen_by_record"], o["n_frozen"] * E - o["sum_freeze_steps"],
                                      o["n_frozen"], o["n_correct"], sizes, flops, steps, E, spe)
-        return res, OscReplay(o["freeze_steps"], o["frozen_level"], o["freq"])
-    return OscPass(steps, T, decay, start_frac, thr_start, thr_end, watch_layers), finish
+        return res, (OscReplay(o["freeze_steps"], o["frozen_level"], o["freq"]) if per_weight else None)
+    return OscPass(steps, T, decay, start_frac, thr_start, thr_end, watch_layers, per_weight), finish
 
 
 # ---- comparing two sets of freeze steps ------------------------------------------------------------------

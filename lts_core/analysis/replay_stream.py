@@ -270,14 +270,17 @@ class OscPass(Pass):
     """`replay.replay_oscillation` streamed, with its accounting per layer and record: per weight the freeze
     step (int64), the frozen level (int16, -1 never) and the final frequency EMA (float32); per layer the
     number of weights frozen by each record, Σ of their freeze steps, and how many froze on their final level.
-    `watch_layers` (bool per layer) restricts freezing as `OscillationRule` does (≤ 4 bits)."""
+    `watch_layers` (bool per layer) restricts freezing as `OscillationRule` does (≤ 4 bits). With
+    `per_weight=False` only the per-layer accounting is kept: each task's per-weight state is scratch, so the
+    pass holds no [N] arrays (14 bytes per weight, 1.4 GB at 100M weights, that would be written once each)."""
 
     needs = ("level",)
 
     def __init__(self, steps, total_steps: int, decay: float, start_frac: float, thr_start: float, thr_end: float,
-                 watch_layers=None):
+                 watch_layers=None, per_weight: bool = True):
         self.steps = np.asarray(steps, dtype=np.int64)
         self.T, self.m = int(total_steps), float(decay)
+        self.per_weight = bool(per_weight)
         self.thr = [osc_threshold_at(int(t), self.T, start_frac, thr_start, thr_end) for t in self.steps]
         self.active = np.array([thr > 0 for thr in self.thr], bool)    # records where freezing is on
         self.never = np.zeros(len(self.steps), bool)                    # for a layer not watched
@@ -288,7 +291,7 @@ class OscPass(Pass):
         return _OscWorker(self, src, task, out)
 
     def collector(self, src, first_record: int):
-        return _OscCollector(src)
+        return _OscCollector(src, self.per_weight)
 
 
 class _OscWorker:
@@ -332,21 +335,26 @@ class _OscWorker:
             acc[0] += int(self.fs[s][fz].sum())
             acc[1] += int(fz.sum())
             acc[2] += int((fz & (self.flevel[s] == final[s])).sum())
+        if not self.p.per_weight:
+            return None, None, None, self.new_by_record, per_layer
         return self.fs, self.flevel, self.freq, self.new_by_record, per_layer
 
 
 class _OscCollector:
-    def __init__(self, src):
+    def __init__(self, src, per_weight: bool = True):
         N, nl, R = src.n_weights, len(src.layer_sizes), src.n_records
-        self.fs = result_array(N, np.int64)
-        self.flevel = result_array(N, np.int16)
-        self.freq = result_array(N, np.float32)
+        self.per_weight = per_weight
+        self.fs = result_array(N, np.int64) if per_weight else None
+        self.flevel = result_array(N, np.int16) if per_weight else None
+        self.freq = result_array(N, np.float32) if per_weight else None
         self.newly = np.zeros((nl, R), np.int64)
         self.sum_fs = np.zeros(nl, np.int64)
         self.n_frozen = np.zeros(nl, np.int64)
         self.n_correct = np.zeros(nl, np.int64)
 
-    def views(self, task: Task) -> dict:
+    def views(self, task: Task) -> dict | None:
+        if not self.per_weight:
+            return None      # the worker's own scratch arrays
         sl = slice(task.start, task.stop)
         views = {"fs": self.fs[sl], "flevel": self.flevel[sl], "freq": self.freq[sl]}
         populate(*views.values())
@@ -355,8 +363,9 @@ class _OscCollector:
     def add(self, task: Task, res) -> None:
         fs, flevel, freq, new_by_record, per_layer = res
         sl = slice(task.start, task.stop)
-        for out, part in ((self.fs, fs), (self.flevel, flevel), (self.freq, freq)):
-            place(out, sl, part)
+        if self.per_weight:
+            for out, part in ((self.fs, fs), (self.flevel, flevel), (self.freq, freq)):
+                place(out, sl, part)
         for layer, row in new_by_record.items():
             self.newly[layer] += row
         for layer, (sum_fs, n, c) in per_layer.items():

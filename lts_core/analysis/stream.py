@@ -242,8 +242,9 @@ class Pass:
     with `add(task, result)` and `finish()`). `feed` gets the task's columns of one chunk, `data[name]` C-order
     [records, task.size] starting at record r0, and works on the sub-block's columns sub.offset … +sub.size.
     Optionally the collector has `views(task)` (a dict of writable views of its per-weight arrays at the
-    task's columns); on an in-process executor the worker is then made with `worker(…, out=views)`, keeps
-    its per-weight results there and returns them from `result()`, and `place` sees that nothing is to copy."""
+    task's columns, or None: the worker then keeps arrays of its own); on an in-process executor the worker is
+    then made with `worker(…, out=views)`, keeps its per-weight results there and returns them from
+    `result()`, and `place` sees that nothing is to copy."""
 
     needs: tuple[str, ...] = ("level",)
 

@@ -3,7 +3,7 @@
     stats = cached_level_stats(run)          # per-weight final level, settle record, flips, reversals; occupancy
     s = cached_settle_summary(run)           # SettleSummary (curves, histogram, categories), from the above
     idx = cached_replay_index(run, "linear", warmup_steps=200, decay=0.99)   # ReplayIndex of these settings
-    res, rep = cached_oscillation_summary(run)   # oscillation freezing replayed (rule defaults)
+    res = cached_oscillation_summary(run)       # oscillation freezing replayed (rule defaults): ReplayResult
     build_cache(run)                         # levels, the run's own replay index and oscillation freezing in
                                              # one scan (the recorder calls it at finish)
 
@@ -110,7 +110,10 @@ class IndexItem(Item):
 
 
 class OscItem(Item):
-    """Oscillation freezing replayed with the rule's defaults (`oscillation_summary(run)`)."""
+    """Oscillation freezing replayed with the rule's defaults: the accounting of `oscillation_summary(run)`,
+    streamed without per-weight results (no page shows them; at 100M weights they would be 1.4 GB to fill and
+    to write). The cache keeps the per-layer tables; an older cache that also kept the per-weight arrays
+    restores the same way."""
 
     name = "osc"
 
@@ -125,27 +128,28 @@ class OscItem(Item):
         from .replay import oscillation_plan
         bits = [int(lay.get("bits") or 0) for lay in run.layers]
         watch = None if self.max_bits is None else [b <= self.max_bits for b in bits]
-        p, self._finish = oscillation_plan(run, watch_layers=watch)
+        p, self._finish = oscillation_plan(run, watch_layers=watch, per_weight=False)
         return p
 
     def finish(self, o):
-        res, rep = self._finish(o)
-        return res, rep, o
+        res, _ = self._finish(o)
+        return res, o
 
     def store(self, value):
-        _, _, o = value
-        arrays = {k: o[k] for k in ("freeze_steps", "frozen_level", "freq")}
-        tables = {k: o[k] for k in ("frozen_by_record", "sum_freeze_steps", "n_frozen", "n_correct")}
-        return arrays, tables, {}
+        _, o = value
+        return {}, {k: o[k] for k in _OSC_TABLES}, {}
 
     def restore(self, c: cache.Cached, run):
         from .replay import oscillation_plan
         bits = [int(lay.get("bits") or 0) for lay in run.layers]
         watch = None if self.max_bits is None else [b <= self.max_bits for b in bits]
-        _, finish = oscillation_plan(run, watch_layers=watch)
-        o = {**c.arrays, **c.tables}
-        res, rep = finish(o)
-        return res, rep, o
+        _, finish = oscillation_plan(run, watch_layers=watch, per_weight=False)
+        o = {k: c.tables[k] for k in _OSC_TABLES}
+        res, _ = finish(o)
+        return res, o
+
+
+_OSC_TABLES = ("frozen_by_record", "sum_freeze_steps", "n_frozen", "n_correct")
 
 
 def run_settings(run) -> dict:
@@ -218,10 +222,11 @@ def cached_replay_index(run, schedule: str, warmup_steps: int, decay: float, exe
 
 
 def cached_oscillation_summary(run, executor: Executor | None = None):
-    """`oscillation_summary(run)` (rule defaults, layers ≤ 4 bits), kept beside the run: (ReplayResult,
-    OscReplay) with the per-weight arrays memory-mapped."""
-    res, rep, _ = build_cache(run, [OscItem()], executor)["osc"]
-    return res, rep
+    """The `ReplayResult` of `oscillation_summary(run)` (rule defaults, layers ≤ 4 bits), kept beside the run
+    (its per-layer tables: kilobytes). The per-weight replay (freeze steps, frozen levels, frequencies) is
+    `oscillation_summary(run)[1]`, computed when asked."""
+    res, _ = build_cache(run, [OscItem()], executor)["osc"]
+    return res
 
 
 def cached_level_stats(run, executor: Executor | None = None) -> LevelStats:
