@@ -227,8 +227,9 @@ def test_read_buffers_are_placed_for_direct_reads_and_ask_for_huge_pages():
 
 
 def test_a_pass_reuses_its_read_buffers_from_task_to_task(tmp_path, monkeypatch):
-    """Each task in flight allocates its buffers once (`BufferPool`); later tasks, narrower or up to 4096
-    columns wider, read into them, and the results stay those computed in memory."""
+    """Each thread's chain of tasks allocates its READ_AHEAD + 1 buffer sets once (`scan_chain`, `BufferPool`);
+    its later tasks, narrower or up to 4096 columns wider, read into them, and the results stay those computed
+    in memory."""
     sizes = [150_000, 3, 0, 120_000]
     lv, dist, _ = trajectories(R=9, N=sum(sizes), seed=4)
     run = write_wide_run(tmp_path, lv, dist, 2, True, sizes, monkeypatch)
@@ -240,11 +241,13 @@ def test_a_pass_reuses_its_read_buffers_from_task_to_task(tmp_path, monkeypatch)
             made.append(name)
         return got
     monkeypatch.setattr(type(run), "column_buffer", counting)
+    monkeypatch.setattr(stream, "GROUP_BYTES", 1)         # one chunk per group
     tasks = plan_tasks(sizes, 1, task_cols=70_000)     # bounds on 4096 columns: one placement for all tasks
     assert len(tasks) == 4 and len({t.size for t in tasks}) > 1
-    for executor, in_flight in ((serial, 1), (thread_executor(2), 2)):
+    groups = len(tasks) * len(chunk_groups(run.chunk_sizes, 0, 70_000))
+    for executor, chains in ((serial, 1), (thread_executor(2), 2)):
         made.clear()
         (stats,) = run_passes(RunSource(run), [_NeedsDist()], executor, task_cols=70_000)
         check_stats(stats, reference(lv, dist, sizes))
-        n_sets = min(READ_AHEAD + 1, len(chunk_groups(run.chunk_sizes, 0, 70_000)))   # per task
-        assert 2 * n_sets <= len(made) <= 2 * n_sets * in_flight    # n_sets × (level, dist) per task in flight
+        assert groups > (READ_AHEAD + 1) * chains     # more groups read than buffer sets made:
+        assert 2 * (READ_AHEAD + 1) <= len(made) <= 2 * (READ_AHEAD + 1) * chains    # (level, dist) per set

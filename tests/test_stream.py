@@ -222,6 +222,54 @@ def test_a_task_reads_groups_ahead_into_rotating_buffers(monkeypatch):
         check_stats(stats, reference(lv, dist))
 
 
+def test_the_next_task_is_read_while_this_one_ends(monkeypatch):
+    """One reading pipeline per thread across tasks (`scan_chain`): while a task computes on its last group,
+    the next task's first groups are being read (the worker below waits for that read, and would time out
+    on a scan that reads each task's groups only when the task starts), serially and on two threads, which
+    take the tasks in turn; every task is computed once and the results are the in-memory ones."""
+    from lts_core.analysis import stream
+    monkeypatch.setattr(stream, "GROUP_BYTES", 1)         # one chunk per group
+    lv, dist, _ = trajectories(R=9, seed=3)
+
+    class Logged(ArraySource):
+        def __init__(self, *a, **kw):
+            super().__init__(*a, **kw)
+            self.cond, self.read_cols = threading.Condition(), set()
+
+        def read(self, chunk, name, start, stop, out=None):
+            got = super().read(chunk, name, start, stop, out)
+            with self.cond:
+                self.read_cols.add((chunk, start))
+                self.cond.notify_all()
+            return got
+
+    class WaitForNextTask(LevelStatsPass):
+        def worker(self, src, task, first_record, out=None):
+            w = super().worker(src, task, first_record, out)
+            feed, starts = w.feed, [t.start for t in tasks]
+            begun.append(task.start)
+
+            def waiting_feed(r0, data, sub):
+                i = starts.index(task.start)
+                if r0 == len(lv) - 1 and sub.offset == 0 and i + 1 < len(starts):   # the task's last group
+                    with src.cond:
+                        assert src.cond.wait_for(lambda: any((0, starts[j]) in src.read_cols
+                                                             for j in range(i + 1, len(starts))), 10), \
+                            "no later task's first group was read while this task ended"
+                feed(r0, data, sub)
+            w.feed = waiting_feed
+            return w
+
+    for executor in (serial, thread_executor(2)):
+        src = Logged({"level": lv}, SIZES, 1)
+        tasks = stream.plan_tasks(src.layer_sizes, 2, task_cols=150, sub_cols=50)
+        assert len(tasks) >= 4
+        begun = []
+        (stats,) = run_passes(src, [WaitForNextTask()], executor, task_cols=150, sub_cols=50, workers=2)
+        check_stats(stats, reference(lv, dist))
+        assert sorted(begun) == [t.start for t in tasks]                    # each task once
+
+
 def test_big_results_are_mapped_arrays_populated_task_by_task(monkeypatch):
     """From RESULT_MAP_MIN bytes, a collector's per-weight results live in a mapping of their own (ordinary
     pages, unmapped with the array), which each task populates before its worker fills it: the same

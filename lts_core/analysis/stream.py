@@ -11,7 +11,9 @@ lie inside one layer and hold at most `SUB_COLS` weights (small enough for the C
   read the next `READ_AHEAD` groups while the task computes on this one; a run's big chunk files are read
   with O_DIRECT, `npy_direct.PositionalReader`) and feed each sub-block to every pass's worker, whose
   compiled kernel (`stream_kernels`) follows each weight through the group's records; return each worker's
-  result;
+  result. In this process (`in_process` executors) each thread runs a chain of tasks (`scan_chain`), taking
+  the next task while the last groups of its current one are computed on, with one reading pipeline: no
+  task starts by waiting for its first reads;
 - *reduce*: each pass's collector takes the task results in any order, places per-weight results at their
   columns and adds per-layer tables. When the executor runs tasks in this process (`in_process`: `serial`,
   `thread_executor()`), a collector may hand each task's worker views of its own per-weight arrays
@@ -20,7 +22,7 @@ lie inside one layer and hold at most `SUB_COLS` weights (small enough for the C
 Memory: the pass outputs (O(weights)) plus, per task in flight, its READ_AHEAD + 1 sets of group buffers and the
 workers' state for its columns; never O(records × weights). The executor is any `map(fn, items) -> iterable
 of results in item order`: `thread_executor()` (the default: one thread per core; the kernels release the
-GIL), `serial` (debugging), or on a cluster e.g. Dask:
+GIL; its `workers` says how many chains run at once), `serial` (debugging), or on a cluster e.g. Dask:
 `lambda fn, items: client.gather(client.map(fn, items))` — sources, tasks and passes are plain picklable
 objects, and `RunSource` reopens its run from its path.
 """
@@ -93,6 +95,7 @@ def thread_executor(workers: int | None = None) -> Executor:
         with ThreadPoolExecutor(max_workers=n, thread_name_prefix="lts-analysis") as pool:
             yield from pool.map(fn, items)
     run.in_process = True
+    run.workers = n      # threads at once (`run_passes` runs one chain of tasks per thread)
     return run
 
 
@@ -410,40 +413,85 @@ def scan_task(src, passes: Sequence[Pass], first_chunk: int, task: Task, buffers
     The buffers come from `buffers` (reused where `src.column_buffer` finds them fit) and go back to it.
     `sinks` (the passes' collectors, when they live in this process): a worker whose collector has
     `views(task)` fills those views in place."""
+    out = []
+    scan_chain(src, passes, first_chunk, iter([task]).__next__, lambda t, results: out.append(results), buffers,
+               sinks)
+    return out[0]
+
+
+def scan_chain(src, passes: Sequence[Pass], first_chunk: int, next_task: Callable[[], Task],
+               deliver: Callable[[Task, list], None], buffers: BufferPool | None = None,
+               sinks: Sequence | None = None) -> None:
+    """`scan_task` over tasks taken one after another from `next_task()` (StopIteration: none left), with
+    one reading pipeline: the next task is taken, and its first groups read, while the last groups of the
+    current one are computed on, so that no task starts by waiting for its reads. `deliver(task, results)`
+    gets each task's results as it ends. The READ_AHEAD + 1 buffer sets rotate over the groups of all tasks."""
     first_record = sum(src.chunk_sizes[:first_chunk])
     names = sorted({n for p in passes for n in p.needs})
-    groups = chunk_groups(src.chunk_sizes, first_chunk, task.size)
-    if not groups:
-        return [w.result() for w in _make_workers(src, passes, task, first_record, sinks)]
-    rows = max(sum(int(src.chunk_sizes[c]) for c in g) for g in groups)
     spare = buffers.take() if buffers is not None else None
-    n_sets = min(READ_AHEAD + 1, len(groups))
-    bufsets = tuple({n: src.column_buffer(n, task.start, task.stop, rows,
-                                          spare[k].get(n) if spare is not None and k < len(spare) else None)
-                     for n in names} for k in range(n_sets))
-    r0 = first_record
+    slots = [dict(spare[k]) if spare is not None and k < len(spare) else {} for k in range(READ_AHEAD + 1)]
+    plan: deque = deque()      # (task, its groups, rows per group) of the tasks taken, in order
+    pending: deque = deque()   # reads started: (task, group index, data, futures)
+    issued = 0                 # groups whose reads were started, over all tasks (their buffer slot: issued % sets)
+
+    def take() -> bool:
+        try:
+            t = next_task()
+        except StopIteration:
+            return False
+        groups = chunk_groups(src.chunk_sizes, first_chunk, t.size)
+        rows = max((sum(int(src.chunk_sizes[c]) for c in g) for g in groups), default=0)
+        plan.append([t, groups, rows, 0])    # [task, groups, rows, next group to read]
+        return True
+
+    def issue(pool) -> bool:
+        """Start the reads of the next group (taking the next task when the ones taken are read)."""
+        nonlocal issued
+        while not plan or plan[-1][3] >= len(plan[-1][1]):
+            if not take():
+                return False
+            if not plan[-1][1]:          # a task with no records: nothing to read
+                break
+        t, groups, rows, g = plan[-1]
+        if g >= len(groups):
+            pending.append((t, -1, None, []))
+            return True
+        k = issued % len(slots)
+        slots[k] = {n: src.column_buffer(n, t.start, t.stop, rows, slots[k].get(n)) for n in names}
+        data, reads = _read_group(pool, src, names, t, groups[g], slots[k])
+        pending.append((t, g, data, reads))
+        plan[-1][3] = g + 1
+        issued += 1
+        return True
+
+    workers, r0 = None, first_record
     with ThreadPoolExecutor(max_workers=READ_THREADS, thread_name_prefix="lts-read") as pool:
-        pending = deque(_read_group(pool, src, names, task, groups[g], bufsets[g])
-                        for g in range(min(READ_AHEAD, len(groups))))
-        try:   # the workers are made (their state allocated and first touched) while the first groups are read
-            workers = _make_workers(src, passes, task, first_record, sinks)
-            for i, group in enumerate(groups):
-                data, reads = pending.popleft()
-                _wait(reads)
-                g = i + READ_AHEAD
-                if g < len(groups):   # into the buffer set group i − 1 used, which no worker looks at now
-                    pending.append(_read_group(pool, src, names, task, groups[g], bufsets[g % n_sets]))
-                for sub in task.subs:
-                    for w in workers:
-                        w.feed(r0, data, sub)
-                r0 += sum(src.chunk_sizes[c] for c in group)
+        try:
+            for _ in range(READ_AHEAD):
+                if not issue(pool):
+                    break
+            while pending:
+                t, g, data, reads = pending.popleft()
+                if g <= 0:   # a task begins: its workers are made (state allocated) while its groups are read
+                    workers, r0 = _make_workers(src, passes, t, first_record, sinks), first_record
+                groups = plan[0][1]    # (the tasks taken and not finished, in order: this one first)
+                if g >= 0:
+                    _wait(reads)
+                issue(pool)   # into the buffer slot of the group before this one, which no worker looks at now
+                if g >= 0:
+                    for sub in t.subs:
+                        for w in workers:
+                            w.feed(r0, data, sub)
+                    r0 += sum(int(src.chunk_sizes[c]) for c in groups[g])
+                if g == len(groups) - 1 or g < 0:
+                    plan.popleft()
+                    deliver(t, [w.result() for w in workers])
         finally:
-            for _, reads in pending:   # on an error, no read may still write into a buffer when we leave
+            for _, _, _, reads in pending:   # on an error, no read may still write into a buffer when we leave
                 for f in reads:
                     f.cancel()
     if buffers is not None:
-        buffers.give(bufsets)
-    return [w.result() for w in workers]
+        buffers.give(tuple(slots))
 
 
 _gc_lock = threading.Lock()
@@ -484,11 +532,28 @@ def run_passes(src, passes: Sequence[Pass], executor: Executor | None = None, fi
     first_record = sum(src.chunk_sizes[:first_chunk])
     with full_gc_paused():
         collectors = [p.collector(src, first_record) for p in passes]
-        sinks = collectors if getattr(executor, "in_process", False) else None   # never pickled to another process
-        scan = partial(scan_task, src, list(passes), first_chunk, buffers=BufferPool(), sinks=sinks)
-        for task, results in zip(tasks, executor(scan, tasks)):
-            for col, res in zip(collectors, results):
-                col.add(task, res)
+        if getattr(executor, "in_process", False):
+            # tasks taken in turn by one chain per thread (`scan_chain`: reading ahead across tasks); each
+            # task's results added as it ends
+            queue, lock = iter(tasks), threading.Lock()
+
+            def next_task() -> Task:
+                with lock:
+                    return next(queue)
+
+            def deliver(task: Task, results: list) -> None:
+                with lock:
+                    for col, res in zip(collectors, results):
+                        col.add(task, res)
+            chain = partial(scan_chain, src, list(passes), first_chunk, next_task, deliver, buffers=BufferPool(),
+                            sinks=collectors)
+            for _ in executor(lambda _: chain(), range(min(getattr(executor, "workers", 1), len(tasks)))):
+                pass
+        else:
+            scan = partial(scan_task, src, list(passes), first_chunk, buffers=BufferPool())
+            for task, results in zip(tasks, executor(scan, tasks)):
+                for col, res in zip(collectors, results):
+                    col.add(task, res)
         return [c.finish() for c in collectors]
 
 
