@@ -270,6 +270,35 @@ def test_the_next_task_is_read_while_this_one_ends(monkeypatch):
         assert sorted(begun) == [t.start for t in tasks]                    # each task once
 
 
+def test_a_failed_read_stops_every_chain(monkeypatch):
+    """On two threads, a read that fails in one chain raises from `run_passes`, and the other chain takes no
+    more tasks (it would otherwise scan the rest of the run for nothing)."""
+    import time
+    from lts_core.analysis import stream
+    monkeypatch.setattr(stream, "GROUP_BYTES", 1)         # one chunk per group
+    lv, dist, _ = trajectories(R=6, seed=2)
+
+    class Failing(ArraySource):
+        def read(self, chunk, name, start, stop, out=None):
+            time.sleep(0.005)
+            if start == 0 and chunk == 1:
+                raise OSError("disk error")
+            return super().read(chunk, name, start, stop, out)
+
+    class Counted(LevelStatsPass):
+        def worker(self, src, task, first_record, out=None):
+            begun.append(task.start)
+            return super().worker(src, task, first_record, out)
+
+    begun = []
+    src = Failing({"level": lv}, SIZES, 1)
+    tasks = stream.plan_tasks(src.layer_sizes, 2, task_cols=40, sub_cols=40)
+    assert len(tasks) >= 12
+    with pytest.raises(OSError, match="disk error"):
+        run_passes(src, [Counted()], thread_executor(2), task_cols=40, sub_cols=40, workers=2)
+    assert len(begun) <= 4
+
+
 def test_big_results_are_mapped_arrays_populated_task_by_task(monkeypatch):
     """From RESULT_MAP_MIN bytes, a collector's per-weight results live in a mapping of their own (ordinary
     pages, unmapped with the array), which each task populates before its worker fills it: the same

@@ -535,9 +535,11 @@ def run_passes(src, passes: Sequence[Pass], executor: Executor | None = None, fi
         if getattr(executor, "in_process", False):
             # tasks taken in turn by one chain per thread (`scan_chain`: reading ahead across tasks); each
             # task's results added as it ends
-            queue, lock = iter(tasks), threading.Lock()
+            queue, lock, failed = iter(tasks), threading.Lock(), threading.Event()
 
             def next_task() -> Task:
+                if failed.is_set():       # another chain failed: take no more tasks, its error is raised
+                    raise StopIteration
                 with lock:
                     return next(queue)
 
@@ -545,9 +547,16 @@ def run_passes(src, passes: Sequence[Pass], executor: Executor | None = None, fi
                 with lock:
                     for col, res in zip(collectors, results):
                         col.add(task, res)
-            chain = partial(scan_chain, src, list(passes), first_chunk, next_task, deliver, buffers=BufferPool(),
-                            sinks=collectors)
-            for _ in executor(lambda _: chain(), range(min(getattr(executor, "workers", 1), len(tasks)))):
+            scan = partial(scan_chain, src, list(passes), first_chunk, next_task, deliver, buffers=BufferPool(),
+                           sinks=collectors)
+
+            def chain(_) -> None:
+                try:
+                    scan()
+                except BaseException:
+                    failed.set()
+                    raise
+            for _ in executor(chain, range(min(getattr(executor, "workers", 1), len(tasks)))):
                 pass
         else:
             scan = partial(scan_task, src, list(passes), first_chunk, buffers=BufferPool())
