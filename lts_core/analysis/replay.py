@@ -932,9 +932,9 @@ def oscillation_summary(steps, levels=None, layer_sizes=None, layer_flops=None, 
     backward FLOPs saved). `ticket_precision` here = share of frozen weights whose frozen level (rounded level
     EMA) equals the final recorded level. With `max_bits` and per-layer `layer_bits`, only layers of ≤ max_bits
     bits are watched (default 4, as `OscillationRule`; layers of unknown width (0) are watched); unwatched
-    weights count as never frozen. Returns (accounting, per-weight replay); with `per_weight=False`
-    (accounting, None): a stored run is then streamed without keeping 14 bytes per weight. A stored run is
-    streamed (`replay_stream.OscPass`, with `executor`; the frozen level then comes as int16)."""
+    weights count as never frozen. Returns (accounting, per-weight replay), or with `per_weight=False`
+    (accounting, None). A stored run is streamed (`replay_stream.OscPass`, with `executor`; the frozen level
+    then comes as int16; without `per_weight`, no 14 bytes per weight are kept)."""
     if is_run(steps) and _streamable(steps) and levels is None and layer_sizes is None:
         run = steps
         arr = arrays_from_run(run, with_levels=False)

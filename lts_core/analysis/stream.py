@@ -430,7 +430,8 @@ def scan_chain(src, passes: Sequence[Pass], first_chunk: int, next_task: Callabl
     names = sorted({n for p in passes for n in p.needs})
     spare = buffers.take() if buffers is not None else None
     slots = [dict(spare[k]) if spare is not None and k < len(spare) else {} for k in range(READ_AHEAD + 1)]
-    plan: deque = deque()      # (task, its groups, rows per group) of the tasks taken, in order
+    plan: deque = deque()      # [task, its groups, rows of its largest group, next group to read] of the tasks
+                               # taken and not finished, in order
     pending: deque = deque()   # reads started: (task, group index, data, futures)
     issued = 0                 # groups whose reads were started, over all tasks (their buffer slot: issued % sets)
 
@@ -441,7 +442,7 @@ def scan_chain(src, passes: Sequence[Pass], first_chunk: int, next_task: Callabl
             return False
         groups = chunk_groups(src.chunk_sizes, first_chunk, t.size)
         rows = max((sum(int(src.chunk_sizes[c]) for c in g) for g in groups), default=0)
-        plan.append([t, groups, rows, 0])    # [task, groups, rows, next group to read]
+        plan.append([t, groups, rows, 0])
         return True
 
     def issue(pool) -> bool:

@@ -109,6 +109,9 @@ class IndexItem(Item):
         return ReplayIndex.from_tables(c.meta["index"], c.tables["cum"], c.tables["tick_cum"])
 
 
+_OSC_TABLES = ("frozen_by_record", "sum_freeze_steps", "n_frozen", "n_correct")   # what OscItem keeps
+
+
 class OscItem(Item):
     """Oscillation freezing replayed with the rule's defaults: the accounting of `oscillation_summary(run)`,
     streamed without per-weight results (no page shows them; at 100M weights they would be 1.4 GB to fill and
@@ -147,9 +150,6 @@ class OscItem(Item):
         o = {k: c.tables[k] for k in _OSC_TABLES}
         res, _ = finish(o)
         return res, o
-
-
-_OSC_TABLES = ("frozen_by_record", "sum_freeze_steps", "n_frozen", "n_correct")
 
 
 def run_settings(run) -> dict:
