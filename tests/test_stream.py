@@ -506,3 +506,33 @@ def test_a_run_folder_that_cannot_be_written_is_analysed_without_a_cache(tmp_pat
     stats = build_cache(open_run(tmp_path / "r"))["levels"]
     check_stats(stats, reference(lv, dist))
     assert (tmp_path / "r" / "cache").read_text() == "not a folder"
+
+
+@pytest.mark.parametrize("executor", ["serial", "threads"])
+def test_a_level_out_of_its_layers_range_is_the_stores_error_in_every_streamed_analysis(tmp_path, executor):
+    """A chunk file holding a level at or above its layer's n_levels (a damaged or crafted run) stops every
+    streamed analysis with the store's message, which names the file, the level and the layer."""
+    from lts_core.analysis import ReplayIndex, oscillation_summary, replay_freeze_steps
+    from lts_core.store import CorruptChunkError, chunk_file
+    lv, dist, _ = trajectories(R=12, seed=7)
+    write_run(tmp_path, lv, dist, chunk=4)
+    p = chunk_file(tmp_path / "r", 1, "level")
+    bad = np.load(p)
+    bad[2, 310] = 9                          # layer l3 (columns 301 … 1000), 4 levels
+    np.save(p, bad)
+    run = open_run(tmp_path / "r")
+    ex = serial if executor == "serial" else thread_executor(2)
+    analyses = {
+        "levels": lambda: run_passes(RunSource(run), [LevelStatsPass()], ex, task_cols=200, sub_cols=64),
+        "osc": lambda: oscillation_summary(run, executor=ex),
+        "osc-sum": lambda: oscillation_summary(run, executor=ex, per_weight=False),
+        "index": lambda: ReplayIndex.build(run, schedule="linear", warmup_steps=20, decay=0.9, executor=ex),
+        "replay": lambda: replay_freeze_steps(run, schedule="linear", ratio=1.0, warmup_steps=20, decay=0.9,
+                                              executor=ex),
+        "cache": lambda: build_cache(run, executor=ex, save=False),
+    }
+    for name, analysis in analyses.items():
+        with pytest.raises(CorruptChunkError, match=r"000001\.level\.npy: level 9 in layer 'l3', which has 4 "
+                                                    r"levels") as err:
+            analysis()
+        assert "\n" not in str(err.value), name
