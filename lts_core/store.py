@@ -1111,20 +1111,26 @@ class Run:
         """Number of records of each listed chunk, in record order."""
         return [int(ch["n_records"]) for ch in self._chunks]
 
-    def read_columns(self, chunk: int, name: str, start: int, stop: int, out: np.ndarray | None = None
-                     ) -> np.ndarray:
+    def read_columns(self, chunk: int, name: str, start: int, stop: int, out: np.ndarray | None = None,
+                     check: bool = True) -> np.ndarray:
         """Columns [start, stop) of array `name` of the chunk at position `chunk`: [r, stop-start], read with
         positioned reads into `out` (a reusable buffer of at least that many elements) or a new array.
 
         Meant for streamed passes (`lts_core.analysis.stream`): no memory map, so nothing of the file stays
         resident in this process once the pass moves on; levels stored as changes come decoded, and are
-        checked against their layer's range. (The open chunk of a run being written is read from the maps
-        taken when the run was opened.)
+        checked against their layer's range (`check=False`: by the caller, with `check_level_columns`).
+        (The open chunk of a run being written is read from the maps taken when the run was opened.)
         """
         view = self._read_columns(chunk, name, start, stop, out)
-        if name == "level":
-            self._check_levels(self._chunks[chunk], view, slice(int(start), int(stop)))
+        if name == "level" and check:
+            self.check_level_columns(chunk, view, start, stop)
         return view
+
+    def check_level_columns(self, chunk: int, levels: np.ndarray, start: int, stop: int) -> None:
+        """CorruptChunkError, naming the chunk file, the level and the layer, if a level in `levels`
+        (columns [start, stop) of the chunk at position `chunk`, [records, stop − start]) is not below its
+        layer's n_levels."""
+        self._check_levels(self._chunks[chunk], levels, slice(int(start), int(stop)))
 
     def _read_columns(self, chunk: int, name: str, start: int, stop: int, out: np.ndarray | None) -> np.ndarray:
         ch = self._chunks[chunk]

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .stream import Pass, Task, place, populate, result_array
+from .stream import Pass, Task, level_limits, place, populate, result_array
 
 N_CODES = 256
 
@@ -56,6 +56,7 @@ class LevelStatsPass(Pass):
     """Streamed level statistics; `resume` (a `LevelStats` of the first records) continues from it."""
 
     needs = ("level",)
+    checks_levels = True
 
     def __init__(self, resume: LevelStats | None = None):
         self.resume = resume
@@ -90,7 +91,8 @@ class _LevelWorker:
     def __init__(self, p: LevelStatsPass, src, task: Task, first_record: int, out: dict | None = None):
         a, b = task.start, task.stop
         n = task.size
-        self.task, self.first = task, first_record
+        self.src, self.task, self.first = src, task, first_record
+        self.limits = level_limits(src)
         old = p.resume if first_record > 0 else None
         if first_record > 0 and (old is None or old.n_records != first_record):
             raise ValueError("resuming a level pass needs the statistics of every earlier record")
@@ -111,8 +113,10 @@ class _LevelWorker:
     def feed(self, r0: int, data: dict, sub) -> None:
         from .stream_kernels import level_kernel
         s = slice(sub.offset, sub.offset + sub.size)
-        level_kernel(data["level"], sub.offset, sub.size, r0, self.first, self.prev[s], self.last_change[s],
-                     self.flips[s], self.reversals[s], self.last_dir[s], self.occ[sub.layer])
+        top = level_kernel(data["level"], sub.offset, sub.size, r0, self.first, self.prev[s], self.last_change[s],
+                           self.flips[s], self.reversals[s], self.last_dir[s], self.occ[sub.layer])
+        if top >= self.limits[sub.layer]:
+            self.src.level_error(r0, data["level"], self.task, sub)
 
     def result(self):
         return (self.prev, self.last_change, self.flips, self.reversals, self.last_dir, self.occ)

@@ -15,7 +15,7 @@ import functools
 import numpy as np
 
 from ..schedules import eligible, osc_threshold_at, ratio_at, schedule_gain, threshold_norm
-from .stream import Pass, Task, place, populate, result_array
+from .stream import Pass, Task, level_limits, place, populate, result_array
 
 RAW = "raw_dist"
 
@@ -85,6 +85,8 @@ class IndexPass(Pass):
     telescoped ticket-correct counts. `final` (uint8 [N]) is the level every weight is compared with for ticket
     precision (default: the source's last record)."""
 
+    checks_levels = True   # (its kernel returns the largest level it read)
+
     def __init__(self, steps, layer_n_levels, schedule: str, warmup_steps: int, total_steps: int, decay: float,
                  bins_per_unit: int, max_bin: int, use_raw: bool, final: np.ndarray | None = None):
         self.steps = np.asarray(steps, dtype=np.int64)
@@ -133,7 +135,7 @@ class _IndexWorker:
     def __init__(self, p: IndexPass, src, task: Task, first_record: int):
         if first_record:
             raise ValueError("the replay index is built from the first record")
-        self.p, self.task = p, task
+        self.p, self.task, self.src, self.limits = p, task, src, level_limits(src)
         n = task.size
         self.ema = _EmaState(n)
         self.M = np.full(n, p.J + 1, dtype=np.int32)    # every weight starts at the overflow bin
@@ -157,9 +159,11 @@ class _IndexWorker:
         p, ema = self.p, self.ema
         s = slice(sub.offset, sub.offset + sub.size)
         L = p.n_levels[sub.layer]
-        index_kernel(data["level"], data[p.needs[1]], sub.offset, sub.size, r0, *p.ema.args(L),
-                     *p.bins(L), ema.prev[s], ema.d[s], self.M[s], self.final[s], self.counts[sub.layer],
-                     self.tick[sub.layer], self.cand, self.jb)
+        top = index_kernel(data["level"], data[p.needs[1]], sub.offset, sub.size, r0, *p.ema.args(L),
+                           *p.bins(L), ema.prev[s], ema.d[s], self.M[s], self.final[s], self.counts[sub.layer],
+                           self.tick[sub.layer], self.cand, self.jb)
+        if top >= self.limits[sub.layer]:
+            self.src.level_error(r0, data["level"], self.task, sub)
 
     def result(self):
         return self.counts, self.tick
@@ -275,6 +279,7 @@ class OscPass(Pass):
     pass holds no [N] arrays (14 bytes per weight, 1.4 GB at 100M weights, that would be written once each)."""
 
     needs = ("level",)
+    checks_levels = True   # (its kernel returns the largest level it read)
 
     def __init__(self, steps, total_steps: int, decay: float, start_frac: float, thr_start: float, thr_end: float,
                  watch_layers=None, per_weight: bool = True):
@@ -300,7 +305,7 @@ class _OscWorker:
 
     def __init__(self, p: OscPass, src, task: Task, out: dict | None = None):
         n = task.size
-        self.p, self.task = p, task
+        self.p, self.task, self.src, self.limits = p, task, src, level_limits(src)
         if out is None:
             out = {"fs": np.empty(n, np.int64), "flevel": np.empty(n, np.int16), "freq": np.empty(n, np.float32)}
         self.fs, self.flevel, self.freq = out["fs"], out["flevel"], out["freq"]   # (in place: the collector's)
@@ -319,10 +324,12 @@ class _OscWorker:
         p = self.p
         s = slice(sub.offset, sub.offset + sub.size)
         watched = p.watch_layers is None or p.watch_layers[sub.layer]
-        osc_kernel(data["level"], sub.offset, sub.size, r0, np.float32(p.m), np.float32(1 - p.m),
-                   p.active if watched else p.never, p.thr32, p.steps, self.freq[s], self.level_ema[s],
-                   self.prev[s], self.last_dir[s], self.fs[s], self.flevel[s], self.free[s],
-                   self.new_by_record[sub.layer])
+        top = osc_kernel(data["level"], sub.offset, sub.size, r0, np.float32(p.m), np.float32(1 - p.m),
+                         p.active if watched else p.never, p.thr32, p.steps, self.freq[s], self.level_ema[s],
+                         self.prev[s], self.last_dir[s], self.fs[s], self.flevel[s], self.free[s],
+                         self.new_by_record[sub.layer])
+        if top >= self.limits[sub.layer]:
+            self.src.level_error(r0, data["level"], self.task, sub)
 
     def result(self):
         t = self.task

@@ -112,6 +112,7 @@ class RunSource:
         self.n_records = int(run.n_records)
         self.n_weights = int(run.n_weights)
         self.layer_sizes = [int(lay["numel"]) for lay in run.layers]
+        self.level_limits = [int(lay.get("n_levels") or 256) for lay in run.layers]   # levels below these
         self.chunk_sizes = list(run.chunk_sizes)
 
     def has(self, name: str) -> bool:
@@ -119,8 +120,20 @@ class RunSource:
             return True
         return all(name in self.run._chunk_arrays(ch) for ch in self.run._chunks)
 
-    def read(self, chunk: int, name: str, start: int, stop: int, out=None) -> np.ndarray:
-        return self.run.read_columns(chunk, name, start, stop, out)
+    def read(self, chunk: int, name: str, start: int, stop: int, out=None, check: bool = True) -> np.ndarray:
+        return self.run.read_columns(chunk, name, start, stop, out, check)
+
+    def level_error(self, r0: int, levels: np.ndarray, task: "Task", sub: "SubBlock") -> None:
+        """Raise the store's error for a level out of its layer's range among a group's records (from the
+        run's record r0 on) at the sub-block's columns, as read with check=False (`Pass.checks_levels`)."""
+        a = task.start + sub.offset
+        block = levels[:, sub.offset:sub.offset + sub.size]
+        rec = 0
+        for c, r in enumerate(self.chunk_sizes):   # (a group holds whole chunks)
+            if r0 <= rec < r0 + len(block):
+                self.run.check_level_columns(c, block[rec - r0:rec - r0 + r], a, a + sub.size)
+            rec += r
+        raise AssertionError("level_error found no level out of range")
 
     def column_buffer(self, name: str, start: int, stop: int, records: int, reuse=None) -> np.ndarray:
         return self.run.column_buffer(name, start, stop, records, reuse)
@@ -153,6 +166,7 @@ class ArraySource:
                 raise ValueError(f"{name} shape {tuple(a.shape)} differs from levels shape {(R, N)}")
         self.n_records, self.n_weights = R, N
         self.layer_sizes = [N] if layer_sizes is None else [int(s) for s in layer_sizes]
+        self.level_limits = [256] * len(self.layer_sizes)   # (arrays in memory: not checked)
         k = max(1, R if chunk_records is None else int(chunk_records))
         self.chunk_sizes = [min(k, R - a) for a in range(0, R, k)]
 
@@ -165,7 +179,7 @@ class ArraySource:
             return reuse
         return np.empty(n, dtype)
 
-    def read(self, chunk: int, name: str, start: int, stop: int, out=None) -> np.ndarray:
+    def read(self, chunk: int, name: str, start: int, stop: int, out=None, check: bool = True) -> np.ndarray:
         r0 = sum(self.chunk_sizes[:chunk])
         part = self.arrays[name][r0:r0 + self.chunk_sizes[chunk], start:stop]
         if out is None:
@@ -250,6 +264,10 @@ class Pass:
     `result()`, and `place` sees that nothing is to copy."""
 
     needs: tuple[str, ...] = ("level",)
+    # True when its workers check every level they read against its layer's range (`source.level_limits`,
+    # `source.level_error`), as its kernel loads them anyway: the readers then skip the store's check (a max
+    # over each read, one more pass over memory) when every pass of a scan that reads levels does so
+    checks_levels: bool = False
 
     def worker(self, src, task: Task, first_record: int):  # pragma: no cover - interface
         raise NotImplementedError
@@ -279,15 +297,23 @@ def chunk_groups(chunk_sizes: Sequence[int], first_chunk: int, width: int,
     return groups
 
 
-def _read_chunk(src, name: str, task: Task, chunk: int, part: np.ndarray) -> None:
-    """The task's columns of one chunk's array `name` into `part` (a [records, task.size] view of a buffer)."""
-    got = src.read(chunk, name, task.start, task.stop, part)
+def level_limits(src) -> list[int]:
+    """Per layer, the bound every level must stay below (`source.level_limits`; 256, no check, for a source
+    that has none)."""
+    return list(getattr(src, "level_limits", None) or [256] * len(src.layer_sizes))
+
+
+def _read_chunk(src, name: str, task: Task, chunk: int, part: np.ndarray, check: bool = True) -> None:
+    """The task's columns of one chunk's array `name` into `part` (a [records, task.size] view of a buffer);
+    levels checked against their layers' range unless `check` is False (the workers check them)."""
+    got = src.read(chunk, name, task.start, task.stop, part) if check else \
+        src.read(chunk, name, task.start, task.stop, part, check=False)
     if got.__array_interface__["data"][0] != part.__array_interface__["data"][0]:
         part[...] = got
 
 
-def _read_group(pool, src, names: Sequence[str], task: Task, group: Sequence[int], bufs: dict[str, np.ndarray]
-                ) -> tuple[dict, list]:
+def _read_group(pool, src, names: Sequence[str], task: Task, group: Sequence[int], bufs: dict[str, np.ndarray],
+                check: bool = True) -> tuple[dict, list]:
     """Start reading the task's columns of the chunks in `group` of every array in `names` on the threads of
     `pool`, one read per chunk and array, into the flat buffers `bufs` (`src.column_buffer`, sized for the
     largest group); returns the [records, task.size] arrays they fill and the reads' futures."""
@@ -297,7 +323,8 @@ def _read_group(pool, src, names: Sequence[str], task: Task, group: Sequence[int
         buf, row = bufs[name], 0
         for c in group:
             r = int(src.chunk_sizes[c])
-            reads.append(pool.submit(_read_chunk, src, name, task, c, buf[row * w:(row + r) * w].reshape(r, w)))
+            reads.append(pool.submit(_read_chunk, src, name, task, c, buf[row * w:(row + r) * w].reshape(r, w),
+                                     check))
             row += r
         data[name] = buf[:row * w].reshape(row, w)
     return data, reads
@@ -428,6 +455,10 @@ def scan_chain(src, passes: Sequence[Pass], first_chunk: int, next_task: Callabl
     gets each task's results as it ends. The READ_AHEAD + 1 buffer sets rotate over the groups of all tasks."""
     first_record = sum(src.chunk_sizes[:first_chunk])
     names = sorted({n for p in passes for n in p.needs})
+    # the readers check the levels, unless every pass reading them does it in its kernel and there is a
+    # check to do (the source's level_limits; arrays in memory have none)
+    check = not (all(getattr(p, "checks_levels", False) for p in passes if "level" in p.needs)
+                 and any(lim < 256 for lim in level_limits(src)))
     spare = buffers.take() if buffers is not None else None
     slots = [dict(spare[k]) if spare is not None and k < len(spare) else {} for k in range(READ_AHEAD + 1)]
     plan: deque = deque()      # [task, its groups, rows of its largest group, next group to read] of the tasks
@@ -459,7 +490,7 @@ def scan_chain(src, passes: Sequence[Pass], first_chunk: int, next_task: Callabl
             return True
         k = issued % len(slots)
         slots[k] = {n: src.column_buffer(n, t.start, t.stop, rows, slots[k].get(n)) for n in names}
-        data, reads = _read_group(pool, src, names, t, groups[g], slots[k])
+        data, reads = _read_group(pool, src, names, t, groups[g], slots[k], check)
         pending.append((t, g, data, reads))
         plan[-1][3] = g + 1
         issued += 1
@@ -567,6 +598,6 @@ def run_passes(src, passes: Sequence[Pass], executor: Executor | None = None, fi
         return [c.finish() for c in collectors]
 
 
-__all__ = ["SUB_COLS", "TASK_COLS", "GROUP_BYTES", "ALIGN_COLS", "READ_AHEAD", "READ_THREADS", "Executor", "serial",
+__all__ = ["level_limits", "SUB_COLS", "TASK_COLS", "GROUP_BYTES", "ALIGN_COLS", "READ_AHEAD", "READ_THREADS", "Executor", "serial",
            "thread_executor", "default_workers", "RunSource", "ArraySource", "SubBlock", "Task", "plan_tasks", "Pass",
            "chunk_groups", "BufferPool", "place", "scan_task", "full_gc_paused", "run_passes"]

@@ -6,6 +6,9 @@ tests/stream_reference.py): the same float32 operations in the same order, float
 a float64 literal), no fastmath, so every result is bit for bit the reference's. Per-record parameters (EMA
 decays, thresholds, which records count) are computed once per pass in Python and passed as small arrays.
 
+`index_kernel`, `osc_kernel` and `level_kernel` return the largest level they read (`_row_max` on each row they
+load), which their workers check against the layer's range (`Pass.checks_levels`).
+
 Arguments shared by the kernels: `lv` (and `dist`) are a chunk's [records, task columns] arrays (C order); the
 sub-block is their columns `c0 … c0+n`; `rec0` is the run's record index of their row 0; per-weight state arrays
 are the sub-block's slices (length n); per-record arrays are indexed by the run's record index.
@@ -46,6 +49,17 @@ def ema_modes(steps: np.ndarray, start: int, decay: float) -> tuple[np.ndarray, 
 
 
 BLOCK = 1024    # weights whose state a kernel keeps in the L1 cache while it follows them through a group's records
+
+
+@kernel
+def _row_max(row, mx):
+    """max(mx, the largest value of `row`): the level check of a kernel that has just loaded the row (it is in
+    L1; a vectorised max, a small fraction of the kernel's time)."""
+    m = mx
+    for j in range(row.size):
+        v = np.int64(row[j])
+        m = v if v > m else m
+    return m
 
 
 @kernel
@@ -170,6 +184,7 @@ def index_kernel(lv, dist, c0, n, rec0, inv128, scale, reset, mode, m32, k32, el
     rows = lv.shape[0]
     h = np.zeros((rows, 2 * NB), np.int32)    # per record: +1/−1 at 2·bin + (at its final level)
     h_used = np.zeros(rows, np.bool_)
+    mx = np.int64(0)
     for b0 in range(0, n, BLOCK):
         b1 = min(b0 + BLOCK, n)
         pr, dd, mm, fin = prev[b0:b1], d[b0:b1], M[b0:b1], final[b0:b1]
@@ -178,6 +193,7 @@ def index_kernel(lv, dist, c0, n, rec0, inv128, scale, reset, mode, m32, k32, el
             rec = rec0 + i
             md = mode[rec]
             row = lv[i, c0 + b0:c0 + b1]
+            mx = _row_max(row, mx)
             _ema_block(md, m32[rec], k32[rec], reset, inv128, scale, row, dist[i, c0 + b0:c0 + b1], pr, dd)
             if md == 0 or not eligible[rec]:
                 continue
@@ -213,6 +229,7 @@ def index_kernel(lv, dist, c0, n, rec0, inv128, scale, reset, mode, m32, k32, el
             for b in range(NB):
                 counts[rec0 + i, b] += h[i, 2 * b] + h[i, 2 * b + 1]
                 tick[b] += h[i, 2 * b + 1]
+    return mx
 
 
 @kernel
@@ -252,6 +269,7 @@ def osc_kernel(lv, c0, n, rec0, m, k, active, thr, steps, freq, level_ema, prev,
     a second branch-free loop."""
     zero = np.float32(0)
     up1, down1 = np.int8(1), np.int8(-1)
+    mx = np.int64(0)
     for b0 in range(0, n, BLOCK):
         b1 = min(b0 + BLOCK, n)
         fq, le, pr, ld = freq[b0:b1], level_ema[b0:b1], prev[b0:b1], last_dir[b0:b1]
@@ -259,6 +277,7 @@ def osc_kernel(lv, c0, n, rec0, m, k, active, thr, steps, freq, level_ema, prev,
         for i in range(lv.shape[0]):
             rec = rec0 + i
             row = lv[i, c0 + b0:c0 + b1]
+            mx = _row_max(row, mx)
             t = thr[rec]
             hit = False
             if rec == 0:
@@ -291,6 +310,7 @@ def osc_kernel(lv, c0, n, rec0, m, k, active, thr, steps, freq, level_ema, prev,
                     fre[j] = fre[j] ^ c         # (c implies fre[j])
                     n_new += c
                 new_by_record[rec] += n_new
+    return mx
 
 
 LOW7 = np.uint64(0x7F7F7F7F7F7F7F7F)   # per byte of a word: the low seven bits …
@@ -308,6 +328,7 @@ def level_kernel(lv, c0, n, rec0, first, prev, last_change, flips, reversals, la
     lowest first) is updated, branch-free. A sub-block's last n mod 8 weights are tested one by one."""
     cand = np.empty(BLOCK, np.int32)
     words = np.empty(BLOCK // 8, np.int32)
+    mx = np.int64(0)
     for b0 in range(0, n, BLOCK):
         b1 = min(b0 + BLOCK, n)
         nb = b1 - b0
@@ -317,6 +338,7 @@ def level_kernel(lv, c0, n, rec0, first, prev, last_change, flips, reversals, la
         for i in range(lv.shape[0]):
             rec = rec0 + i
             row = lv[i, c0 + b0:c0 + b1]
+            mx = _row_max(row, mx)
             if rec == 0:
                 for j in range(nb):
                     occ[0, row[j]] += 1
@@ -353,6 +375,7 @@ def level_kernel(lv, c0, n, rec0, first, prev, last_change, flips, reversals, la
                 o[cur] += 1
                 o[p] -= 1
                 pr[j] = cur
+    return mx
 
 
 __all__ = ["BLOCK", "BEFORE", "START", "START_RESET", "UPDATE", "ema_modes", "index_kernel", "freeze_kernel", "osc_kernel",
