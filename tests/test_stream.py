@@ -536,3 +536,45 @@ def test_a_level_out_of_its_layers_range_is_the_stores_error_in_every_streamed_a
                                                     r"levels") as err:
             analysis()
         assert "\n" not in str(err.value), name
+
+
+def test_a_scan_from_past_the_last_chunk_delivers_every_task_unfed():
+    """`scan_chain`'s tasks with nothing to read (a scan from past the last record, e.g. a cached result of a
+    run that did not grow): every task is made, fed nothing and delivered once, serially and on threads."""
+    from lts_core.analysis.stream import Pass
+
+    class Feeds:
+        def __init__(self, task):
+            self.task, self.n = task, 0
+
+        def feed(self, r0, data, sub):
+            self.n += 1
+
+        def result(self):
+            return self.task.start, self.n
+
+    class Sorted:
+        def __init__(self):
+            self.got = []
+
+        def add(self, task, res):
+            self.got.append(res)
+
+        def finish(self):
+            return sorted(self.got)
+
+    class Counting(Pass):
+        def worker(self, src, task, first_record, out=None):
+            return Feeds(task)
+
+        def collector(self, src, first_record):
+            return Sorted()
+
+    lv, _, _ = trajectories(R=6, seed=1)
+    src = ArraySource({"level": lv}, SIZES, 2)
+    starts = [t.start for t in plan_tasks(SIZES, 2, task_cols=100)]
+    for executor in (serial, thread_executor(2)):
+        (past,) = run_passes(src, [Counting()], executor, first_chunk=3, task_cols=100, workers=2)
+        assert past == [(s, 0) for s in starts]
+        (last,) = run_passes(src, [Counting()], executor, first_chunk=2, task_cols=100, workers=2)
+        assert [s for s, _ in last] == starts and all(n >= 1 for _, n in last)
