@@ -264,10 +264,23 @@ def _atomic_save_npy(path: Path, array: np.ndarray) -> None:
         _atomic_write(path, lambda f: np.save(f, arr, allow_pickle=False))
 
 
+NPY_HEADER_LOCK = threading.Lock()
+"""Held while a .npy header is parsed (here, `np.load`, and `analysis.cache`): numpy parses it with
+`ast.literal_eval`, which CPython 3.11 does not run safely on several threads at once (python/cpython#106905:
+a spurious SystemError "AST constructor recursion depth mismatch", which a reader would report as a damaged
+file). A streamed scan's reader threads open many chunk files at once."""
+
+
+def load_npy(path: Path, mmap_mode: str | None = None) -> np.ndarray:
+    """`np.load(path, mmap_mode, allow_pickle=False)` with its header parsed under `NPY_HEADER_LOCK`."""
+    with NPY_HEADER_LOCK:
+        return np.load(path, mmap_mode=mmap_mode, allow_pickle=False)
+
+
 def _npy_header(path: Path) -> tuple[tuple[int, ...], np.dtype, int]:
-    """(shape, dtype, data offset) from a .npy header, reading only the header."""
+    """(shape, dtype, data offset) from a .npy header, reading only the header (under `NPY_HEADER_LOCK`)."""
     fmt = np.lib.format
-    with open(path, "rb") as f:
+    with NPY_HEADER_LOCK, open(path, "rb") as f:
         version = fmt.read_magic(f)
         if version == (1, 0):
             shape, fortran, dtype = fmt.read_array_header_1_0(f)
@@ -1102,7 +1115,7 @@ class Run:
             return ch["maps"][name]
         path = chunk_file(self.path, ch["index"], name)
         try:
-            return np.load(path, mmap_mode="r", allow_pickle=False)
+            return load_npy(path, mmap_mode="r")
         except Exception as e:
             raise CorruptChunkError(f"{path}: cannot be read ({one_line(e, 200)})") from None
 
@@ -1367,7 +1380,7 @@ class Run:
             raise RunError(f"{path}: no summary {name!r} in run {self.run_id}")
         try:
             _check_npy(path, spec.expected_shape(None, self.n_weights, len(self.layers)), spec.dtype_ok)
-            return np.load(path, allow_pickle=False)
+            return load_npy(path)
         except CorruptChunkError as e:
             raise RunError(str(e).replace("does not match the manifest", "does not match the run")) from None
         except Exception as e:
@@ -1511,7 +1524,7 @@ def runs_dir() -> Path:
     return (Path(data) if data else Path(__file__).resolve().parent.parent / "data") / "runs"
 
 
-__all__ = ["SCHEMA_VERSION", "STATUSES", "METRIC_COLUMNS", "TRAJ_ARRAYS", "SUMMARY_ARRAYS", "CACHE_FILES",
+__all__ = ["NPY_HEADER_LOCK", "load_npy", "SCHEMA_VERSION", "STATUSES", "METRIC_COLUMNS", "TRAJ_ARRAYS", "SUMMARY_ARRAYS", "CACHE_FILES",
            "ArraySpec", "RunError", "MissingManifestError", "CorruptManifestError", "SchemaVersionError",
            "CorruptChunkError", "CorruptMetricsError", "UnsafePathError", "RunExistsError", "StoreWriteError",
            "RunWriter", "ChunkAppender", "Run", "RunEntry", "RunProgress", "open_run", "list_runs", "runs_dir",

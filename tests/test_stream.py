@@ -578,3 +578,34 @@ def test_a_scan_from_past_the_last_chunk_delivers_every_task_unfed():
         assert past == [(s, 0) for s in starts]
         (last,) = run_passes(src, [Counting()], executor, first_chunk=2, task_cols=100, workers=2)
         assert [s for s, _ in last] == starts and all(n >= 1 for _, n in last)
+
+
+def test_npy_headers_are_parsed_one_at_a_time(tmp_path, monkeypatch):
+    """numpy parses .npy headers with `ast.literal_eval`, which CPython 3.11 does not run safely on several
+    threads at once (python/cpython#106905: a spurious SystemError that the store would report as a damaged
+    chunk file). A streamed scan's reader threads open many chunk files at once: their header parsing, and the
+    cache's loads, never overlap (`store.NPY_HEADER_LOCK`), and the results stay the in-memory ones."""
+    import ast
+    import time
+    lv, dist, _ = trajectories(R=24, seed=9)
+    write_run(tmp_path, lv, dist, chunk=1)                  # 24 chunks: 48 headers, read by several threads
+    real, inside, most = ast.literal_eval, [0], [0]
+    lock = threading.Lock()
+
+    def tracked(node):
+        with lock:
+            inside[0] += 1
+            most[0] = max(most[0], inside[0])
+        time.sleep(0.002)                                   # wide enough for an overlap to be seen
+        try:
+            return real(node)
+        finally:
+            with lock:
+                inside[0] -= 1
+    monkeypatch.setattr(ast, "literal_eval", tracked)
+    run = open_run(tmp_path / "r")
+    (stats,) = run_passes(RunSource(run), [LevelStatsPass()], thread_executor(2), task_cols=300, workers=2)
+    check_stats(stats, reference(lv, dist))
+    build_cache(run)
+    assert cache.load(open_run(tmp_path / "r"), "levels") is not None
+    assert most[0] == 1

@@ -65,7 +65,7 @@ class Cached:
 def load(run, item: str, settings: dict | None = None) -> Cached | None:
     """The cached `item` of `run` for `settings`, or None when absent, unreadable or of another version,
     settings or run."""
-    from ..store import RunError
+    from ..store import NPY_HEADER_LOCK, RunError, load_npy
     settings = settings or {}
     try:
         meta = json.loads(_file(run, f"{item}.json").read_text())
@@ -86,11 +86,11 @@ def load(run, item: str, settings: dict | None = None) -> Cached | None:
         return None
     key = meta.get("key")
     try:  # names from the meta file are checked by the store: nothing outside the run is read
-        arrays = {name: np.load(_file(run, f"{item}.{key}.{name}.npy"), mmap_mode="r", allow_pickle=False)
+        arrays = {name: load_npy(_file(run, f"{item}.{key}.{name}.npy"), mmap_mode="r")
                   for name in meta.get("arrays", [])}
         tables = {}
-        if meta.get("tables"):
-            with np.load(_file(run, f"{item}.{key}.npz"), allow_pickle=False) as z:
+        if meta.get("tables"):   # (each member's header is parsed as it is read)
+            with NPY_HEADER_LOCK, np.load(_file(run, f"{item}.{key}.npz"), allow_pickle=False) as z:
                 tables = {name: z[name] for name in meta["tables"]}
     except (OSError, ValueError, KeyError, EOFError, TypeError, RunError):
         return None   # removed by a newer build, damaged or crafted: recompute
