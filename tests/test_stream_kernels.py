@@ -204,6 +204,64 @@ def test_index_kernel_equals_numpy_where_the_gain_is_zero_negative_or_tiny(monke
         assert a[0][J, :, -1].sum() > 0
 
 
+def test_drop_keys_sixteen_at_a_time_and_one_by_one_equal_numpy():
+    """`drop_keys`, in both forms (the compress-store sixteen at a time, and one by one), lists exactly the
+    weights whose bin drops, in order, with the keys and new minima numpy computes: any length (whole vectors
+    and a tail), levels of any integer width, ties jb == mm, keys up to the limit."""
+    from lts_core.analysis.stream_kernels import KEY_LIMIT, drop_keys_scalar, drop_keys_vector
+    rng = np.random.default_rng(5)
+    top = KEY_LIMIT // 2 - 1                     # the largest bin whose keys fit
+    for n in (0, 1, 15, 16, 17, 100, 1024):
+        for dtype in (np.uint8, np.int16, np.int64):
+            jb = rng.integers(0, top + 1, n).astype(np.int32)
+            mm = rng.integers(0, top + 1, n).astype(np.int32)
+            mm[::5] = jb[::5]                    # ties: no move
+            jb[1::7], mm[2::7] = top, top
+            row = rng.integers(0, 3, n).astype(dtype)
+            fin = rng.integers(0, 3, n).astype(np.uint8)
+            ok = (row == fin).astype(np.int64)
+            drop = jb < mm
+            want = (((2 * jb + ok) | ((2 * mm.astype(np.int64) + ok) << 16))[drop]).astype(np.int32)
+            for fn in (drop_keys_vector, drop_keys_scalar):
+                m = mm.copy()
+                out = np.full(max(n, 1), -7, np.int32)
+                nc = fn(jb, m, row, fin, n, out)
+                assert nc == drop.sum(), (fn, n, dtype)
+                np.testing.assert_array_equal(out[:nc], want, err_msg=f"{n} {dtype}")
+                np.testing.assert_array_equal(m, np.minimum(jb, mm))
+                assert (want >= 0).all() and (want & 0xFFFF).max(initial=0) < KEY_LIMIT
+
+
+@pytest.mark.parametrize("schedule,W", [("linear", 6), ("sine", 20)])
+def test_index_kernel_equals_numpy_on_a_grid_too_fine_for_keys(schedule, W):
+    """A grid whose histogram keys do not fit in 16 bits (2·(J+2) > KEY_LIMIT) takes the moves one weight at a
+    time: the same index as the reference."""
+    from lts_core.analysis.stream_kernels import KEY_LIMIT
+    rng = np.random.default_rng(3)
+    R, Bf, Jf = 24, 8192, 16384
+    assert 2 * (Jf + 2) > KEY_LIMIT
+    steps = np.arange(R)
+    lv = levels(rng, R)
+    codes = rng.integers(0, 256, lv.shape).astype(np.uint8)
+    args = (steps, N_LEVELS, schedule, W, R - 2, 0.5, Bf, Jf, False, None)
+    a, b = run_both(IndexPass(*args), RefIndexPass(*args), {"level": lv, "dist": codes}, 5, 64)
+    same_tree(a, b, "fine grid")
+    assert a[0][Jf, :, -1].sum() > 0
+
+
+def test_index_kernel_without_the_compress_instruction(tmp_path):
+    """For a CPU without AVX-512 (numba told so with NUMBA_CPU_FEATURES; its own cache), the index kernel
+    lists the moves one by one (`drop_keys_scalar`) and still equals the reference."""
+    import os
+    env = dict(os.environ, NUMBA_CPU_NAME="x86-64-v3", NUMBA_CACHE_DIR=str(tmp_path / "numba"),
+               NUMBA_CPU_FEATURES="+64bit,+sse2,+sse3,+ssse3,+sse4.1,+sse4.2,+popcnt,+avx,+avx2,+fma,+bmi,+bmi2")
+    check = ("from lts_core.analysis import stream_kernels as k\n"
+             "assert not k.HAS_COMPRESS and k.drop_keys is k.drop_keys_scalar\n")
+    subprocess.run([sys.executable, "-c", check], check=True, env=env)
+    subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", __file__,
+                    "-k", "test_index_kernel_equals_numpy and linear and 0-0-1-1-64"], check=True, env=env)
+
+
 @pytest.mark.parametrize("seed,first_step,gap,chunk,sub", CASES)
 def test_freeze_kernel_equals_numpy(seed, first_step, gap, chunk, sub):
     rng = np.random.default_rng(seed)

@@ -9,6 +9,10 @@ decays, thresholds, which records count) are computed once per pass in Python an
 `index_kernel`, `osc_kernel` and `level_kernel` return the largest level they read (`_row_max` on each row they
 load), which their workers check against the layer's range (`Pass.checks_levels`).
 
+One step is written in LLVM IR (`_drop_keys16`, the index's movers sixteen at a time with a compress-store), as
+numba has no vector types; it is used where numba compiles for AVX-512 (`HAS_COMPRESS`), a plain loop
+elsewhere. numba's cache notices changes to this file only, so helpers of these kernels stay in it.
+
 Arguments shared by the kernels: `lv` (and `dist`) are a chunk's [records, task columns] arrays (C order); the
 sub-block is their columns `c0 … c0+n`; `rec0` is the run's record index of their row 0; per-weight state arrays
 are the sub-block's slices (length n); per-record arrays are indexed by the run's record index.
@@ -19,7 +23,11 @@ This module imports numba: import it only where a pass runs (the workers' constr
 from __future__ import annotations
 
 import numpy as np
+from llvmlite import ir
+from numba import types
+from numba.core import cgutils
 from numba.cpython.unsafe.numbers import trailing_zeros
+from numba.extending import intrinsic
 
 from ..jit import kernel
 
@@ -54,12 +62,16 @@ BLOCK = 1024    # weights whose state a kernel keeps in the L1 cache while it fo
 @kernel
 def _row_max(row, mx):
     """max(mx, the largest value of `row`): the level check of a kernel that has just loaded the row (it is in
-    L1; a vectorised max, a small fraction of the kernel's time)."""
-    m = mx
-    for j in range(row.size):
-        v = np.int64(row[j])
+    L1). The max runs in the row's own type (uint8: 32 values per vector instruction; widened to int64 per value
+    it cost 2-5 % of the index kernel) and is widened once."""
+    if row.size == 0:
+        return mx
+    m = row[0]
+    for j in range(1, row.size):
+        v = row[j]
         m = v if v > m else m
-    return m
+    m64 = np.int64(m)
+    return m64 if m64 > mx else mx
 
 
 @kernel
@@ -166,6 +178,117 @@ def _candidate_bins(dd, cand, nc, e, g, q_scale, top, jb):
             jb[j] = jt
 
 
+# ---- the index's moves, sixteen weights at a time ---------------------------------------------------------------
+# About half the weight-records of a run with a growing threshold move their running-minimum bin; listing them
+# one weight at a time (`out[nc] = j; nc += jb[j] < M[j]`) and then loading each one's bin, minimum, level and
+# final level again took 0.75 of the index kernel's 1.3 ns per weight-record. `drop_keys` computes, sixteen
+# weights at a time, each weight's two histogram keys and its new minimum, and stores the keys of the weights
+# that move contiguously (LLVM's `llvm.masked.compressstore`: one `vpcompressd` on AVX-512): the moves then
+# read one word each. numba has no vector types, so that step is an intrinsic written in LLVM IR.
+
+KEY_LIMIT = 1 << 15   # histogram keys 2·bin + (at the final level) below this: two of them in an int32
+
+
+def _target_has_avx512f() -> bool:
+    """Whether numba compiles for a CPU with AVX-512F (the target machine's features: the host's, or
+    NUMBA_CPU_NAME / NUMBA_CPU_FEATURES where set). Without it LLVM lowers the compress-store into a branch
+    per lane, slower than the scalar loop, so `drop_keys` is then `drop_keys_scalar`."""
+    try:
+        from numba.core.registry import cpu_target
+        codegen = cpu_target.target_context.codegen()
+        features = getattr(codegen, "_tm_features", None) or codegen._get_host_cpu_features()
+        return "+avx512f" in str(features).split(",")
+    except Exception:   # pragma: no cover - a numba without these internals: the scalar loop, always correct
+        return False
+
+
+HAS_COMPRESS = _target_has_avx512f()
+LANES = 16
+
+
+@intrinsic
+def _drop_keys16(typingctx, jb, mm, row, fin, j0, out, nc):
+    """Weights j0 … j0+15: key = (2·jb+ok) | (2·mm+ok) << 16 with ok = (row == fin); where jb < mm the key is
+    stored at out[nc], out[nc+1] … (ascending j) and mm = jb; returns nc + their number. jb, mm, out: 1-d int32
+    arrays; row, fin: 1-d integer arrays (levels); the sixteen weights must exist and out have room."""
+    ints = (jb, mm, out)
+    if not all(isinstance(a, types.Array) and a.ndim == 1 and a.dtype == types.int32 for a in ints):
+        return None
+    if not all(isinstance(a, types.Array) and a.ndim == 1 and isinstance(a.dtype, types.Integer) for a in (row, fin)):
+        return None
+    sig = types.int64(jb, mm, row, fin, types.int64, out, types.int64)
+
+    def codegen(context, builder, signature, args):
+        jb_, mm_, row_, fin_, j0_, out_, nc_ = args
+        tys = signature.args
+        i32, i64 = ir.IntType(32), ir.IntType(64)
+        v32, v64 = ir.VectorType(i32, LANES), ir.VectorType(i64, LANES)
+
+        def ptr(k, arr, at):
+            data = cgutils.create_struct_proxy(tys[k])(context, builder, value=arr).data
+            return builder.gep(data, [at])
+
+        def load(k, arr):
+            elem = context.get_data_type(tys[k].dtype)
+            vec = ir.VectorType(elem, LANES)
+            v = builder.load(builder.bitcast(ptr(k, arr, j0_), vec.as_pointer()), align=1)
+            return builder.sext(v, v64) if tys[k].dtype.signed else builder.zext(v, v64)
+
+        p_jb = builder.bitcast(ptr(0, jb_, j0_), v32.as_pointer())
+        p_mm = builder.bitcast(ptr(1, mm_, j0_), v32.as_pointer())
+        jt, old = builder.load(p_jb, align=4), builder.load(p_mm, align=4)
+        ok = builder.zext(builder.icmp_unsigned("==", load(2, row_), load(3, fin_)), v32)
+        one = ir.Constant(v32, [1] * LANES)
+        new_key = builder.add(builder.shl(jt, one), ok)
+        old_key = builder.add(builder.shl(old, one), ok)
+        key = builder.or_(new_key, builder.shl(old_key, ir.Constant(v32, [16] * LANES)))
+        drop = builder.icmp_signed("<", jt, old)
+        builder.store(builder.select(drop, jt, old), p_mm, align=4)
+        store = cgutils.get_or_insert_function(builder.module, ir.FunctionType(
+            ir.VoidType(), [v32, i32.as_pointer(), ir.VectorType(ir.IntType(1), LANES)]),
+            f"llvm.masked.compressstore.v{LANES}i32")
+        builder.call(store, [key, builder.bitcast(ptr(5, out_, nc_), i32.as_pointer()), drop])
+        bits = ir.IntType(LANES)
+        ctpop = cgutils.get_or_insert_function(builder.module, ir.FunctionType(bits, [bits]), f"llvm.ctpop.i{LANES}")
+        return builder.add(nc_, builder.zext(builder.call(ctpop, [builder.bitcast(drop, bits)]), i64))
+
+    return sig, codegen
+
+
+@kernel
+def drop_keys_vector(jb, mm, row, fin, n, out):
+    """The weights j < n whose bin jb[j] drops below their running minimum mm[j]: out[:nc] = their histogram
+    keys (2·jb+ok) | (2·mm+ok) << 16, ok = row[j] == fin[j], in ascending j; mm = min(mm, jb). Returns nc.
+    Sixteen weights at a time (`_drop_keys16`), the last n mod 16 one by one. Keys must be < `KEY_LIMIT`."""
+    nc = 0
+    j = 0
+    while j + LANES <= n:
+        nc = _drop_keys16(jb, mm, row, fin, j, out, nc)
+        j += LANES
+    return _drop_keys_tail(jb, mm, row, fin, j, n, out, nc)
+
+
+@kernel
+def _drop_keys_tail(jb, mm, row, fin, j0, n, out, nc):
+    for j in range(j0, n):
+        jt, o = jb[j], mm[j]
+        ok = np.int32(row[j] == fin[j])
+        out[nc] = np.int32((2 * jt + ok) | ((2 * o + ok) << 16))
+        drop = jt < o
+        nc += drop
+        mm[j] = jt if drop else o
+    return nc
+
+
+@kernel
+def drop_keys_scalar(jb, mm, row, fin, n, out):
+    """`drop_keys_vector` one weight at a time, branch-free."""
+    return _drop_keys_tail(jb, mm, row, fin, 0, n, out, 0)
+
+
+drop_keys = drop_keys_vector if HAS_COMPRESS else drop_keys_scalar
+
+
 @kernel
 def index_kernel(lv, dist, c0, n, rec0, inv128, scale, reset, mode, m32, k32, eligible, gain, qscale, ext, top,
                  sc, bf, prev, d, M, final, counts, tick, cand, jb):
@@ -175,15 +298,19 @@ def index_kernel(lv, dist, c0, n, rec0, inv128, scale, reset, mode, m32, k32, el
     thresholds, +inf), gain float64 [R], qscale float32 [R] (B / (gain·scale)), top = J+1 (the overflow bin)
     as float32, sc = 1/(L−1) and bf = B as float64 (the thresholds' own operands); cand, jb int32 [≥ BLOCK]
     scratch. Blocks of `BLOCK` weights, the group's records inside: the EMA and the grid bins of the whole
-    block vectorised (`_block_bins`; a weight is a candidate exactly when its bin is below M, as the bin is the
-    smallest with d ≤ its threshold), the candidates compacted without branches, then one by one into one
-    histogram per record keyed 2·bin + (at its final level) (unsigned indices: no negative-index checks).
-    Records with gain ≤ 0 or an infinite q_scale test d ≤ ext[M] and look the bins up (`_candidate_bins`)."""
+    block vectorised (`_quick_bins`, exact where float32 cannot decide: `_exact_bin`, `_block_bins`; a weight
+    moves exactly when its bin is below M, as the bin is the smallest with d ≤ its threshold), the movers'
+    histogram keys 2·bin + (at its final level), old and new, listed sixteen at a time (`drop_keys`), then
+    added one by one into one histogram per record (unsigned indices: no negative-index checks). A grid too
+    fine for the keys (2·(J+2) > KEY_LIMIT) lists the movers' positions instead, branch-free, and keys them
+    one by one. Records with gain ≤ 0 or an infinite q_scale test d ≤ ext[M] and look the bins up
+    (`_candidate_bins`)."""
     NB = counts.shape[1]
     J = np.int32(NB - 2)
     rows = lv.shape[0]
     h = np.zeros((rows, 2 * NB), np.int32)    # per record: +1/−1 at 2·bin + (at its final level)
     h_used = np.zeros(rows, np.bool_)
+    keyed = 2 * NB <= KEY_LIMIT     # the histogram keys fit the moves' words
     mx = np.int64(0)
     for b0 in range(0, n, BLOCK):
         b1 = min(b0 + BLOCK, n)
@@ -201,8 +328,21 @@ def index_kernel(lv, dist, c0, n, rec0, inv128, scale, reset, mode, m32, k32, el
             g, q_scale = gain[rec], qscale[rec]
             nc = 0
             if g > 0 and np.isfinite(q_scale):
-                if _quick_bins(dd, q_scale, top, jbb) > UNSURE_MAX:
+                n_unsure = _quick_bins(dd, q_scale, top, jbb)
+                if n_unsure > UNSURE_MAX:
                     _block_bins(dd, q_scale, top, g, sc, bf, J, jbb)
+                elif keyed and n_unsure:     # the keys need every bin exact
+                    for j in range(b1 - b0):
+                        if jbb[j] < 0:
+                            jbb[j] = _exact_bin(dd[j], q_scale, top, g, sc, bf, J)
+                if keyed:                    # the moves from their keys (`drop_keys`)
+                    nc = drop_keys(jbb, mm, row, fin, b1 - b0, cand)
+                    hr = h[i]
+                    for q in range(nc):
+                        key = cand[q]
+                        hr[np.uint64(key & 0xFFFF)] += 1
+                        hr[np.uint64(key >> 16)] -= 1
+                    continue
                 for j in range(b1 - b0):     # branch-free compaction of the weights whose bin drops (or UNSURE)
                     cand[nc] = j
                     nc += jbb[j] < mm[j]
