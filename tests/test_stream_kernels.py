@@ -232,6 +232,24 @@ def test_drop_keys_sixteen_at_a_time_and_one_by_one_equal_numpy():
                 assert (want >= 0).all() and (want & 0xFFFF).max(initial=0) < KEY_LIMIT
 
 
+def test_list_changed_sixteen_and_eight_at_a_time_equal_numpy():
+    """`list_changed`, in both forms (the compress-store sixteen at a time, and 64-bit words eight at a time),
+    lists the positions where the level changed, ascending, for any length and change rate."""
+    from lts_core.analysis.stream_kernels import list_changed_swar, list_changed_vector
+    rng = np.random.default_rng(6)
+    for n in (0, 1, 7, 8, 15, 16, 17, 100, 1000, 1024):
+        for rate in (0.0, 0.02, 0.5, 1.0):
+            pr = rng.integers(0, 256, n).astype(np.uint8)
+            row = pr.copy()
+            hit = rng.random(n) < rate
+            row[hit] = (pr[hit] + rng.integers(1, 256, int(hit.sum()))).astype(np.uint8)
+            row[-1:] ^= np.uint8(128)             # a change in the high bit of the last byte
+            for fn in (list_changed_vector, list_changed_swar):
+                out = np.full(max(n, 1), -7, np.int32)
+                nc = fn(row, pr, np.empty(max(n // 8, 1), np.int32), out)
+                np.testing.assert_array_equal(out[:nc], np.flatnonzero(row != pr), err_msg=f"{fn} {n} {rate}")
+
+
 @pytest.mark.parametrize("schedule,W", [("linear", 6), ("sine", 20)])
 def test_index_kernel_equals_numpy_on_a_grid_too_fine_for_keys(schedule, W):
     """A grid whose histogram keys do not fit in 16 bits (2·(J+2) > KEY_LIMIT) takes the moves one weight at a
@@ -249,17 +267,20 @@ def test_index_kernel_equals_numpy_on_a_grid_too_fine_for_keys(schedule, W):
     assert a[0][Jf, :, -1].sum() > 0
 
 
-def test_index_kernel_without_the_compress_instruction(tmp_path):
+def test_kernels_without_the_compress_instruction(tmp_path):
     """For a CPU without AVX-512 (numba told so with NUMBA_CPU_FEATURES; its own cache), the index kernel
-    lists the moves one by one (`drop_keys_scalar`) and still equals the reference."""
+    lists the moves one by one (`drop_keys_scalar`), the level kernel the changes as 64-bit words
+    (`list_changed_swar`), and both still equal the reference."""
     import os
     env = dict(os.environ, NUMBA_CPU_NAME="x86-64-v3", NUMBA_CACHE_DIR=str(tmp_path / "numba"),
                NUMBA_CPU_FEATURES="+64bit,+sse2,+sse3,+ssse3,+sse4.1,+sse4.2,+popcnt,+avx,+avx2,+fma,+bmi,+bmi2")
     check = ("from lts_core.analysis import stream_kernels as k\n"
-             "assert not k.HAS_COMPRESS and k.drop_keys is k.drop_keys_scalar\n")
+             "assert not k.HAS_COMPRESS and k.drop_keys is k.drop_keys_scalar\n"
+             "assert k.list_changed is k.list_changed_swar\n")
     subprocess.run([sys.executable, "-c", check], check=True, env=env)
-    subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", __file__,
-                    "-k", "test_index_kernel_equals_numpy and linear and 0-0-1-1-64"], check=True, env=env)
+    subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", __file__, "-k",
+                    "test_index_kernel_equals_numpy and linear and 0-0-1-1-64 or test_level_kernel"],
+                   check=True, env=env)
 
 
 @pytest.mark.parametrize("seed,first_step,gap,chunk,sub", CASES)
@@ -336,10 +357,11 @@ def test_level_kernel_equals_numpy(seed, first_step, gap, chunk, sub):
         same_tree(a, b, "levels resumed")
 
 
-def test_level_kernel_finds_rare_changes_eight_weights_at_a_time():
-    """Rare changes, as in a late QAT run (the kernel reads eight weights as one 64-bit word): full blocks of
-    1,024 weights whose words mostly do not change, words with one to eight changed bytes, and byte values
-    that differ in the high bit only (127 ↔ 128, 0 ↔ 255), at any column offset of the task's chunks."""
+def test_level_kernel_finds_rare_changes():
+    """Rare changes, as in a late QAT run (the kernel lists them sixteen weights at a time, or eight as one
+    64-bit word): full blocks of 1,024 weights whose words mostly do not change, words with one to eight
+    changed bytes, and byte values that differ in the high bit only (127 ↔ 128, 0 ↔ 255), at any column offset
+    of the task's chunks."""
     rng = np.random.default_rng(11)
     sizes, R = [5000, 3001], 30
     lv = np.empty((R, sum(sizes)), np.uint8)

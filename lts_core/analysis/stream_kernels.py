@@ -9,9 +9,10 @@ decays, thresholds, which records count) are computed once per pass in Python an
 `index_kernel`, `osc_kernel` and `level_kernel` return the largest level they read (`_row_max` on each row they
 load), which their workers check against the layer's range (`Pass.checks_levels`).
 
-One step is written in LLVM IR (`_drop_keys16`, the index's movers sixteen at a time with a compress-store), as
-numba has no vector types; it is used where numba compiles for AVX-512 (`HAS_COMPRESS`), a plain loop
-elsewhere. numba's cache notices changes to this file only, so helpers of these kernels stay in it.
+Two steps are written in LLVM IR (`_drop_keys16`, the index's movers, and `_changed16`, the weights whose level
+changed, sixteen at a time with a compress-store), as numba has no vector types; they are used where numba
+compiles for AVX-512 (`HAS_COMPRESS`), plain loops elsewhere. numba's cache notices changes to this file only,
+so helpers of these kernels stay in it.
 
 Arguments shared by the kernels: `lv` (and `dist`) are a chunk's [records, task columns] arrays (C order); the
 sub-block is their columns `c0 … c0+n`; `rec0` is the run's record index of their row 0; per-weight state arrays
@@ -178,13 +179,15 @@ def _candidate_bins(dd, cand, nc, e, g, q_scale, top, jb):
             jb[j] = jt
 
 
-# ---- the index's moves, sixteen weights at a time ---------------------------------------------------------------
-# About half the weight-records of a run with a growing threshold move their running-minimum bin; listing them
-# one weight at a time (`out[nc] = j; nc += jb[j] < M[j]`) and then loading each one's bin, minimum, level and
-# final level again took 0.75 of the index kernel's 1.3 ns per weight-record. `drop_keys` computes, sixteen
-# weights at a time, each weight's two histogram keys and its new minimum, and stores the keys of the weights
-# that move contiguously (LLVM's `llvm.masked.compressstore`: one `vpcompressd` on AVX-512): the moves then
-# read one word each. numba has no vector types, so that step is an intrinsic written in LLVM IR.
+# ---- lists of weights, sixteen at a time ------------------------------------------------------------------------
+# A kernel that updates some weights of a block (the index: those whose bin drops, about half the weight-records
+# of a run whose threshold grows; the level statistics: those whose level changed, a few %) first lists them.
+# One weight at a time (`out[nc] = j; nc += test`) that took a fifth of the index kernel, and its moves then
+# loaded each weight's bin, minimum, level and final level again (0.75 of its 1.3 ns per weight-record in all).
+# With LLVM's `llvm.masked.compressstore` (one `vpcompressd` on AVX-512) a vector compare selects sixteen weights
+# at a time and what they need is stored contiguously: `drop_keys` stores the index's two histogram keys per
+# mover, `list_changed` the positions of the changed levels. numba has no vector types, so those steps are
+# intrinsics written in LLVM IR.
 
 KEY_LIMIT = 1 << 15   # histogram keys 2·bin + (at the final level) below this: two of them in an int32
 
@@ -192,7 +195,7 @@ KEY_LIMIT = 1 << 15   # histogram keys 2·bin + (at the final level) below this:
 def _target_has_avx512f() -> bool:
     """Whether numba compiles for a CPU with AVX-512F (the target machine's features: the host's, or
     NUMBA_CPU_NAME / NUMBA_CPU_FEATURES where set). Without it LLVM lowers the compress-store into a branch
-    per lane, slower than the scalar loop, so `drop_keys` is then `drop_keys_scalar`."""
+    per lane, slower than the plain loops, so `drop_keys` and `list_changed` are then those."""
     try:
         from numba.core.registry import cpu_target
         codegen = cpu_target.target_context.codegen()
@@ -287,6 +290,96 @@ def drop_keys_scalar(jb, mm, row, fin, n, out):
 
 
 drop_keys = drop_keys_vector if HAS_COMPRESS else drop_keys_scalar
+
+
+@intrinsic
+def _changed16(typingctx, a, b, j0, out, nc):
+    """out[nc:nc+k] = the positions j of j0 … j0+15 (ascending) where a[j] != b[j]; returns nc + k. a, b: 1-d
+    arrays of one integer type; out: 1-d int32 with room for k more."""
+    if not (isinstance(a, types.Array) and isinstance(b, types.Array) and a.ndim == b.ndim == 1
+            and a.dtype == b.dtype and isinstance(a.dtype, types.Integer)):
+        return None
+    if not (isinstance(out, types.Array) and out.ndim == 1 and out.dtype == types.int32):
+        return None
+    sig = types.int64(a, b, types.int64, out, types.int64)
+
+    def codegen(context, builder, signature, args):
+        a_, b_, j0_, out_, nc_ = args
+        tys = signature.args
+        i32, i64 = ir.IntType(32), ir.IntType(64)
+        v32 = ir.VectorType(i32, LANES)
+        vec = ir.VectorType(context.get_data_type(tys[0].dtype), LANES)
+
+        def ptr(k, arr, at):
+            return builder.gep(cgutils.create_struct_proxy(tys[k])(context, builder, value=arr).data, [at])
+
+        va = builder.load(builder.bitcast(ptr(0, a_, j0_), vec.as_pointer()), align=1)
+        vb = builder.load(builder.bitcast(ptr(1, b_, j0_), vec.as_pointer()), align=1)
+        changed = builder.icmp_unsigned("!=", va, vb)
+        first = builder.insert_element(ir.Constant(v32, ir.Undefined), builder.trunc(j0_, i32), ir.Constant(i32, 0))
+        positions = builder.add(builder.shuffle_vector(first, ir.Constant(v32, ir.Undefined),
+                                                       ir.Constant(v32, [0] * LANES)),
+                                ir.Constant(v32, list(range(LANES))))
+        store = cgutils.get_or_insert_function(builder.module, ir.FunctionType(
+            ir.VoidType(), [v32, i32.as_pointer(), ir.VectorType(ir.IntType(1), LANES)]),
+            f"llvm.masked.compressstore.v{LANES}i32")
+        builder.call(store, [positions, builder.bitcast(ptr(3, out_, nc_), i32.as_pointer()), changed])
+        bits = ir.IntType(LANES)
+        ctpop = cgutils.get_or_insert_function(builder.module, ir.FunctionType(bits, [bits]), f"llvm.ctpop.i{LANES}")
+        return builder.add(nc_, builder.zext(builder.call(ctpop, [builder.bitcast(changed, bits)]), i64))
+
+    return sig, codegen
+
+
+@kernel
+def list_changed_vector(row, pr, words, out):
+    """out[:nc] = the j with row[j] != pr[j], ascending; returns nc. Sixteen weights at a time (`_changed16`),
+    the last n mod 16 one by one. (`words`: the SWAR form's scratch, unused.)"""
+    n = row.size
+    nc = 0
+    j = 0
+    while j + LANES <= n:
+        nc = _changed16(row, pr, j, out, nc)
+        j += LANES
+    for q in range(j, n):
+        out[nc] = q
+        nc += row[q] != pr[q]
+    return nc
+
+
+LOW7 = np.uint64(0x7F7F7F7F7F7F7F7F)   # per byte of a word: the low seven bits …
+HIGH = np.uint64(0x8080808080808080)   # … and the high bit
+
+
+@kernel
+def list_changed_swar(row, pr, words, out):
+    """`list_changed_vector` without a compress instruction, for one-byte levels: the row and the previous
+    levels are read as 64-bit words, the words that differ are listed without branches (into `words`, int32
+    [≥ n/8]), then each differing byte of those words (a SWAR mask: the high bit of each nonzero byte, taken
+    lowest first); the last n mod 8 weights one by one."""
+    n = row.size
+    nw = n // 8
+    r64, p64 = row[:8 * nw].view(np.uint64), pr[:8 * nw].view(np.uint64)
+    nw_changed = 0
+    for w in range(nw):              # the words with a change, without branches
+        words[nw_changed] = w
+        nw_changed += r64[w] != p64[w]
+    nc = 0
+    for q in range(nw_changed):      # their changed bytes, lowest first
+        w = words[q]
+        x = r64[w] ^ p64[w]
+        mask = (((x & LOW7) + LOW7) | x) & HIGH
+        while mask:
+            out[nc] = 8 * w + (trailing_zeros(mask) >> 3)
+            nc += 1
+            mask &= mask - np.uint64(1)
+    for j in range(8 * nw, n):
+        out[nc] = j
+        nc += row[j] != pr[j]
+    return nc
+
+
+list_changed = list_changed_vector if HAS_COMPRESS else list_changed_swar
 
 
 @kernel
@@ -453,8 +546,6 @@ def osc_kernel(lv, c0, n, rec0, m, k, active, thr, steps, freq, level_ema, prev,
     return mx
 
 
-LOW7 = np.uint64(0x7F7F7F7F7F7F7F7F)   # per byte of a word: the low seven bits …
-HIGH = np.uint64(0x8080808080808080)   # … and the high bit
 
 
 @kernel
@@ -462,19 +553,16 @@ def level_kernel(lv, c0, n, rec0, first, prev, last_change, flips, reversals, la
     """`LevelStatsPass`: per weight and record, a level change counts a flip, sets the settle record, counts a
     reversal when opposite to the weight's previous change; occ[rec − first] gets +1 at the new level and −1 at
     the old (record 0: +1 at every level). Blocks of `BLOCK` weights (their state in L1), the group's records
-    inside. A level changes at a few % of the weight-records, so the changed weights are found eight at a time:
-    the row and the previous levels are read as 64-bit words, the words that differ are listed without
-    branches, then each differing byte of those words (a SWAR mask: the high bit of each nonzero byte, taken
-    lowest first) is updated, branch-free. A sub-block's last n mod 8 weights are tested one by one."""
+    inside. A level changes at a few % of the weight-records, so the changed weights are listed first
+    (`list_changed`: sixteen at a time with a compress-store, or eight at a time as 64-bit words), then
+    updated one by one, branch-free."""
     cand = np.empty(BLOCK, np.int32)
     words = np.empty(BLOCK // 8, np.int32)
     mx = np.int64(0)
     for b0 in range(0, n, BLOCK):
         b1 = min(b0 + BLOCK, n)
         nb = b1 - b0
-        nw = nb // 8
         pr, lc, fl, rv, ld = prev[b0:b1], last_change[b0:b1], flips[b0:b1], reversals[b0:b1], last_dir[b0:b1]
-        p64 = pr[:8 * nw].view(np.uint64)
         for i in range(lv.shape[0]):
             rec = rec0 + i
             row = lv[i, c0 + b0:c0 + b1]
@@ -484,23 +572,7 @@ def level_kernel(lv, c0, n, rec0, first, prev, last_change, flips, reversals, la
                     occ[0, row[j]] += 1
                     pr[j] = row[j]
                 continue
-            r64 = row[:8 * nw].view(np.uint64)
-            nw_changed = 0
-            for w in range(nw):              # the words with a change, without branches
-                words[nw_changed] = w
-                nw_changed += r64[w] != p64[w]
-            nc = 0
-            for q in range(nw_changed):      # their changed bytes, lowest first
-                w = words[q]
-                x = r64[w] ^ p64[w]
-                mask = (((x & LOW7) + LOW7) | x) & HIGH
-                while mask:
-                    cand[nc] = 8 * w + (trailing_zeros(mask) >> 3)
-                    nc += 1
-                    mask &= mask - np.uint64(1)
-            for j in range(8 * nw, nb):
-                cand[nc] = j
-                nc += row[j] != pr[j]
+            nc = list_changed(row, pr, words, cand)
             o = occ[rec - first]
             r32 = np.int32(rec)
             for q in range(nc):
@@ -519,4 +591,4 @@ def level_kernel(lv, c0, n, rec0, first, prev, last_change, flips, reversals, la
 
 
 __all__ = ["BLOCK", "BEFORE", "START", "START_RESET", "UPDATE", "ema_modes", "index_kernel", "freeze_kernel", "osc_kernel",
-           "level_kernel"]
+           "level_kernel", "HAS_COMPRESS", "KEY_LIMIT", "drop_keys", "list_changed"]
