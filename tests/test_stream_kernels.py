@@ -224,10 +224,11 @@ def test_drop_keys_sixteen_at_a_time_and_one_by_one_equal_numpy():
             want = (((2 * jb + ok) | ((2 * mm.astype(np.int64) + ok) << 16))[drop]).astype(np.int32)
             for fn in (drop_keys_vector, drop_keys_scalar):
                 m = mm.copy()
-                out = np.full(max(n, 1), -7, np.int32)
-                nc = fn(jb, m, row, fin, n, out)
+                buf = np.full(n + 32, -7, np.int32)     # out = buf[:n]: nothing may be written past it
+                nc = fn(jb, m, row, fin, n, buf[:n])
+                assert (buf[n:] == -7).all(), (fn, n)
                 assert nc == drop.sum(), (fn, n, dtype)
-                np.testing.assert_array_equal(out[:nc], want, err_msg=f"{n} {dtype}")
+                np.testing.assert_array_equal(buf[:nc], want, err_msg=f"{n} {dtype}")
                 np.testing.assert_array_equal(m, np.minimum(jb, mm))
                 assert (want >= 0).all() and (want & 0xFFFF).max(initial=0) < KEY_LIMIT
 
@@ -245,9 +246,10 @@ def test_list_changed_sixteen_and_eight_at_a_time_equal_numpy():
             row[hit] = (pr[hit] + rng.integers(1, 256, int(hit.sum()))).astype(np.uint8)
             row[-1:] ^= np.uint8(128)             # a change in the high bit of the last byte
             for fn in (list_changed_vector, list_changed_swar):
-                out = np.full(max(n, 1), -7, np.int32)
-                nc = fn(row, pr, np.empty(max(n // 8, 1), np.int32), out)
-                np.testing.assert_array_equal(out[:nc], np.flatnonzero(row != pr), err_msg=f"{fn} {n} {rate}")
+                buf = np.full(n + 32, -7, np.int32)     # out = buf[:n]: nothing may be written past it
+                nc = fn(row, pr, np.empty(max(n // 8, 1), np.int32), buf[:n])
+                assert (buf[n:] == -7).all(), (fn, n)
+                np.testing.assert_array_equal(buf[:nc], np.flatnonzero(row != pr), err_msg=f"{fn} {n} {rate}")
 
 
 @pytest.mark.parametrize("schedule,W", [("linear", 6), ("sine", 20)])

@@ -184,8 +184,8 @@ def _candidate_bins(dd, cand, nc, e, g, q_scale, top, jb):
 # of a run whose threshold grows; the level statistics: those whose level changed, a few %) first lists them.
 # One weight at a time (`out[nc] = j; nc += test`) that took a fifth of the index kernel, and its moves then
 # loaded each weight's bin, minimum, level and final level again (0.75 of its 1.3 ns per weight-record in all).
-# With LLVM's `llvm.masked.compressstore` (one `vpcompressd` on AVX-512) a vector compare selects sixteen weights
-# at a time and what they need is stored contiguously: `drop_keys` stores the index's two histogram keys per
+# With AVX-512's `vpcompressd` (`_compress_store`) a vector compare selects sixteen weights at a time and what
+# they need is stored contiguously: `drop_keys` stores the index's two histogram keys per
 # mover, `list_changed` the positions of the changed levels. numba has no vector types, so those steps are
 # intrinsics written in LLVM IR.
 
@@ -209,11 +209,31 @@ HAS_COMPRESS = _target_has_avx512f()
 LANES = 16
 
 
+def _compress_store(builder, values, mask, dst) -> None:
+    """Emit: the int32 lanes of `values` where `mask` is set, stored contiguously from `dst` (an i32 pointer).
+    With AVX-512: `vpcompressd` into a register, then a store of all sixteen lanes (the lanes past the selected
+    ones are scratch: callers store at out[nc] with nc ≤ j and j + 16 ≤ n, so inside out[:n]); the memory form
+    of `vpcompressd`, which LLVM's generic compress-store becomes, is microcoded and slow on some CPUs (AMD
+    Zen 4). Without AVX-512 (only where a test calls the vector form) the generic `llvm.masked.compressstore`."""
+    vec, i32 = values.type, ir.IntType(32)
+    bits = ir.VectorType(ir.IntType(1), LANES)
+    if HAS_COMPRESS:
+        fn = cgutils.get_or_insert_function(builder.module, ir.FunctionType(vec, [vec, vec, bits]),
+                                            f"llvm.x86.avx512.mask.compress.v{LANES}i32")
+        packed = builder.call(fn, [values, ir.Constant(vec, [0] * LANES), mask])
+        builder.store(packed, builder.bitcast(dst, vec.as_pointer()), align=4)
+    else:
+        fn = cgutils.get_or_insert_function(builder.module, ir.FunctionType(
+            ir.VoidType(), [vec, i32.as_pointer(), bits]), f"llvm.masked.compressstore.v{LANES}i32")
+        builder.call(fn, [values, builder.bitcast(dst, i32.as_pointer()), mask])
+
+
 @intrinsic
 def _drop_keys16(typingctx, jb, mm, row, fin, j0, out, nc):
     """Weights j0 … j0+15: key = (2·jb+ok) | (2·mm+ok) << 16 with ok = (row == fin); where jb < mm the key is
     stored at out[nc], out[nc+1] … (ascending j) and mm = jb; returns nc + their number. jb, mm, out: 1-d int32
-    arrays; row, fin: 1-d integer arrays (levels); the sixteen weights must exist and out have room."""
+    arrays; row, fin: 1-d integer arrays (levels); the sixteen weights and out[nc:nc+16] must exist (all
+    sixteen lanes are written, those past the selected ones as scratch)."""
     ints = (jb, mm, out)
     if not all(isinstance(a, types.Array) and a.ndim == 1 and a.dtype == types.int32 for a in ints):
         return None
@@ -247,10 +267,7 @@ def _drop_keys16(typingctx, jb, mm, row, fin, j0, out, nc):
         key = builder.or_(new_key, builder.shl(old_key, ir.Constant(v32, [16] * LANES)))
         drop = builder.icmp_signed("<", jt, old)
         builder.store(builder.select(drop, jt, old), p_mm, align=4)
-        store = cgutils.get_or_insert_function(builder.module, ir.FunctionType(
-            ir.VoidType(), [v32, i32.as_pointer(), ir.VectorType(ir.IntType(1), LANES)]),
-            f"llvm.masked.compressstore.v{LANES}i32")
-        builder.call(store, [key, builder.bitcast(ptr(5, out_, nc_), i32.as_pointer()), drop])
+        _compress_store(builder, key, drop, ptr(5, out_, nc_))
         bits = ir.IntType(LANES)
         ctpop = cgutils.get_or_insert_function(builder.module, ir.FunctionType(bits, [bits]), f"llvm.ctpop.i{LANES}")
         return builder.add(nc_, builder.zext(builder.call(ctpop, [builder.bitcast(drop, bits)]), i64))
@@ -295,7 +312,8 @@ drop_keys = drop_keys_vector if HAS_COMPRESS else drop_keys_scalar
 @intrinsic
 def _changed16(typingctx, a, b, j0, out, nc):
     """out[nc:nc+k] = the positions j of j0 … j0+15 (ascending) where a[j] != b[j]; returns nc + k. a, b: 1-d
-    arrays of one integer type; out: 1-d int32 with room for k more."""
+    arrays of one integer type; out: 1-d int32 with out[nc:nc+16] (all sixteen lanes are written, those past
+    the selected ones as scratch)."""
     if not (isinstance(a, types.Array) and isinstance(b, types.Array) and a.ndim == b.ndim == 1
             and a.dtype == b.dtype and isinstance(a.dtype, types.Integer)):
         return None
@@ -320,10 +338,7 @@ def _changed16(typingctx, a, b, j0, out, nc):
         positions = builder.add(builder.shuffle_vector(first, ir.Constant(v32, ir.Undefined),
                                                        ir.Constant(v32, [0] * LANES)),
                                 ir.Constant(v32, list(range(LANES))))
-        store = cgutils.get_or_insert_function(builder.module, ir.FunctionType(
-            ir.VoidType(), [v32, i32.as_pointer(), ir.VectorType(ir.IntType(1), LANES)]),
-            f"llvm.masked.compressstore.v{LANES}i32")
-        builder.call(store, [positions, builder.bitcast(ptr(3, out_, nc_), i32.as_pointer()), changed])
+        _compress_store(builder, positions, changed, ptr(3, out_, nc_))
         bits = ir.IntType(LANES)
         ctpop = cgutils.get_or_insert_function(builder.module, ir.FunctionType(bits, [bits]), f"llvm.ctpop.i{LANES}")
         return builder.add(nc_, builder.zext(builder.call(ctpop, [builder.bitcast(changed, bits)]), i64))
