@@ -184,7 +184,7 @@ def _candidate_bins(dd, cand, nc, e, g, q_scale, top, jb):
 # of a run whose threshold grows; the level statistics: those whose level changed, a few %) first lists them.
 # One weight at a time (`out[nc] = j; nc += test`) that took a fifth of the index kernel, and its moves then
 # loaded each weight's bin, minimum, level and final level again (0.75 of its 1.3 ns per weight-record in all).
-# With AVX-512's `vpcompressd` (`_compress_store`) a vector compare selects sixteen weights at a time and what
+# With AVX-512's `vpcompressd` (`_compress_append`) a vector compare selects sixteen weights at a time and what
 # they need is stored contiguously: `drop_keys` stores the index's two histogram keys per
 # mover, `list_changed` the positions of the changed levels. numba has no vector types, so those steps are
 # intrinsics written in LLVM IR.
@@ -209,8 +209,14 @@ HAS_COMPRESS = _target_has_avx512f()
 LANES = 16
 
 
-def _compress_store(builder, values, mask, dst) -> None:
-    """Emit: the int32 lanes of `values` where `mask` is set, stored contiguously from `dst` (an i32 pointer).
+def _element_ptr(context, builder, arrty, arr, at):
+    """Emit: the address of arr[at] (a 1-d numba array of type `arrty`, `at` an i64)."""
+    return builder.gep(cgutils.create_struct_proxy(arrty)(context, builder, value=arr).data, [at])
+
+
+def _compress_append(builder, values, mask, dst, nc):
+    """Emit: the int32 lanes of `values` where `mask` is set, stored contiguously from `dst` (an i32 pointer,
+    &out[nc]); returns nc (i64) + their number.
     With AVX-512: `vpcompressd` into a register, then a store of all sixteen lanes (the lanes past the selected
     ones are scratch: callers store at out[nc] with nc ≤ j and j + 16 ≤ n, so inside out[:n]); the memory form
     of `vpcompressd`, which LLVM's generic compress-store becomes, is microcoded and slow on some CPUs (AMD
@@ -226,6 +232,9 @@ def _compress_store(builder, values, mask, dst) -> None:
         fn = cgutils.get_or_insert_function(builder.module, ir.FunctionType(
             ir.VoidType(), [vec, i32.as_pointer(), bits]), f"llvm.masked.compressstore.v{LANES}i32")
         builder.call(fn, [values, builder.bitcast(dst, i32.as_pointer()), mask])
+    word = ir.IntType(LANES)
+    ctpop = cgutils.get_or_insert_function(builder.module, ir.FunctionType(word, [word]), f"llvm.ctpop.i{LANES}")
+    return builder.add(nc, builder.zext(builder.call(ctpop, [builder.bitcast(mask, word)]), ir.IntType(64)))
 
 
 @intrinsic
@@ -248,8 +257,7 @@ def _drop_keys16(typingctx, jb, mm, row, fin, j0, out, nc):
         v32, v64 = ir.VectorType(i32, LANES), ir.VectorType(i64, LANES)
 
         def ptr(k, arr, at):
-            data = cgutils.create_struct_proxy(tys[k])(context, builder, value=arr).data
-            return builder.gep(data, [at])
+            return _element_ptr(context, builder, tys[k], arr, at)
 
         def load(k, arr):
             elem = context.get_data_type(tys[k].dtype)
@@ -267,10 +275,7 @@ def _drop_keys16(typingctx, jb, mm, row, fin, j0, out, nc):
         key = builder.or_(new_key, builder.shl(old_key, ir.Constant(v32, [16] * LANES)))
         drop = builder.icmp_signed("<", jt, old)
         builder.store(builder.select(drop, jt, old), p_mm, align=4)
-        _compress_store(builder, key, drop, ptr(5, out_, nc_))
-        bits = ir.IntType(LANES)
-        ctpop = cgutils.get_or_insert_function(builder.module, ir.FunctionType(bits, [bits]), f"llvm.ctpop.i{LANES}")
-        return builder.add(nc_, builder.zext(builder.call(ctpop, [builder.bitcast(drop, bits)]), i64))
+        return _compress_append(builder, key, drop, ptr(5, out_, nc_), nc_)
 
     return sig, codegen
 
@@ -324,12 +329,12 @@ def _changed16(typingctx, a, b, j0, out, nc):
     def codegen(context, builder, signature, args):
         a_, b_, j0_, out_, nc_ = args
         tys = signature.args
-        i32, i64 = ir.IntType(32), ir.IntType(64)
+        i32 = ir.IntType(32)
         v32 = ir.VectorType(i32, LANES)
         vec = ir.VectorType(context.get_data_type(tys[0].dtype), LANES)
 
         def ptr(k, arr, at):
-            return builder.gep(cgutils.create_struct_proxy(tys[k])(context, builder, value=arr).data, [at])
+            return _element_ptr(context, builder, tys[k], arr, at)
 
         va = builder.load(builder.bitcast(ptr(0, a_, j0_), vec.as_pointer()), align=1)
         vb = builder.load(builder.bitcast(ptr(1, b_, j0_), vec.as_pointer()), align=1)
@@ -338,10 +343,7 @@ def _changed16(typingctx, a, b, j0, out, nc):
         positions = builder.add(builder.shuffle_vector(first, ir.Constant(v32, ir.Undefined),
                                                        ir.Constant(v32, [0] * LANES)),
                                 ir.Constant(v32, list(range(LANES))))
-        _compress_store(builder, positions, changed, ptr(3, out_, nc_))
-        bits = ir.IntType(LANES)
-        ctpop = cgutils.get_or_insert_function(builder.module, ir.FunctionType(bits, [bits]), f"llvm.ctpop.i{LANES}")
-        return builder.add(nc_, builder.zext(builder.call(ctpop, [builder.bitcast(changed, bits)]), i64))
+        return _compress_append(builder, positions, changed, ptr(3, out_, nc_), nc_)
 
     return sig, codegen
 
