@@ -185,9 +185,8 @@ def _candidate_bins(dd, cand, nc, e, g, q_scale, top, jb):
 # One weight at a time (`out[nc] = j; nc += test`) that took a fifth of the index kernel, and its moves then
 # loaded each weight's bin, minimum, level and final level again (0.75 of its 1.3 ns per weight-record in all).
 # With AVX-512's `vpcompressd` (`_compress_append`) a vector compare selects sixteen weights at a time and what
-# they need is stored contiguously: `drop_keys` stores the index's two histogram keys per
-# mover, `list_changed` the positions of the changed levels. numba has no vector types, so those steps are
-# intrinsics written in LLVM IR.
+# they need is stored contiguously: `drop_keys` stores the index's two histogram keys per mover, `list_changed`
+# the positions of the changed levels. numba has no vector types, so those steps are intrinsics in LLVM IR.
 
 KEY_LIMIT = 1 << 15   # histogram keys 2·bin + (at the final level) below this: two of them in an int32
 
@@ -295,6 +294,7 @@ def drop_keys_vector(jb, mm, row, fin, n, out):
 
 @kernel
 def _drop_keys_tail(jb, mm, row, fin, j0, n, out, nc):
+    """`drop_keys` for the weights j0 … n−1, one at a time, appending at out[nc]; returns the new nc."""
     for j in range(j0, n):
         jt, o = jb[j], mm[j]
         ok = np.int32(row[j] == fin[j])
@@ -561,8 +561,6 @@ def osc_kernel(lv, c0, n, rec0, m, k, active, thr, steps, freq, level_ema, prev,
                     n_new += c
                 new_by_record[rec] += n_new
     return mx
-
-
 
 
 @kernel
