@@ -236,6 +236,53 @@ def _compress_append(builder, values, mask, dst, nc):
     return builder.add(nc, builder.zext(builder.call(ctpop, [builder.bitcast(mask, word)]), ir.IntType(64)))
 
 
+def _splat(builder, value, lanes=LANES):
+    """Emit: a vector of `lanes` copies of the scalar `value`."""
+    vec = ir.VectorType(value.type, lanes)
+    first = builder.insert_element(ir.Constant(vec, ir.Undefined), value, ir.Constant(ir.IntType(32), 0))
+    return builder.shuffle_vector(first, ir.Constant(vec, ir.Undefined), ir.Constant(ir.VectorType(ir.IntType(32),
+                                                                                                   lanes), [0] * lanes))
+
+
+def _load_ints(context, builder, arrty, arr, at, wide):
+    """Emit: arr[at:at+16] (a 1-d integer array) as a vector of `wide` integers, sign- or zero-extended as its
+    type is signed or not."""
+    elem = context.get_data_type(arrty.dtype)
+    v = builder.load(builder.bitcast(_element_ptr(context, builder, arrty, arr, at),
+                                     ir.VectorType(elem, LANES).as_pointer()), align=1)
+    if elem.width == wide.width:
+        return v
+    vw = ir.VectorType(wide, LANES)
+    return builder.sext(v, vw) if arrty.dtype.signed else builder.zext(v, vw)
+
+
+def _lane_width(*arrtys):
+    """The integer width in which levels of these array types compare as numba compares them: 32 bits when all
+    fit in 16, else 64."""
+    return ir.IntType(32 if all(a.dtype.bitwidth <= 16 for a in arrtys) else 64)
+
+
+def _emit_drop_keys(builder, jt, p_mm, ok, dst, nc):
+    """Emit `drop_keys` for sixteen weights whose bins are the int32 vector `jt`, running minima at `p_mm`
+    (<16 x i32>*) and at-final-level flags `ok` (<16 x i1>): the new minimum stored, the movers' keys appended
+    at `dst` (&out[nc]); returns nc + their number."""
+    v32 = jt.type
+    old = builder.load(p_mm, align=4)
+    ok32 = builder.zext(ok, v32)
+    one = ir.Constant(v32, [1] * LANES)
+    new_key = builder.add(builder.shl(jt, one), ok32)
+    old_key = builder.add(builder.shl(old, one), ok32)
+    key = builder.or_(new_key, builder.shl(old_key, ir.Constant(v32, [16] * LANES)))
+    drop = builder.icmp_signed("<", jt, old)
+    builder.store(builder.select(drop, jt, old), p_mm, align=4)
+    return _compress_append(builder, key, drop, dst, nc)
+
+
+def _int32_vector_ptr(context, builder, arrty, arr, at):
+    return builder.bitcast(_element_ptr(context, builder, arrty, arr, at),
+                           ir.VectorType(ir.IntType(32), LANES).as_pointer())
+
+
 @intrinsic
 def _drop_keys16(typingctx, jb, mm, row, fin, j0, out, nc):
     """Weights j0 … j0+15: key = (2·jb+ok) | (2·mm+ok) << 16 with ok = (row == fin); where jb < mm the key is
@@ -252,29 +299,194 @@ def _drop_keys16(typingctx, jb, mm, row, fin, j0, out, nc):
     def codegen(context, builder, signature, args):
         jb_, mm_, row_, fin_, j0_, out_, nc_ = args
         tys = signature.args
-        i32, i64 = ir.IntType(32), ir.IntType(64)
-        v32, v64 = ir.VectorType(i32, LANES), ir.VectorType(i64, LANES)
+        wide = _lane_width(tys[2], tys[3])
+        jt = builder.load(_int32_vector_ptr(context, builder, tys[0], jb_, j0_), align=4)
+        ok = builder.icmp_unsigned("==", _load_ints(context, builder, tys[2], row_, j0_, wide),
+                                   _load_ints(context, builder, tys[3], fin_, j0_, wide))
+        return _emit_drop_keys(builder, jt, _int32_vector_ptr(context, builder, tys[1], mm_, j0_), ok,
+                               _element_ptr(context, builder, tys[5], out_, nc_), nc_)
 
-        def ptr(k, arr, at):
-            return _element_ptr(context, builder, tys[k], arr, at)
+    return sig, codegen
 
-        def load(k, arr):
-            elem = context.get_data_type(tys[k].dtype)
-            vec = ir.VectorType(elem, LANES)
-            v = builder.load(builder.bitcast(ptr(k, arr, j0_), vec.as_pointer()), align=1)
-            return builder.sext(v, v64) if tys[k].dtype.signed else builder.zext(v, v64)
 
-        p_jb = builder.bitcast(ptr(0, jb_, j0_), v32.as_pointer())
-        p_mm = builder.bitcast(ptr(1, mm_, j0_), v32.as_pointer())
-        jt, old = builder.load(p_jb, align=4), builder.load(p_mm, align=4)
-        ok = builder.zext(builder.icmp_unsigned("==", load(2, row_), load(3, fin_)), v32)
-        one = ir.Constant(v32, [1] * LANES)
-        new_key = builder.add(builder.shl(jt, one), ok)
-        old_key = builder.add(builder.shl(old, one), ok)
-        key = builder.or_(new_key, builder.shl(old_key, ir.Constant(v32, [16] * LANES)))
-        drop = builder.icmp_signed("<", jt, old)
-        builder.store(builder.select(drop, jt, old), p_mm, align=4)
-        return _compress_append(builder, key, drop, ptr(5, out_, nc_), nc_)
+@intrinsic
+def _index_step16(typingctx, row, dist, pr, dd, mm, fin, jb, j0, out, nc, m, k, inv128, scale, reset, q_scale,
+                  top):
+    """One UPDATE record of the index for weights j0 … j0+15, in registers: the EMA (`_ema_block`, mode 3:
+    dd = dd·m + ((dist·inv128)·scale)·k, `reset` where row ≠ pr; pr = row), the grid bins where float32
+    decides them (`_quick_bins`), then `drop_keys` (`_emit_drop_keys`): returns nc + the movers. Where a bin
+    is UNSURE the sixteen bins are stored in jb[j0:j0+16] (UNSURE marked), mm is left as it was and −1 is
+    returned: the caller makes those bins exact and calls `_drop_keys16`. The same float32 operations in the
+    same order as those kernels, no fast-math flags: bit for bit their results. row, pr, fin: 1-d integer
+    arrays (levels); dist: 1-d integer (codes) or float array; dd float32; mm, jb, out int32; the scalars
+    float32."""
+    arrays = (row, dist, pr, dd, mm, fin, jb, out)
+    if not all(isinstance(a, types.Array) and a.ndim == 1 for a in arrays):
+        return None
+    if not all(isinstance(a.dtype, types.Integer) for a in (row, pr, fin)):
+        return None
+    if not (isinstance(dist.dtype, (types.Integer, types.Float)) and dd.dtype == types.float32
+            and all(a.dtype == types.int32 for a in (mm, jb, out))):
+        return None
+    if not all(a == types.float32 for a in (m, k, inv128, scale, reset, q_scale, top)):
+        return None
+    sig = types.int64(row, dist, pr, dd, mm, fin, jb, types.int64, out, types.int64, *(types.float32,) * 7)
+
+    def codegen(context, builder, signature, args):
+        row_, dist_, pr_, dd_, mm_, fin_, jb_, j0_, out_, nc_, m_, k_, inv128_, scale_, reset_, q_, top_ = args
+        tys = signature.args
+        f32, i32 = ir.FloatType(), ir.IntType(32)
+        vf = ir.VectorType(f32, LANES)
+        v32 = ir.VectorType(i32, LANES)
+
+        def ptr(n, arr, to):
+            return builder.bitcast(_element_ptr(context, builder, tys[n], arr, j0_), to.as_pointer())
+
+        def splat(x):
+            return _splat(builder, x)
+        wide = _lane_width(tys[0], tys[2], tys[5])
+        cur = _load_ints(context, builder, tys[0], row_, j0_, wide)
+        prev = _load_ints(context, builder, tys[2], pr_, j0_, wide)
+        # the EMA: x = (dist·inv128)·scale, v = d·m + x·k, reset where the level changed; pr = row
+        dty = tys[1].dtype
+        raw = builder.load(ptr(1, dist_, ir.VectorType(context.get_data_type(dty), LANES)), align=1)
+        if isinstance(dty, types.Integer):
+            x = builder.sitofp(raw, vf) if dty.signed else builder.uitofp(raw, vf)
+        else:
+            x = raw if dty == types.float32 else (builder.fptrunc(raw, vf) if dty.bitwidth > 32
+                                                 else builder.fpext(raw, vf))
+        x = builder.fmul(builder.fmul(x, splat(inv128_)), splat(scale_))
+        p_dd = ptr(3, dd_, vf)
+        v = builder.fadd(builder.fmul(builder.load(p_dd, align=4), splat(m_)), builder.fmul(x, splat(k_)))
+        d = builder.select(builder.icmp_unsigned("!=", cur, prev), splat(reset_), v)
+        builder.store(d, p_dd, align=4)
+        pr_elem = ir.VectorType(context.get_data_type(tys[2].dtype), LANES)
+        builder.store(cur if pr_elem == cur.type else builder.trunc(cur, pr_elem), ptr(2, pr_, pr_elem), align=1)
+        # the bins where float32 decides them (`_quick_bins`), UNSURE elsewhere
+        one, zero = splat(ir.Constant(f32, 1.0)), splat(ir.Constant(f32, 0.0))
+        top = splat(top_)
+        u = builder.fmul(d, splat(q_))
+        ceil = cgutils.get_or_insert_function(builder.module, ir.FunctionType(vf, [vf]), f"llvm.ceil.v{LANES}f32")
+        kf = builder.call(ceil, [u])
+        f = builder.fsub(kf, u)
+        eta = builder.fmul(builder.fadd(u, one), splat(ir.Constant(f32, float(SURE_MARGIN))))
+        sure = builder.and_(builder.and_(builder.fcmp_ordered(">=", f, eta),
+                                         builder.fcmp_ordered("<=", f, builder.fsub(one, eta))),
+                            builder.and_(builder.fcmp_ordered(">=", kf, one), builder.fcmp_ordered("<=", kf, top)))
+        kc = builder.select(builder.fcmp_ordered("<", kf, top), kf, top)
+        kc = builder.select(builder.fcmp_ordered(">", kc, zero), kc, zero)
+        over = builder.select(builder.fcmp_ordered(">=", u, top), splat(builder.fptosi(top_, i32)),
+                              ir.Constant(v32, [UNSURE] * LANES))
+        jt = builder.select(sure, builder.fptosi(kc, v32), over)
+        unsure = builder.icmp_signed("<", jt, ir.Constant(v32, [0] * LANES))
+        any_unsure = builder.icmp_unsigned("!=", builder.bitcast(unsure, ir.IntType(LANES)),
+                                           ir.Constant(ir.IntType(LANES), 0))
+        with builder.if_else(any_unsure, likely=False) as (then, otherwise):
+            with then:
+                builder.store(jt, ptr(6, jb_, v32), align=4)
+                from_then = builder.block
+            with otherwise:
+                ok = builder.icmp_unsigned("==", cur, _load_ints(context, builder, tys[5], fin_, j0_, wide))
+                moved = _emit_drop_keys(builder, jt, ptr(4, mm_, v32), ok,
+                                        _element_ptr(context, builder, tys[8], out_, nc_), nc_)
+                from_otherwise = builder.block
+        res = builder.phi(ir.IntType(64))
+        res.add_incoming(ir.Constant(ir.IntType(64), -1), from_then)
+        res.add_incoming(moved, from_otherwise)
+        return res
+
+    return sig, codegen
+
+
+@intrinsic
+def _prefetch(typingctx, arr, at):
+    """Ask the CPU to bring the cache line of arr[at] (a 1-d array) into its L1 cache (`prefetcht0`), without
+    waiting for it."""
+    if not (isinstance(arr, types.Array) and arr.ndim == 1 and isinstance(at, types.Integer)):
+        return None
+    sig = types.void(arr, types.int64)
+
+    def codegen(context, builder, signature, args):
+        arr_, at_ = args
+        i8p, i32 = ir.IntType(8).as_pointer(), ir.IntType(32)
+        fn = cgutils.get_or_insert_function(builder.module, ir.FunctionType(ir.VoidType(), [i8p, i32, i32, i32]),
+                                            "llvm.prefetch.p0")
+        addr = builder.bitcast(_element_ptr(context, builder, signature.args[0], arr_, at_), i8p)
+        builder.call(fn, [addr, ir.Constant(i32, 0), ir.Constant(i32, 3), ir.Constant(i32, 1)])
+        return context.get_dummy_value()
+
+    return sig, codegen
+
+
+@kernel
+def _prefetch_next(a, i, c0, b1, n):
+    """Prefetch the next block of row i (a[i, c0+b1 : c0+b1+BLOCK], within the sub-block's n columns) while
+    this one is computed on. A kernel visits a group's rows one block at a time, a row after another (16
+    streams at a stride of the task's width), which the CPU's own prefetchers follow poorly: the first touch of
+    each block's rows waited on memory (0.1-0.13 ns per weight-record and array, BENCHMARKS.md "Session 12")."""
+    if b1 >= n:
+        return
+    nxt = a[i, c0 + b1:c0 + min(b1 + BLOCK, n)]
+    step = max(1, 64 // nxt.itemsize)
+    for q in range(0, nxt.size, step):
+        _prefetch(nxt, q)
+
+
+@intrinsic
+def _osc_step16(typingctx, row, pr, ld, fq, le, fre, j0, out, nc, m, k, tt):
+    """One record (after the first) of the oscillation replay for weights j0 … j0+15, in registers (`osc_kernel`'s
+    loop): up/down from row against pr, an oscillation where opposite to the last direction ld (int8 ±1, 0
+    none), ld updated, fq = fq·k + (m where it oscillated, else 0), le = le·k + level·m, pr = row; the
+    positions j of the free weights (fre) with fq > tt appended at out[nc] (compress-store); returns nc + their
+    number. The same float32 operations in the same order as the loop (bit for bit). row, pr: 1-d integer
+    arrays; ld int8; fq, le float32; fre bool; out int32; m, k, tt float32."""
+    arrays = (row, pr, ld, fq, le, fre, out)
+    if not all(isinstance(a, types.Array) and a.ndim == 1 for a in arrays):
+        return None
+    if not (isinstance(row.dtype, types.Integer) and isinstance(pr.dtype, types.Integer) and ld.dtype == types.int8
+            and fq.dtype == le.dtype == types.float32 and fre.dtype == types.boolean and out.dtype == types.int32):
+        return None
+    if not all(a == types.float32 for a in (m, k, tt)):
+        return None
+    sig = types.int64(row, pr, ld, fq, le, fre, types.int64, out, types.int64, types.float32, types.float32,
+                      types.float32)
+
+    def codegen(context, builder, signature, args):
+        row_, pr_, ld_, fq_, le_, fre_, j0_, out_, nc_, m_, k_, tt_ = args
+        tys = signature.args
+        f32, i8, i32 = ir.FloatType(), ir.IntType(8), ir.IntType(32)
+        vf, v8 = ir.VectorType(f32, LANES), ir.VectorType(i8, LANES)
+
+        def ptr(n, arr, to):
+            return builder.bitcast(_element_ptr(context, builder, tys[n], arr, j0_), to.as_pointer())
+
+        def splat(x):
+            return _splat(builder, x)
+        wide = _lane_width(tys[0], tys[1])
+        cur = _load_ints(context, builder, tys[0], row_, j0_, wide)
+        prev = _load_ints(context, builder, tys[1], pr_, j0_, wide)
+        up, down = builder.icmp_signed(">", cur, prev), builder.icmp_signed("<", cur, prev)
+        p_ld = ptr(2, ld_, v8)
+        last = builder.load(p_ld, align=1)
+        plus, minus = ir.Constant(v8, [1] * LANES), ir.Constant(v8, [-1] * LANES)
+        osc = builder.or_(builder.and_(up, builder.icmp_signed("==", last, minus)),
+                          builder.and_(down, builder.icmp_signed("==", last, plus)))
+        builder.store(builder.select(up, plus, builder.select(down, minus, last)), p_ld, align=1)
+        m, k = splat(m_), splat(k_)
+        p_fq, p_le = ptr(3, fq_, vf), ptr(4, le_, vf)
+        f = builder.fadd(builder.fmul(builder.load(p_fq, align=4), k),
+                         builder.select(osc, m, ir.Constant(vf, [0.0] * LANES)))
+        builder.store(f, p_fq, align=4)
+        level = builder.sitofp(cur, vf)      # (widened levels are exact and ≥ 0: as numba's float32(level))
+        builder.store(builder.fadd(builder.fmul(builder.load(p_le, align=4), k), builder.fmul(level, m)), p_le,
+                      align=4)
+        pr_elem = ir.VectorType(context.get_data_type(tys[1].dtype), LANES)
+        builder.store(cur if pr_elem == cur.type else builder.trunc(cur, pr_elem), ptr(1, pr_, pr_elem), align=1)
+        free = builder.icmp_unsigned("!=", builder.load(ptr(5, fre_, v8), align=1), ir.Constant(v8, [0] * LANES))
+        hit = builder.and_(free, builder.fcmp_ordered(">", f, splat(tt_)))
+        first = builder.trunc(j0_, i32)
+        positions = builder.add(_splat(builder, first), ir.Constant(ir.VectorType(i32, LANES), list(range(LANES))))
+        return _compress_append(builder, positions, hit, _element_ptr(context, builder, tys[7], out_, nc_), nc_)
 
     return sig, codegen
 
@@ -414,13 +626,15 @@ def index_kernel(lv, dist, c0, n, rec0, inv128, scale, reset, mode, m32, k32, el
     added one by one into one histogram per record (unsigned indices: no negative-index checks). A grid too
     fine for the keys (2·(J+2) > KEY_LIMIT) lists the movers' positions instead, branch-free, and keys them
     one by one. Records with gain ≤ 0 or an infinite q_scale test d ≤ ext[M] and look the bins up
-    (`_candidate_bins`)."""
+    (`_candidate_bins`). At AVX-512 the EMA, bins and keys of an UPDATE record are computed
+    sixteen weights at a time in registers (`_index_step16`)."""
     NB = counts.shape[1]
     J = np.int32(NB - 2)
     rows = lv.shape[0]
     h = np.zeros((rows, 2 * NB), np.int32)    # per record: +1/−1 at 2·bin + (at its final level)
     h_used = np.zeros(rows, np.bool_)
     keyed = 2 * NB <= KEY_LIMIT     # the histogram keys fit the moves' words
+    fused = keyed and HAS_COMPRESS  # (`_index_step16`)
     mx = np.int64(0)
     for b0 in range(0, n, BLOCK):
         b1 = min(b0 + BLOCK, n)
@@ -431,11 +645,44 @@ def index_kernel(lv, dist, c0, n, rec0, inv128, scale, reset, mode, m32, k32, el
             md = mode[rec]
             row = lv[i, c0 + b0:c0 + b1]
             mx = _row_max(row, mx)
-            _ema_block(md, m32[rec], k32[rec], reset, inv128, scale, row, dist[i, c0 + b0:c0 + b1], pr, dd)
+            _prefetch_next(lv, i, c0, b1, n)
+            _prefetch_next(dist, i, c0, b1, n)
+            drow = dist[i, c0 + b0:c0 + b1]
+            g, q_scale = gain[rec], qscale[rec]
+            if fused and md == 3 and eligible[rec] and g > 0 and np.isfinite(q_scale):
+                # the EMA, the bins and the movers' keys sixteen weights at a time, in registers
+                h_used[i] = True
+                nb = b1 - b0
+                m, k = m32[rec], k32[rec]
+                nc = 0
+                j = 0
+                while j + LANES <= nb:
+                    got = _index_step16(row, drow, pr, dd, mm, fin, jbb, j, cand, nc, m, k, inv128, scale, reset,
+                                        q_scale, top)
+                    if got < 0:      # a bin float32 could not decide: made exact, then the moves
+                        for q in range(j, j + LANES):
+                            if jbb[q] < 0:
+                                jbb[q] = _exact_bin(dd[q], q_scale, top, g, sc, bf, J)
+                        got = _drop_keys16(jbb, mm, row, fin, j, cand, nc)
+                    nc = got
+                    j += LANES
+                if j < nb:           # the last nb mod 16 weights as below
+                    _ema_block(md, m, k, reset, inv128, scale, row[j:], drow[j:], pr[j:], dd[j:])
+                    _quick_bins(dd[j:], q_scale, top, jbb[j:nb])
+                    for q in range(j, nb):
+                        if jbb[q] < 0:
+                            jbb[q] = _exact_bin(dd[q], q_scale, top, g, sc, bf, J)
+                    nc = _drop_keys_tail(jbb, mm, row, fin, j, nb, cand, nc)
+                hr = h[i]
+                for q in range(nc):
+                    key = cand[q]
+                    hr[np.uint64(key & 0xFFFF)] += 1
+                    hr[np.uint64(key >> 16)] -= 1
+                continue
+            _ema_block(md, m32[rec], k32[rec], reset, inv128, scale, row, drow, pr, dd)
             if md == 0 or not eligible[rec]:
                 continue
             h_used[i] = True
-            g, q_scale = gain[rec], qscale[rec]
             nc = 0
             if g > 0 and np.isfinite(q_scale):
                 n_unsure = _quick_bins(dd, q_scale, top, jbb)
@@ -496,6 +743,8 @@ def freeze_kernel(lv, dist, c0, n, rec0, inv128, scale, reset, mode, m32, k32, a
         for i in range(lv.shape[0]):
             rec = rec0 + i
             md = mode[rec]
+            _prefetch_next(lv, i, c0, b1, n)
+            _prefetch_next(dist, i, c0, b1, n)
             _ema_block(md, m32[rec], k32[rec], reset, inv128, scale, lv[i, c0 + b0:c0 + b1],
                        dist[i, c0 + b0:c0 + b1], pr, dd)
             if md != 0 and active[rec]:
@@ -508,52 +757,84 @@ def freeze_kernel(lv, dist, c0, n, rec0, inv128, scale, reset, mode, m32, k32, a
 
 
 @kernel
+def _osc_update(row, pr, ld, fq, le, fre, j0, j1, m, k, tt):
+    """`osc_kernel`'s update of one record (after the first) for weights j0 … j1−1: the direction of the level
+    change, an oscillation where it is opposite to the last change, ld, fq = fq·k + (m where it oscillated),
+    le = le·k + level·m, pr = level; returns whether a free weight has fq > tt. Branch-free and in the weights'
+    own widths (uint8 and int8 comparisons, bool logic): vectorised."""
+    zero = np.float32(0)
+    up1, down1 = np.int8(1), np.int8(-1)
+    hit = False
+    for j in range(j0, j1):
+        cur = row[j]
+        p = pr[j]
+        up = cur > p
+        down = cur < p
+        last = ld[j]
+        osc = (up & (last == down1)) | (down & (last == up1))     # opposite to the last change
+        ld[j] = up1 if up else (down1 if down else last)
+        f = fq[j] * k + (m if osc else zero)
+        fq[j] = f
+        hit |= fre[j] & (f > tt)
+        le[j] = le[j] * k + np.float32(cur) * m
+        pr[j] = cur
+    return hit
+
+
+@kernel
 def osc_kernel(lv, c0, n, rec0, m, k, active, thr, steps, freq, level_ema, prev, last_dir, fs, flevel, free,
                new_by_record):
     """`OscPass`: per record the direction of the level change, an oscillation where it is opposite to the
     last change, freq = freq·(1−m) + osc·m and level_ema = level_ema·(1−m) + level·m (float32; record 0 sets
     level_ema = level); at an active record a free weight with freq > thr[rec] freezes at steps[rec] on
-    rint(level_ema) (half to even). Blocks of `BLOCK` weights, the group's records inside. The updates are
-    branch-free and in the weights' own widths (uint8 and int8 comparisons, bool logic: vectorised), and the
-    same loop tells whether any free weight of the block crosses the threshold; only then are they frozen, in
-    a second branch-free loop."""
-    zero = np.float32(0)
-    up1, down1 = np.int8(1), np.int8(-1)
+    rint(level_ema) (half to even). Blocks of `BLOCK` weights, the group's records inside. With a
+    compress-store (`HAS_COMPRESS`) the update lists the weights that freeze as it goes, sixteen at a time
+    (`_osc_step16`), and only those are frozen; otherwise the update (`_osc_update`) tells whether any free
+    weight of the block crosses the threshold, and only then are they frozen, in a second branch-free loop."""
+    cand = np.empty(BLOCK, np.int32)
     mx = np.int64(0)
     for b0 in range(0, n, BLOCK):
         b1 = min(b0 + BLOCK, n)
+        nb = b1 - b0
         fq, le, pr, ld = freq[b0:b1], level_ema[b0:b1], prev[b0:b1], last_dir[b0:b1]
         fss, flv, fre = fs[b0:b1], flevel[b0:b1], free[b0:b1]
         for i in range(lv.shape[0]):
             rec = rec0 + i
             row = lv[i, c0 + b0:c0 + b1]
             mx = _row_max(row, mx)
+            _prefetch_next(lv, i, c0, b1, n)
             t = thr[rec]
-            hit = False
+            st = steps[rec]
             if rec == 0:
-                for j in range(b1 - b0):
+                hit = False
+                for j in range(nb):
                     le[j] = np.float32(row[j])
                     pr[j] = row[j]
                     hit |= fre[j] & (fq[j] > t)
-            else:
+            elif HAS_COMPRESS:
                 tt = t if active[rec] else np.float32(np.inf)     # (never crossed where freezing is off)
-                for j in range(b1 - b0):
-                    cur = row[j]
-                    p = pr[j]
-                    up = cur > p
-                    down = cur < p
-                    last = ld[j]
-                    osc = (up & (last == down1)) | (down & (last == up1))     # opposite to the last change
-                    ld[j] = up1 if up else (down1 if down else last)
-                    f = fq[j] * k + (m if osc else zero)
-                    fq[j] = f
-                    hit |= fre[j] & (f > tt)
-                    le[j] = le[j] * k + np.float32(cur) * m
-                    pr[j] = cur
+                nc = 0
+                j = 0
+                while j + LANES <= nb:
+                    nc = _osc_step16(row, pr, ld, fq, le, fre, j, cand, nc, m, k, tt)
+                    j += LANES
+                if j < nb:
+                    _osc_update(row, pr, ld, fq, le, fre, j, nb, m, k, tt)
+                    for q in range(j, nb):
+                        cand[nc] = q
+                        nc += fre[q] & (fq[q] > tt)
+                for q in range(nc):
+                    j = cand[q]
+                    fss[j] = st
+                    flv[j] = np.int16(np.rint(le[j]))
+                    fre[j] = False
+                new_by_record[rec] += nc
+                continue
+            else:
+                hit = _osc_update(row, pr, ld, fq, le, fre, 0, nb, m, k, t if active[rec] else np.float32(np.inf))
             if active[rec] and hit:      # (branch-free: vectorised; a few % of the block freeze at once)
-                st = steps[rec]
                 n_new = 0
-                for j in range(b1 - b0):
+                for j in range(nb):
                     c = fre[j] & (fq[j] > t)
                     fss[j] = st if c else fss[j]
                     flv[j] = np.int16(np.rint(le[j])) if c else flv[j]
@@ -582,6 +863,7 @@ def level_kernel(lv, c0, n, rec0, first, prev, last_change, flips, reversals, la
             rec = rec0 + i
             row = lv[i, c0 + b0:c0 + b1]
             mx = _row_max(row, mx)
+            _prefetch_next(lv, i, c0, b1, n)
             if rec == 0:
                 for j in range(nb):
                     occ[0, row[j]] += 1
