@@ -309,7 +309,8 @@ class _OscWorker:
         if out is None:
             out = {"fs": np.empty(n, np.int64), "flevel": np.empty(n, np.int16), "freq": np.empty(n, np.float32)}
         self.fs, self.flevel, self.freq = out["fs"], out["flevel"], out["freq"]   # (in place: the collector's)
-        self.fs.fill(-1)
+        if p.per_weight:     # (without per-weight results the freeze steps are written, never read)
+            self.fs.fill(-1)
         self.flevel.fill(-1)
         self.freq.fill(0)
         self.level_ema = np.zeros(n, np.float32)
@@ -334,14 +335,12 @@ class _OscWorker:
     def result(self):
         t = self.task
         final = self.prev   # the level at the last record
-        per_layer = {}
+        per_layer = {}      # Σ freeze steps, frozen, frozen on the final level: a weight freezes once, at the
+        for layer, newly in self.new_by_record.items():    # record that counts it; an unfrozen one has level −1
+            per_layer[layer] = [int(newly @ self.p.steps), int(newly.sum()), 0]
         for sub in t.subs:
             s = slice(sub.offset, sub.offset + sub.size)
-            fz = self.fs[s] >= 0
-            acc = per_layer.setdefault(sub.layer, [0, 0, 0])
-            acc[0] += int(self.fs[s][fz].sum())
-            acc[1] += int(fz.sum())
-            acc[2] += int((fz & (self.flevel[s] == final[s])).sum())
+            per_layer[sub.layer][2] += int(np.count_nonzero(self.flevel[s] == final[s]))
         if not self.p.per_weight:
             return None, None, None, self.new_by_record, per_layer
         return self.fs, self.flevel, self.freq, self.new_by_record, per_layer

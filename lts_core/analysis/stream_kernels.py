@@ -432,6 +432,53 @@ def _prefetch_next(a, i, c0, b1, n):
         _prefetch(nxt, q)
 
 
+def _osc_types_ok(row, pr, ld, fq, le, fre, outs, scalars):
+    """Whether `_osc_step16`'s arguments have the types its code is written for."""
+    if not all(isinstance(a, types.Array) and a.ndim == 1 for a in (row, pr, ld, fq, le, fre, *outs)):
+        return False
+    return (isinstance(row.dtype, types.Integer) and isinstance(pr.dtype, types.Integer) and ld.dtype == types.int8
+            and fq.dtype == le.dtype == types.float32 and fre.dtype == types.boolean
+            and all(o.dtype == types.int32 for o in outs) and all(x == types.float32 for x in scalars))
+
+
+def _emit_osc_step(context, builder, tys, args):
+    """Emit `_osc_step16`'s update (arguments row, pr, ld, fq, le, fre, j0, …, m, k, tt as the intrinsics take
+    them, the last three the scalars); returns (the weights' levels and previous levels widened, whether each
+    changed, whether each oscillated, the hit mask, their positions j0 … j0+15 as int32)."""
+    row_, pr_, ld_, fq_, le_, fre_, j0_ = args[:7]
+    m_, k_, tt_ = args[-3:]
+    f32, i8, i32 = ir.FloatType(), ir.IntType(8), ir.IntType(32)
+    vf, v8 = ir.VectorType(f32, LANES), ir.VectorType(i8, LANES)
+
+    def ptr(n, arr, to):
+        return builder.bitcast(_element_ptr(context, builder, tys[n], arr, j0_), to.as_pointer())
+    wide = _lane_width(tys[0], tys[1])
+    cur = _load_ints(context, builder, tys[0], row_, j0_, wide)
+    prev = _load_ints(context, builder, tys[1], pr_, j0_, wide)
+    up, down = builder.icmp_signed(">", cur, prev), builder.icmp_signed("<", cur, prev)
+    p_ld = ptr(2, ld_, v8)
+    last = builder.load(p_ld, align=1)
+    plus, minus = ir.Constant(v8, [1] * LANES), ir.Constant(v8, [-1] * LANES)
+    osc = builder.or_(builder.and_(up, builder.icmp_signed("==", last, minus)),
+                      builder.and_(down, builder.icmp_signed("==", last, plus)))
+    builder.store(builder.select(up, plus, builder.select(down, minus, last)), p_ld, align=1)
+    m, k = _splat(builder, m_), _splat(builder, k_)
+    p_fq, p_le = ptr(3, fq_, vf), ptr(4, le_, vf)
+    f = builder.fadd(builder.fmul(builder.load(p_fq, align=4), k),
+                     builder.select(osc, m, ir.Constant(vf, [0.0] * LANES)))
+    builder.store(f, p_fq, align=4)
+    level = builder.sitofp(cur, vf)      # (widened levels are exact: as numba's float32(level))
+    builder.store(builder.fadd(builder.fmul(builder.load(p_le, align=4), k), builder.fmul(level, m)), p_le,
+                  align=4)
+    pr_elem = ir.VectorType(context.get_data_type(tys[1].dtype), LANES)
+    builder.store(cur if pr_elem == cur.type else builder.trunc(cur, pr_elem), ptr(1, pr_, pr_elem), align=1)
+    free = builder.icmp_unsigned("!=", builder.load(ptr(5, fre_, v8), align=1), ir.Constant(v8, [0] * LANES))
+    hit = builder.and_(free, builder.fcmp_ordered(">", f, _splat(builder, tt_)))
+    positions = builder.add(_splat(builder, builder.trunc(j0_, i32)),
+                            ir.Constant(ir.VectorType(i32, LANES), list(range(LANES))))
+    return cur, prev, builder.or_(up, down), osc, hit, positions
+
+
 @intrinsic
 def _osc_step16(typingctx, row, pr, ld, fq, le, fre, j0, out, nc, m, k, tt):
     """One record (after the first) of the oscillation replay for weights j0 … j0+15, in registers (`osc_kernel`'s
@@ -440,55 +487,68 @@ def _osc_step16(typingctx, row, pr, ld, fq, le, fre, j0, out, nc, m, k, tt):
     positions j of the free weights (fre) with fq > tt appended at out[nc] (compress-store); returns nc + their
     number. The same float32 operations in the same order as the loop (bit for bit). row, pr: 1-d integer
     arrays; ld int8; fq, le float32; fre bool; out int32; m, k, tt float32."""
-    arrays = (row, pr, ld, fq, le, fre, out)
-    if not all(isinstance(a, types.Array) and a.ndim == 1 for a in arrays):
-        return None
-    if not (isinstance(row.dtype, types.Integer) and isinstance(pr.dtype, types.Integer) and ld.dtype == types.int8
-            and fq.dtype == le.dtype == types.float32 and fre.dtype == types.boolean and out.dtype == types.int32):
-        return None
-    if not all(a == types.float32 for a in (m, k, tt)):
+    if not _osc_types_ok(row, pr, ld, fq, le, fre, (out,), (m, k, tt)):
         return None
     sig = types.int64(row, pr, ld, fq, le, fre, types.int64, out, types.int64, types.float32, types.float32,
                       types.float32)
 
     def codegen(context, builder, signature, args):
-        row_, pr_, ld_, fq_, le_, fre_, j0_, out_, nc_, m_, k_, tt_ = args
         tys = signature.args
-        f32, i8, i32 = ir.FloatType(), ir.IntType(8), ir.IntType(32)
-        vf, v8 = ir.VectorType(f32, LANES), ir.VectorType(i8, LANES)
-
-        def ptr(n, arr, to):
-            return builder.bitcast(_element_ptr(context, builder, tys[n], arr, j0_), to.as_pointer())
-
-        def splat(x):
-            return _splat(builder, x)
-        wide = _lane_width(tys[0], tys[1])
-        cur = _load_ints(context, builder, tys[0], row_, j0_, wide)
-        prev = _load_ints(context, builder, tys[1], pr_, j0_, wide)
-        up, down = builder.icmp_signed(">", cur, prev), builder.icmp_signed("<", cur, prev)
-        p_ld = ptr(2, ld_, v8)
-        last = builder.load(p_ld, align=1)
-        plus, minus = ir.Constant(v8, [1] * LANES), ir.Constant(v8, [-1] * LANES)
-        osc = builder.or_(builder.and_(up, builder.icmp_signed("==", last, minus)),
-                          builder.and_(down, builder.icmp_signed("==", last, plus)))
-        builder.store(builder.select(up, plus, builder.select(down, minus, last)), p_ld, align=1)
-        m, k = splat(m_), splat(k_)
-        p_fq, p_le = ptr(3, fq_, vf), ptr(4, le_, vf)
-        f = builder.fadd(builder.fmul(builder.load(p_fq, align=4), k),
-                         builder.select(osc, m, ir.Constant(vf, [0.0] * LANES)))
-        builder.store(f, p_fq, align=4)
-        level = builder.sitofp(cur, vf)      # (widened levels are exact and ≥ 0: as numba's float32(level))
-        builder.store(builder.fadd(builder.fmul(builder.load(p_le, align=4), k), builder.fmul(level, m)), p_le,
-                      align=4)
-        pr_elem = ir.VectorType(context.get_data_type(tys[1].dtype), LANES)
-        builder.store(cur if pr_elem == cur.type else builder.trunc(cur, pr_elem), ptr(1, pr_, pr_elem), align=1)
-        free = builder.icmp_unsigned("!=", builder.load(ptr(5, fre_, v8), align=1), ir.Constant(v8, [0] * LANES))
-        hit = builder.and_(free, builder.fcmp_ordered(">", f, splat(tt_)))
-        first = builder.trunc(j0_, i32)
-        positions = builder.add(_splat(builder, first), ir.Constant(ir.VectorType(i32, LANES), list(range(LANES))))
+        _, _, _, _, hit, positions = _emit_osc_step(context, builder, tys, args)
+        out_, nc_ = args[7], args[8]
         return _compress_append(builder, positions, hit, _element_ptr(context, builder, tys[7], out_, nc_), nc_)
 
     return sig, codegen
+
+
+CHANGE_POS_BITS, LEVEL_BITS = 10, 8    # a level change's key: j | level << 10 | previous << 18 | reversal << 26
+
+
+@intrinsic
+def _level_osc_step16(typingctx, row, pr, ld, fq, le, fre, j0, hits, changes, counts, m, k, tt):
+    """`_osc_step16` that also lists the weights whose level changed, for the level statistics: with counts =
+    nh + (ncg << 32), the hits' positions are appended at hits[nh], and the changed weights' keys
+    j | level << 10 | previous level << 18 | reversal << 26 (a change opposite to the last one, as
+    `level_kernel` counts it) at changes[ncg]; returns the new counts. row, pr: uint8 (j0 + 15 < 1024)."""
+    if not (_osc_types_ok(row, pr, ld, fq, le, fre, (hits, changes), (m, k, tt))
+            and row.dtype == pr.dtype == types.uint8):
+        return None
+    sig = types.int64(row, pr, ld, fq, le, fre, types.int64, hits, changes, types.int64, types.float32,
+                      types.float32, types.float32)
+
+    def codegen(context, builder, signature, args):
+        tys = signature.args
+        cur, prev, changed, osc, hit, positions = _emit_osc_step(context, builder, tys, args)
+        hits_, changes_, counts_ = args[7], args[8], args[9]
+        i64 = ir.IntType(64)
+        low = ir.Constant(i64, 0xFFFFFFFF)
+        nh = builder.and_(counts_, low)
+        ncg = builder.lshr(counts_, ir.Constant(i64, 32))
+        v32 = positions.type
+
+        def shl(v, n):
+            return builder.shl(v, ir.Constant(v32, [n] * LANES))
+        key = builder.or_(builder.or_(positions, shl(cur, CHANGE_POS_BITS)),
+                          builder.or_(shl(prev, CHANGE_POS_BITS + LEVEL_BITS),
+                                      shl(builder.zext(osc, v32), CHANGE_POS_BITS + 2 * LEVEL_BITS)))
+        nh = _compress_append(builder, positions, hit, _element_ptr(context, builder, tys[7], hits_, nh), nh)
+        ncg = _compress_append(builder, key, changed, _element_ptr(context, builder, tys[8], changes_, ncg), ncg)
+        return builder.or_(nh, builder.shl(ncg, ir.Constant(i64, 32)))
+
+    return sig, codegen
+
+
+@kernel
+def _prefetch_state(a, b1, n):
+    """Prefetch the next block of a per-weight state array (a[b1 : b1+BLOCK], within n), which a kernel then
+    updates only at the few weights whose level changed: those scattered accesses would each wait on
+    memory."""
+    if b1 >= n:
+        return
+    nxt = a[b1:min(b1 + BLOCK, n)]
+    step = max(1, 64 // nxt.itemsize)
+    for q in range(0, nxt.size, step):
+        _prefetch(nxt, q)
 
 
 @kernel
@@ -823,25 +883,38 @@ def osc_kernel(lv, c0, n, rec0, m, k, active, thr, steps, freq, level_ema, prev,
                     for q in range(j, nb):
                         cand[nc] = q
                         nc += fre[q] & (fq[q] > tt)
-                for q in range(nc):
-                    j = cand[q]
-                    fss[j] = st
-                    flv[j] = np.int16(np.rint(le[j]))
-                    fre[j] = False
+                _freeze_listed(cand, nc, le, fre, fss, flv, st)
                 new_by_record[rec] += nc
                 continue
             else:
                 hit = _osc_update(row, pr, ld, fq, le, fre, 0, nb, m, k, t if active[rec] else np.float32(np.inf))
-            if active[rec] and hit:      # (branch-free: vectorised; a few % of the block freeze at once)
-                n_new = 0
-                for j in range(nb):
-                    c = fre[j] & (fq[j] > t)
-                    fss[j] = st if c else fss[j]
-                    flv[j] = np.int16(np.rint(le[j])) if c else flv[j]
-                    fre[j] = fre[j] ^ c         # (c implies fre[j])
-                    n_new += c
-                new_by_record[rec] += n_new
+            if active[rec] and hit:
+                new_by_record[rec] += _osc_freeze(fq, le, fre, fss, flv, t, st)
     return mx
+
+
+@kernel
+def _osc_freeze(fq, le, fre, fss, flv, t, st):
+    """Freeze the free weights of a block with fq > t at step st on rint(le) (half to even); returns their
+    number. Branch-free: vectorised (a few % of the block freeze at once)."""
+    n_new = 0
+    for j in range(fq.size):
+        c = fre[j] & (fq[j] > t)
+        fss[j] = st if c else fss[j]
+        flv[j] = np.int16(np.rint(le[j])) if c else flv[j]
+        fre[j] = fre[j] ^ c         # (c implies fre[j])
+        n_new += c
+    return n_new
+
+
+@kernel
+def _freeze_listed(cand, nc, le, fre, fss, flv, st):
+    """Freeze the weights cand[:nc] of a block at step st on rint(le) (half to even)."""
+    for q in range(nc):
+        j = cand[q]
+        fss[j] = st
+        flv[j] = np.int16(np.rint(le[j]))
+        fre[j] = False
 
 
 @kernel
@@ -859,6 +932,8 @@ def level_kernel(lv, c0, n, rec0, first, prev, last_change, flips, reversals, la
         b1 = min(b0 + BLOCK, n)
         nb = b1 - b0
         pr, lc, fl, rv, ld = prev[b0:b1], last_change[b0:b1], flips[b0:b1], reversals[b0:b1], last_dir[b0:b1]
+        for a in (last_change, flips, reversals):
+            _prefetch_state(a, b1, n)
         for i in range(lv.shape[0]):
             rec = rec0 + i
             row = lv[i, c0 + b0:c0 + b1]
@@ -887,5 +962,78 @@ def level_kernel(lv, c0, n, rec0, first, prev, last_change, flips, reversals, la
     return mx
 
 
+
+@kernel
+def level_osc_kernel(lv, c0, n, rec0, prev, last_change, flips, reversals, last_dir, occ, m, k, active, thr, steps,
+                     freq, level_ema, fs, flevel, free, new_by_record):
+    """`level_kernel` and `osc_kernel` in one visit of each block and record (the cache build runs both from
+    record 0): one load of the levels and one `prev` and `last_dir` (the two follow them the same way), the
+    oscillation update listing both its freezes and the level changes sixteen weights at a time
+    (`_level_osc_step16`: each change keyed with its position, level, previous level and whether it reversed),
+    then the level statistics' updates of the changed weights only (a few %: flips, settle record, reversals,
+    occupancy). Arguments as the two kernels take them (first record 0); uint8 levels; AVX-512 only
+    (`HAS_COMPRESS`: the caller runs the two kernels elsewhere)."""
+    hits = np.empty(BLOCK, np.int32)
+    changes = np.empty(BLOCK, np.int32)
+    pos_mask = np.int32((1 << CHANGE_POS_BITS) - 1)
+    lvl_mask = np.int32((1 << LEVEL_BITS) - 1)
+    mx = np.int64(0)
+    for b0 in range(0, n, BLOCK):
+        b1 = min(b0 + BLOCK, n)
+        nb = b1 - b0
+        pr, lc, fl, rv, ld = prev[b0:b1], last_change[b0:b1], flips[b0:b1], reversals[b0:b1], last_dir[b0:b1]
+        fq, le, fss, flv, fre = freq[b0:b1], level_ema[b0:b1], fs[b0:b1], flevel[b0:b1], free[b0:b1]
+        for a in (last_change, flips, reversals):
+            _prefetch_state(a, b1, n)
+        for i in range(lv.shape[0]):
+            rec = rec0 + i
+            row = lv[i, c0 + b0:c0 + b1]
+            mx = _row_max(row, mx)
+            _prefetch_next(lv, i, c0, b1, n)
+            t = thr[rec]
+            st = steps[rec]
+            if rec == 0:
+                o = occ[0]
+                hit = False
+                for j in range(nb):
+                    o[row[j]] += 1
+                    le[j] = np.float32(row[j])
+                    pr[j] = row[j]
+                    hit |= fre[j] & (fq[j] > t)
+                if active[rec] and hit:
+                    new_by_record[rec] += _osc_freeze(fq, le, fre, fss, flv, t, st)
+                continue
+            tt = t if active[rec] else np.float32(np.inf)     # (never crossed where freezing is off)
+            counts = np.int64(0)
+            j = 0
+            while j + LANES <= nb:
+                counts = _level_osc_step16(row, pr, ld, fq, le, fre, j, hits, changes, counts, m, k, tt)
+                j += LANES
+            nh, ncg = counts & 0xFFFFFFFF, counts >> 32
+            if j < nb:       # the last nb mod 16 weights one by one, their changes listed before the update
+                for q in range(j, nb):
+                    cur, p = np.int32(row[q]), np.int32(pr[q])
+                    direction = np.int8(cur > p) - np.int8(cur < p)
+                    changes[ncg] = q | (cur << CHANGE_POS_BITS) | (p << (CHANGE_POS_BITS + LEVEL_BITS)) | \
+                        (np.int32(ld[q] == -direction) << (CHANGE_POS_BITS + 2 * LEVEL_BITS))
+                    ncg += cur != p
+                _osc_update(row, pr, ld, fq, le, fre, j, nb, m, k, tt)
+                for q in range(j, nb):
+                    hits[nh] = q
+                    nh += fre[q] & (fq[q] > tt)
+            o = occ[rec]
+            r32 = np.int32(rec)
+            for q in range(ncg):     # the level statistics of the changed weights
+                key = changes[q]
+                j = key & pos_mask
+                fl[j] += 1
+                lc[j] = r32
+                rv[j] += key >> (CHANGE_POS_BITS + 2 * LEVEL_BITS)
+                o[(key >> CHANGE_POS_BITS) & lvl_mask] += 1
+                o[(key >> (CHANGE_POS_BITS + LEVEL_BITS)) & lvl_mask] -= 1
+            _freeze_listed(hits, nh, le, fre, fss, flv, st)
+            new_by_record[rec] += nh
+    return mx
+
 __all__ = ["BLOCK", "BEFORE", "START", "START_RESET", "UPDATE", "ema_modes", "index_kernel", "freeze_kernel", "osc_kernel",
-           "level_kernel", "HAS_COMPRESS", "KEY_LIMIT", "drop_keys", "list_changed"]
+           "level_kernel", "level_osc_kernel", "HAS_COMPRESS", "KEY_LIMIT", "drop_keys", "list_changed"]

@@ -202,7 +202,12 @@ def build_cache(run, items: list[Item] | None = None, executor: Executor | None 
         first = min(c.n_chunks if c is not None else 0 for _, c in todo)
         passes = [it.make_pass(run, it.restore(c, run) if c is not None and c.n_chunks == first else None)
                   for it, c in todo]
-        results = run_passes(RunSource(run), passes, executor, first, workers=workers)
+        if first == 0:   # the level statistics and the oscillation replay in one kernel where they can
+            from .level_osc import fuse_level_osc
+            passes, unpack = fuse_level_osc(passes)
+        else:
+            unpack = list
+        results = unpack(run_passes(RunSource(run), passes, executor, first, workers=workers))
         for (it, _), result in zip(todo, results):
             result = it.finish(result)
             if save:
