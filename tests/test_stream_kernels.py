@@ -252,6 +252,160 @@ def test_list_changed_sixteen_and_eight_at_a_time_equal_numpy():
                 np.testing.assert_array_equal(buf[:nc], np.flatnonzero(row != pr), err_msg=f"{fn} {n} {rate}")
 
 
+def _steps16():
+    """numba loops over whole vectors of sixteen weights calling the IR steps, as the kernels do (compiled
+    once, here: the test module imports numba only when a test runs)."""
+    from numba import njit
+    from lts_core.analysis.stream_kernels import _index_step16, _level_osc_step16, _osc_step16
+
+    @njit
+    def index_steps(row, dist, pr, dd, mm, fin, jb, out, m, k, inv128, scale, reset, q, top, unsure):
+        nc = 0
+        for j in range(0, row.size, 16):
+            got = _index_step16(row, dist, pr, dd, mm, fin, jb, j, out, nc, m, k, inv128, scale, reset, q, top)
+            unsure[j // 16] = got < 0
+            nc = nc if got < 0 else got
+        return nc
+
+    @njit
+    def osc_steps(row, pr, ld, fq, le, fre, out, m, k, tt):
+        nc = 0
+        for j in range(0, row.size, 16):
+            nc = _osc_step16(row, pr, ld, fq, le, fre, j, out, nc, m, k, tt)
+        return nc
+
+    @njit
+    def level_osc_steps(row, pr, ld, fq, le, fre, hits, changes, m, k, tt):
+        counts = np.int64(0)
+        for j in range(0, row.size, 16):
+            counts = _level_osc_step16(row, pr, ld, fq, le, fre, j, hits, changes, counts, m, k, tt)
+        return counts
+    return index_steps, osc_steps, level_osc_steps
+
+
+@pytest.mark.filterwarnings("ignore:overflow encountered in multiply")
+def test_index_step_sixteen_at_a_time_equals_the_loops():
+    """`_index_step16` (the EMA, the grid bins where float32 decides them and the movers' keys of an UPDATE
+    record, in registers) gives what the loops it replaces give, bit for bit: `_ema_block`'s EMA with its
+    reset where the level changed, `_quick_bins`' bins, `drop_keys`' keys and new minima; and where a bin of
+    the sixteen is UNSURE, the bins stored, the minima untouched and −1. Codes and raw distances, ties with
+    thresholds, 0 and huge distances, levels of two widths."""
+    from lts_core.analysis.stream_kernels import UNSURE, _quick_bins
+    index_steps = _steps16()[0]
+    rng = np.random.default_rng(21)
+    n, Jb, Bu = 1024, 2048, 1024
+    top = np.float32(Jb + 1)
+    f = np.float32
+    for raw in (False, True):
+        for L, dtype in ((4, np.uint8), (16, np.int16)):
+            g, sc = 0.37, 1 / (L - 1)
+            q = f(Bu / (g * sc))
+            thr = (sc * ((np.arange(Jb + 1) / Bu) * g)).astype(np.float32)
+            m, k, reset = f(0.9), f(1 - f(0.9)), f(sc)
+            inv128, scale = (f(1), f(1)) if raw else (f(1 / 128), f(sc))
+            row = rng.integers(0, L, n).astype(dtype)
+            pr = np.where(rng.random(n) < 0.3, rng.integers(0, L, n), row).astype(dtype)
+            fin = rng.integers(0, L, n).astype(np.uint8)
+            dd = (rng.random(n) * 0.8).astype(np.float32)
+            if raw:
+                dist = (rng.random(n) * 0.8).astype(np.float32)
+                dist[::97] = 0
+                dist[5::101] = 3e38
+            else:
+                dist = rng.integers(0, 256, n).astype(np.uint8)
+            mm = rng.integers(0, Jb + 2, n).astype(np.int32)
+            # the EMA and bins numpy computes; then make some sixteens UNSURE (a distance at a threshold)
+            want_d = np.where(row != pr, reset, dd * m + ((dist.astype(np.float32) * inv128) * scale) * k)
+            tie_groups = [3, 17, 40]
+            for t in tie_groups:      # d lands exactly on a threshold: choose dd so that the EMA gives one
+                j = 16 * t + 5
+                pr[j] = row[j]
+                dd[j], dist[j] = 0, 0
+                want_d[j] = f(0) * m + ((f(0) * inv128) * scale) * k
+            want_d = want_d.astype(np.float32)
+            bins = np.empty(n, np.int32)
+            _quick_bins(want_d, q, top, bins)
+            unsure_groups = (bins.reshape(-1, 16) == UNSURE).any(axis=1)
+            assert unsure_groups[tie_groups].all() and not unsure_groups.all()
+            ok = (row == fin).astype(np.int64)
+            keys, want_mm = [], mm.copy()
+            for grp in np.flatnonzero(~unsure_groups):
+                s = slice(16 * grp, 16 * grp + 16)
+                drop = bins[s] < mm[s]
+                kk = (2 * bins[s] + ok[s]) | ((2 * mm[s].astype(np.int64) + ok[s]) << 16)
+                keys.extend(kk[drop].tolist())
+                want_mm[s] = np.minimum(bins[s], mm[s])
+            got_pr, got_d, got_mm = pr.copy(), dd.copy(), mm.copy()
+            jb = np.full(n, 99, np.int32)
+            buf = np.full(n + 32, -7, np.int32)
+            flags = np.zeros(n // 16, np.bool_)
+            nc = index_steps(row, dist, got_pr, got_d, got_mm, fin, jb, buf[:n], m, k, inv128, scale, reset, q,
+                             top, flags)
+            same(got_d, want_d, f"EMA raw {raw} L {L}")
+            np.testing.assert_array_equal(got_pr, row)
+            np.testing.assert_array_equal(flags, unsure_groups)
+            np.testing.assert_array_equal(got_mm, want_mm)
+            assert nc == len(keys) and (buf[n:] == -7).all()
+            np.testing.assert_array_equal(buf[:nc], np.array(keys, np.int32), err_msg=f"raw {raw} L {L}")
+            u = np.repeat(unsure_groups, 16)
+            np.testing.assert_array_equal(jb[u], bins[u])     # the bins of an UNSURE sixteen, for the caller
+            assert (jb[~u] == 99).all()
+
+
+def _osc_reference(row, pr, ld, fq, le, fre, m, k, tt):
+    """`osc_kernel`'s update of one record in numpy (float32, the same operations in the same order)."""
+    up, down = row.astype(np.int64) > pr, row.astype(np.int64) < pr
+    osc = (up & (ld == -1)) | (down & (ld == 1))
+    ld2 = np.where(up, 1, np.where(down, -1, ld)).astype(np.int8)
+    f = (fq * k + np.where(osc, m, np.float32(0))).astype(np.float32)
+    le2 = (le * k + row.astype(np.float32) * m).astype(np.float32)
+    hits = np.flatnonzero(fre & (f > tt))
+    return ld2, f, le2, osc, hits
+
+
+def test_osc_steps_sixteen_at_a_time_equal_the_loop():
+    """`_osc_step16` (the oscillation update with its freezes listed) and `_level_osc_step16` (the same, also
+    listing the level changes keyed for the level statistics) give what `osc_kernel`'s loop gives, bit for bit:
+    directions, frequencies, level EMAs, previous levels, the free weights above the threshold (a tie is not
+    above), the changes' positions, levels, previous levels and reversals; nothing written past the lists."""
+    from lts_core.analysis.stream_kernels import CHANGE_POS_BITS, LEVEL_BITS
+    _, osc_steps, level_osc_steps = _steps16()
+    rng = np.random.default_rng(22)
+    n = 1024
+    m, k = np.float32(0.5), np.float32(0.5)
+    for rate in (0.0, 0.05, 0.6):
+        row = rng.integers(0, 256, n).astype(np.uint8)
+        pr = np.where(rng.random(n) < rate, rng.integers(0, 256, n), row).astype(np.uint8)
+        pr[:16] = row[:16] ^ np.uint8(128)        # changes in the high bit
+        ld = rng.integers(-1, 2, n).astype(np.int8)
+        fq = rng.choice(np.array([0, 0.25, 0.5, 0.75, 1.0], np.float32), n)
+        le = (rng.random(n) * 255).astype(np.float32)
+        fre = rng.random(n) < 0.7
+        tt = np.float32(0.5)                       # 0.5·0.5 + 0.5 = 0.75 > 0.5; 0.5·0.5 + 0.25 … ties at 0.5
+        ld2, f, le2, osc, hits = _osc_reference(row, pr, ld, fq, le, fre, m, k, tt)
+        assert rate == 0 or (f == tt).any()
+        changed = np.flatnonzero(row != pr)
+        want_keys = (changed | (row[changed].astype(np.int64) << CHANGE_POS_BITS)
+                     | (pr[changed].astype(np.int64) << (CHANGE_POS_BITS + LEVEL_BITS))
+                     | (osc[changed].astype(np.int64) << (CHANGE_POS_BITS + 2 * LEVEL_BITS)))
+        for fused in (False, True):
+            a = [x.copy() for x in (pr, ld, fq, le)]
+            hbuf, cbuf = np.full(n + 32, -7, np.int32), np.full(n + 32, -7, np.int32)
+            if fused:
+                counts = level_osc_steps(row, *a, fre, hbuf[:n], cbuf[:n], m, k, tt)
+                nh, ncg = counts & 0xFFFFFFFF, counts >> 32
+                assert ncg == changed.size and (cbuf[n:] == -7).all()
+                np.testing.assert_array_equal(cbuf[:ncg], want_keys.astype(np.int32))
+            else:
+                nh = osc_steps(row, *a, fre, hbuf[:n], m, k, tt)
+            assert (hbuf[n:] == -7).all()
+            np.testing.assert_array_equal(hbuf[:nh], hits, err_msg=f"rate {rate} fused {fused}")
+            np.testing.assert_array_equal(a[0], row)
+            np.testing.assert_array_equal(a[1], ld2)
+            same(a[2], f, "frequency")
+            same(a[3], le2, "level EMA")
+
+
 @pytest.mark.parametrize("schedule,W", [("linear", 6), ("sine", 20)])
 def test_index_kernel_equals_numpy_on_a_grid_too_fine_for_keys(schedule, W):
     """A grid whose histogram keys do not fit in 16 bits (2·(J+2) > KEY_LIMIT) takes the moves one weight at a
@@ -272,16 +426,22 @@ def test_index_kernel_equals_numpy_on_a_grid_too_fine_for_keys(schedule, W):
 def test_kernels_without_the_compress_instruction(tmp_path):
     """For a CPU without AVX-512 (numba told so with NUMBA_CPU_FEATURES; its own cache), the index kernel
     lists the moves one by one (`drop_keys_scalar`), the level kernel the changes as 64-bit words
-    (`list_changed_swar`), and both still equal the reference."""
+    (`list_changed_swar`), the oscillation replay freezes as before, the cache build keeps the level
+    statistics and the oscillation replay apart (`fuse_level_osc`), and all still equal the reference."""
     import os
     env = dict(os.environ, NUMBA_CPU_NAME="x86-64-v3", NUMBA_CACHE_DIR=str(tmp_path / "numba"),
                NUMBA_CPU_FEATURES="+64bit,+sse2,+sse3,+ssse3,+sse4.1,+sse4.2,+popcnt,+avx,+avx2,+fma,+bmi,+bmi2")
     check = ("from lts_core.analysis import stream_kernels as k\n"
              "assert not k.HAS_COMPRESS and k.drop_keys is k.drop_keys_scalar\n"
-             "assert k.list_changed is k.list_changed_swar\n")
+             "assert k.list_changed is k.list_changed_swar\n"
+             "from lts_core.analysis.level_osc import fuse_level_osc\n"
+             "from lts_core.analysis.level_stats import LevelStatsPass\n"
+             "from lts_core.analysis.replay_stream import OscPass\n"
+             "ps = [LevelStatsPass(), OscPass([0, 1], 2, 0.5, 0.0, 0.5, 0.5)]\n"
+             "assert fuse_level_osc(ps)[0] == ps\n")
     subprocess.run([sys.executable, "-c", check], check=True, env=env)
     subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", __file__, "-k",
-                    "test_index_kernel_equals_numpy and linear and 0-0-1-1-64 or test_level_kernel"],
+                    "test_index_kernel_equals_numpy and linear and 0-0-1-1-64 or test_level_kernel or test_osc_kernel"],
                    check=True, env=env)
 
 
