@@ -60,6 +60,11 @@ def check_stats(stats, ref):
     occ = stats.occupancy
     np.testing.assert_array_equal(occ[..., :4], ref["occupancy"])
     assert not occ[..., 4:].any()
+    R, off = stats.n_records, 0      # the settle histogram per layer (the pass adds up its tasks' parts)
+    for i, n in enumerate(stats.layer_sizes):
+        np.testing.assert_array_equal(stats.settle_histogram()[i],
+                                      np.bincount(ref["settle_record"][off:off + n], minlength=R)[:R])
+        off += n
 
 
 @pytest.mark.parametrize("chunk_records,task_cols,sub_cols,workers",

@@ -31,7 +31,7 @@ class LevelStats:
     reversals: np.ndarray         # `count_dtype` [N]: changes opposite in direction to the weight's previous change
     last_dir: np.ndarray          # int8 [N]: direction of the last change (0 none, ±1); resumes a pass
     occupancy: np.ndarray         # int64 [R, n_layers, L]: weights at each level index, per record and layer
-    settle_hist: np.ndarray | None = None   # int64 [n_layers, R], filled by `settle_histogram()`
+    settle_hist: np.ndarray | None = None   # int64 [n_layers, R]: by the pass (task by task) or `settle_histogram()`
 
     @property
     def n_weights(self) -> int:
@@ -119,7 +119,11 @@ class _LevelWorker:
             self.src.level_error(r0, data["level"], self.task, sub)
 
     def result(self):
-        return (self.prev, self.last_change, self.flips, self.reversals, self.last_dir, self.occ)
+        R = self.src.n_records     # per layer, the histogram of the settle records (the task's part of it)
+        hist = {layer: np.zeros(R, np.int64) for layer in self.task.layers()}
+        for sub in self.task.subs:
+            hist[sub.layer] += np.bincount(self.last_change[sub.offset:sub.offset + sub.size], minlength=R)[:R]
+        return (self.prev, self.last_change, self.flips, self.reversals, self.last_dir, self.occ, hist)
 
 
 class _LevelCollector:
@@ -129,6 +133,7 @@ class _LevelCollector:
         self.state = _state(src.n_records)
         self.final, self.settle, self.flips, self.reversals, self.last_dir = (result_array(N, dt) for _, dt in self.state)
         self.occ = np.zeros((src.n_records - first_record, len(src.layer_sizes), N_CODES), np.int64)
+        self.settle_hist = np.zeros((len(src.layer_sizes), src.n_records), np.int64)   # (tasks add theirs)
 
     def _arrays(self):
         return self.final, self.settle, self.flips, self.reversals, self.last_dir
@@ -145,6 +150,8 @@ class _LevelCollector:
             place(out, sl, part)
         for layer, table in res[5].items():
             self.occ[:, layer] += table
+        for layer, h in res[6].items():
+            self.settle_hist[layer] += h
 
     def finish(self) -> LevelStats:
         deltas = self.occ
@@ -156,7 +163,7 @@ class _LevelCollector:
         used = np.flatnonzero(occ.any(axis=(0, 1)))
         occ = occ[..., :int(used[-1]) + 1 if used.size else 1]
         return LevelStats(self.src.n_records, list(self.src.layer_sizes), self.final, self.settle, self.flips,
-                          self.reversals, self.last_dir, occ)
+                          self.reversals, self.last_dir, occ, self.settle_hist)
 
 
 def _pad_last(a: np.ndarray, width: int) -> np.ndarray:
