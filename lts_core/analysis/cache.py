@@ -15,6 +15,7 @@ A run folder that cannot be written (read-only media) is analysed in memory each
 """
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import os
@@ -97,11 +98,99 @@ def load(run, item: str, settings: dict | None = None) -> Cached | None:
     return Cached(meta, arrays, tables, status)
 
 
+class ArrayFiles:
+    """An item's per-weight arrays written straight into their cache files while a pass computes them, task by
+    task (`write`), instead of filling arrays in memory that `save` writes afterwards: no fresh memory to
+    fault in and zero for them (at 100M weights the level statistics' 800 MB took 0.7 s of a 4.3 s scan,
+    BENCHMARKS.md "Session 12"), and the writing overlaps the scan. Each file is `<name>.tmp-<pid>` (a
+    4096-byte ``.npy`` header, then the array) until `save(…, files=self)` renames it into place; `arrays()`
+    gives them memory-mapped. Raises `ArrayFilesError` (an OSError) when a file cannot be created or written:
+    the caller then computes in memory."""
+
+    def __init__(self, run, item: str, settings: dict | None, stamp: dict, specs: dict[str, tuple]):
+        from ..npy_direct import ALIGN, npy_header_for
+        from ..store import RunError, _tmp_name
+        key = _key(stamp, settings or {})
+        self.key, self.header = key, ALIGN
+        self.dtypes = {name: np.dtype(dt) for name, (dt, _) in specs.items()}
+        self.final, self.paths, self.fds, self.direct = {}, {}, {}, {}
+        try:
+            self.final = {name: _file(run, f"{item}.{key}.{name}.npy") for name in specs}
+            self.paths = {name: _tmp_name(p) for name, p in self.final.items()}
+            cache_dir(run).mkdir(exist_ok=True)
+            for name, (dt, n) in specs.items():
+                fd = self.fds[name] = os.open(self.paths[name], os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o644)
+                os.pwrite(fd, npy_header_for((int(n),), dt, ALIGN), 0)
+                os.ftruncate(fd, ALIGN + int(n) * self.dtypes[name].itemsize)
+                try:    # the aligned part of each write straight from the buffer to the disk, where allowed
+                    self.direct[name] = os.open(self.paths[name], os.O_WRONLY | getattr(os, "O_DIRECT", 0))
+                except OSError:
+                    pass
+        except (OSError, KeyError, RunError) as e:    # (RunError: a `cache` that is not a folder, unsafe…)
+            self.abort()
+            raise ArrayFilesError(getattr(e, "errno", None), f"cannot write the cache of {item}: {e}") from None
+
+    def write(self, name: str, start: int, part: np.ndarray) -> None:
+        """part → elements start … start+len(part) of array `name` (through the page cache: written back to
+        the disk while the scan goes on)."""
+        from ..npy_direct import ALIGN, _pwrite_all
+        data = np.ascontiguousarray(part, dtype=self.dtypes[name]).reshape(-1).view(np.uint8)
+        offset = self.header + int(start) * self.dtypes[name].itemsize
+        n_direct = 0
+        if name in self.direct and offset % ALIGN == 0 and data.ctypes.data % ALIGN == 0:
+            n_direct = data.size - data.size % ALIGN     # (buffers from `aligned_empty`, tasks on 4096 columns)
+        try:
+            if n_direct:
+                try:
+                    _pwrite_all(self.direct[name], data[:n_direct], offset)
+                except OSError as e:
+                    if e.errno != errno.EINVAL:
+                        raise
+                    n_direct = 0      # (a filesystem that takes O_DIRECT opens but not these writes)
+            _pwrite_all(self.fds[name], data[n_direct:], offset + n_direct)
+        except OSError as e:
+            raise ArrayFilesError(e.errno, f"cannot write {self.paths[name].name}: {e}") from None
+
+    def arrays(self) -> dict[str, np.ndarray]:
+        """Every array, synced to the disk, memory-mapped read-only (they stay valid when renamed)."""
+        from ..store import load_npy
+        try:
+            for fd in self.fds.values():
+                os.fsync(fd)
+            return {name: load_npy(p, mmap_mode="r") for name, p in self.paths.items()}
+        except OSError as e:
+            raise ArrayFilesError(e.errno, f"cannot sync the cache files: {e}") from None
+        finally:
+            self._close()
+
+    def _close(self) -> None:
+        for fd in [*self.fds.values(), *self.direct.values()]:
+            try:
+                os.close(fd)
+            except OSError:
+                pass
+        self.fds, self.direct = {}, {}
+
+    def abort(self) -> None:
+        """Close and remove the files (a failed or abandoned build)."""
+        self._close()
+        for p in self.paths.values():
+            try:
+                p.unlink()
+            except OSError:
+                pass
+
+
+class ArrayFilesError(OSError):
+    """An `ArrayFiles` file could not be created, written or synced."""
+
+
 def save(run, item: str, settings: dict | None, arrays: dict[str, np.ndarray], tables: dict[str, np.ndarray],
-         extra: dict | None = None, stamp: dict | None = None) -> bool:
+         extra: dict | None = None, stamp: dict | None = None, files: ArrayFiles | None = None) -> bool:
     """Write `item` (arrays as .npy, tables as one compressed .npz, then the meta); False when the run folder
     cannot be written. `stamp` defaults to the run's current stamp (pass the one the result was computed
-    from when the run may have grown since)."""
+    from when the run may have grown since). Arrays already in `files` (written during the pass, for this
+    stamp) are renamed into place instead of written; its files are removed when the save fails."""
     from ..store import _atomic_save_npy, _atomic_write
     settings = settings or {}
     stamp = run_stamp(run) if stamp is None else stamp
@@ -113,20 +202,29 @@ def save(run, item: str, settings: dict | None, arrays: dict[str, np.ndarray], t
         if (old.get("version") == CACHE_VERSION and old.get("settings") == json.loads(json.dumps(settings))
                 and len(old_chunks) > len(stamp["chunks"]) and old_chunks[:len(stamp["chunks"])] == stamp["chunks"]
                 and all(old["stamp"].get(k) == stamp[k] for k in ("run_id", "created", "n_weights"))):
+            if files is not None:
+                files.abort()
             return False
     except (OSError, ValueError, KeyError, TypeError):
         pass
+    if files is not None and files.key != key:
+        raise ValueError("the cache files were written for another stamp or other settings")
     meta: dict[str, Any] = {"version": CACHE_VERSION, "stamp": stamp, "settings": settings, "key": key,
                             "arrays": sorted(arrays), "tables": sorted(tables), **(extra or {})}
     try:
         d.mkdir(exist_ok=True)
         for name, arr in arrays.items():
-            _atomic_save_npy(d / f"{item}.{key}.{name}.npy", np.asarray(arr))
+            if files is not None and name in files.paths:
+                os.replace(files.paths[name], files.final[name])
+            else:
+                _atomic_save_npy(d / f"{item}.{key}.{name}.npy", np.asarray(arr))
         if tables:
             _atomic_write(d / f"{item}.{key}.npz", lambda f: np.savez_compressed(f, **tables))
         data = json.dumps(meta, default=_json_default).encode()
         _atomic_write(d / f"{item}.json", lambda f: f.write(data))
     except OSError:
+        if files is not None:
+            files.abort()
         return False
     written = {f"{item}.{key}.{name}.npy" for name in arrays} | ({f"{item}.{key}.npz"} if tables else set())
     for p in d.glob(f"{item}.*"):   # files of earlier builds of this item (also of an older layout of it)
@@ -176,4 +274,5 @@ def clear(run) -> None:
                 pass
 
 
-__all__ = ["CACHE_VERSION", "CACHE_DIR", "Cached", "run_stamp", "load", "save", "prune", "clear", "cache_dir"]
+__all__ = ["CACHE_VERSION", "CACHE_DIR", "Cached", "ArrayFiles", "ArrayFilesError", "run_stamp", "load", "save",
+           "prune", "clear", "cache_dir"]

@@ -11,13 +11,16 @@ agree bit for bit.
 """
 from __future__ import annotations
 
+import threading
 from dataclasses import dataclass
 
 import numpy as np
 
+from ..npy_direct import aligned_empty
 from .stream import Pass, Task, level_limits, place, populate, result_array
 
 N_CODES = 256
+_spare_lock = threading.Lock()
 
 
 @dataclass
@@ -53,19 +56,21 @@ class LevelStats:
 # ---- level statistics ---------------------------------------------------------------------------------------
 
 class LevelStatsPass(Pass):
-    """Streamed level statistics; `resume` (a `LevelStats` of the first records) continues from it."""
+    """Streamed level statistics; `resume` (a `LevelStats` of the first records) continues from it. With
+    `files` (a `cache.ArrayFiles` of the `RESULT_NAMES` arrays) each task's per-weight results are written
+    into those files as it ends, and the result's arrays are the files memory-mapped."""
 
     needs = ("level",)
     checks_levels = True
 
-    def __init__(self, resume: LevelStats | None = None):
-        self.resume = resume
+    def __init__(self, resume: LevelStats | None = None, files=None):
+        self.resume, self.files = resume, files
 
     def worker(self, src, task: Task, first_record: int, out: dict | None = None):
         return _LevelWorker(self, src, task, first_record, out)
 
     def collector(self, src, first_record: int):
-        return _LevelCollector(self, src, first_record)
+        return _LevelCollector(self, src, first_record, self.files)
 
 
 def count_dtype(n_records: int) -> np.dtype:
@@ -81,6 +86,14 @@ def _state(n_records: int) -> tuple:
     c = count_dtype(n_records)
     return (("prev", np.dtype(np.uint8)), ("last_change", c), ("flips", c), ("reversals", c),
             ("last_dir", np.dtype(np.int8)))
+
+
+RESULT_NAMES = ("final_level", "settle_record", "flips", "reversals", "last_dir")   # `_state`'s, in LevelStats
+
+
+def result_specs(n_records: int, n_weights: int) -> dict[str, tuple]:
+    """{name in `RESULT_NAMES`: (dtype, length)} of the per-weight results (`cache.ArrayFiles`' specs)."""
+    return {name: (dt, int(n_weights)) for name, (_, dt) in zip(RESULT_NAMES, _state(n_records))}
 
 
 class _LevelWorker:
@@ -127,11 +140,19 @@ class _LevelWorker:
 
 
 class _LevelCollector:
-    def __init__(self, p: LevelStatsPass, src, first_record: int):
+    """The per-weight results in arrays of their own (filled in place by the workers, `views`), or with
+    `files` in those files: a task's workers then fill buffers reused from task to task, which `add` writes."""
+
+    def __init__(self, p: LevelStatsPass, src, first_record: int, files=None):
         N = src.n_weights
         self.src, self.first, self.resume = src, first_record, p.resume if first_record > 0 else None
         self.state = _state(src.n_records)
-        self.final, self.settle, self.flips, self.reversals, self.last_dir = (result_array(N, dt) for _, dt in self.state)
+        self.files = files
+        self.spare: list[dict] = []      # (with files) buffers of tasks that ended, for the next ones,
+        self.lent: dict[int, dict] = {}  # and those of the tasks running (by their first column)
+        if files is None:
+            self.final, self.settle, self.flips, self.reversals, self.last_dir = (result_array(N, dt)
+                                                                                  for _, dt in self.state)
         self.occ = np.zeros((src.n_records - first_record, len(src.layer_sizes), N_CODES), np.int64)
         self.settle_hist = np.zeros((len(src.layer_sizes), src.n_records), np.int64)   # (tasks add theirs)
 
@@ -139,15 +160,33 @@ class _LevelCollector:
         return self.final, self.settle, self.flips, self.reversals, self.last_dir
 
     def views(self, task: Task) -> dict:
-        """The task's columns of the per-weight results, for its worker to fill in place."""
+        """The task's columns of the per-weight results, for its worker to fill in place (with files:
+        buffers of the task's size, reused)."""
+        if self.files is not None:
+            with _spare_lock:
+                fit = [k for k, b in enumerate(self.spare) if len(b["prev"]) >= task.size]
+                bufs = self.spare.pop(fit[0]) if fit else None
+            if bufs is None:   # (aligned: `ArrayFiles.write` sends them to the disk with O_DIRECT)
+                bufs = {name: aligned_empty(task.size, dt) for name, dt in self.state}
+            with _spare_lock:
+                self.lent[task.start] = bufs
+            return {name: b[:task.size] for name, b in bufs.items()}
         views = {name: a[task.start:task.stop] for (name, _), a in zip(self.state, self._arrays())}
         populate(*views.values())
         return views
 
     def add(self, task: Task, res) -> None:
-        sl = slice(task.start, task.stop)
-        for out, part in zip(self._arrays(), res[:5]):
-            place(out, sl, part)
+        if self.files is not None:
+            for name, part in zip(RESULT_NAMES, res[:5]):
+                self.files.write(name, task.start, part)
+            with _spare_lock:      # the task's buffers, free for a later task
+                bufs = self.lent.pop(task.start, None)
+                if bufs is not None:
+                    self.spare.append(bufs)
+        else:
+            sl = slice(task.start, task.stop)
+            for out, part in zip(self._arrays(), res[:5]):
+                place(out, sl, part)
         for layer, table in res[5].items():
             self.occ[:, layer] += table
         for layer, h in res[6].items():
@@ -162,6 +201,10 @@ class _LevelCollector:
             occ = np.concatenate([old, old[-1] + np.cumsum(deltas, axis=0)]) if deltas.shape[0] else old
         used = np.flatnonzero(occ.any(axis=(0, 1)))
         occ = occ[..., :int(used[-1]) + 1 if used.size else 1]
+        if self.files is not None:
+            self.spare, self.lent = [], {}
+            arrays = self.files.arrays()
+            self.final, self.settle, self.flips, self.reversals, self.last_dir = (arrays[n] for n in RESULT_NAMES)
         return LevelStats(self.src.n_records, list(self.src.layer_sizes), self.final, self.settle, self.flips,
                           self.reversals, self.last_dir, occ, self.settle_hist)
 
@@ -174,4 +217,4 @@ def _pad_last(a: np.ndarray, width: int) -> np.ndarray:
     return out
 
 
-__all__ = ["LevelStats", "LevelStatsPass", "N_CODES", "count_dtype"]
+__all__ = ["LevelStats", "LevelStatsPass", "N_CODES", "RESULT_NAMES", "count_dtype", "result_specs"]

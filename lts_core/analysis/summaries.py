@@ -20,7 +20,7 @@ import hashlib
 import json
 
 from . import cache
-from .level_stats import LevelStats, LevelStatsPass
+from .level_stats import LevelStats, LevelStatsPass, result_specs
 from .settle import SettleSummary
 from .stream import Executor, RunSource, run_passes
 
@@ -41,8 +41,13 @@ class Item:
 
     resumable = False   # whether make_pass can continue from an earlier result (else: rebuilt from record 0)
 
-    def make_pass(self, run, resume):  # pragma: no cover - interface
+    def make_pass(self, run, resume, files=None):  # pragma: no cover - interface
         raise NotImplementedError
+
+    def files(self, run, stamp: dict):
+        """A `cache.ArrayFiles` for its per-weight arrays when its pass can write them as it goes (`make_pass(…,
+        files=…)`), else None (the default). Raises `cache.ArrayFilesError` when they cannot be created."""
+        return None
 
     def finish(self, result):
         """The item's value from its pass's result (default: the result itself)."""
@@ -59,8 +64,11 @@ class LevelsItem(Item):
     name = LEVELS
     resumable = True
 
-    def make_pass(self, run, resume):
-        return LevelStatsPass(resume)
+    def make_pass(self, run, resume, files=None):
+        return LevelStatsPass(resume, files)
+
+    def files(self, run, stamp: dict):
+        return cache.ArrayFiles(run, self.name, self.settings(), stamp, result_specs(run.n_records, run.n_weights))
 
     def store(self, stats: LevelStats):
         return ({k: getattr(stats, k) for k in _LEVEL_ARRAYS},
@@ -92,7 +100,7 @@ class IndexItem(Item):
     def settings(self) -> dict:
         return dict(self._settings)
 
-    def make_pass(self, run, resume):
+    def make_pass(self, run, resume, files=None):
         from .replay import ReplayIndex
         self._planned, p = ReplayIndex.build(run, **self._settings, plan_only=True)
         return p
@@ -127,7 +135,7 @@ class OscItem(Item):
     def settings(self) -> dict:
         return {"max_bits": self.max_bits}
 
-    def make_pass(self, run, resume):
+    def make_pass(self, run, resume, files=None):
         from .replay import oscillation_plan
         bits = [int(lay.get("bits") or 0) for lay in run.layers]
         watch = None if self.max_bits is None else [b <= self.max_bits for b in bits]
@@ -200,21 +208,45 @@ def build_cache(run, items: list[Item] | None = None, executor: Executor | None 
         _require_records(run)
         # one scan from the earliest record any item needs; an item that could resume later restarts there
         first = min(c.n_chunks if c is not None else 0 for _, c in todo)
-        passes = [it.make_pass(run, it.restore(c, run) if c is not None and c.n_chunks == first else None)
-                  for it, c in todo]
-        if first == 0:   # the level statistics and the oscillation replay in one kernel where they can
-            from .level_osc import fuse_level_osc
-            passes, unpack = fuse_level_osc(passes)
-        else:
-            unpack = list
-        results = unpack(run_passes(RunSource(run), passes, executor, first, workers=workers))
-        for (it, _), result in zip(todo, results):
+        files = [_files(it, run, stamp) if save else None for it, _ in todo]
+        try:
+            results = _scan(run, todo, first, files, executor, workers)
+        except BaseException as e:       # no file of this build left behind
+            for f in files:
+                if f is not None:
+                    f.abort()
+            if not isinstance(e, cache.ArrayFilesError):
+                raise
+            files = [None] * len(todo)   # (disk full…) the per-weight arrays in memory, as for a read-only run
+            results = _scan(run, todo, first, files, executor, workers)
+        for (it, _), result, f in zip(todo, results, files):
             result = it.finish(result)
             if save:
                 arrays, tables, extra = it.store(result)
-                cache.save(run, it.name, it.settings(), arrays, tables, extra, stamp)
+                cache.save(run, it.name, it.settings(), arrays, tables, extra, stamp, files=f)
             out[it.name] = result
     return out
+
+
+def _files(item: Item, run, stamp: dict):
+    """`item.files(run, stamp)`, or None where they cannot be created (a read-only run folder…)."""
+    try:
+        return item.files(run, stamp)
+    except cache.ArrayFilesError:
+        return None
+
+
+def _scan(run, todo: list, first: int, files: list, executor, workers) -> list:
+    """The todo items' passes in one scan from chunk `first` (each item resumed from its cached result where
+    that ends there); their results in order."""
+    passes = [it.make_pass(run, it.restore(c, run) if c is not None and c.n_chunks == first else None, f)
+              for (it, c), f in zip(todo, files)]
+    if first == 0:   # the level statistics and the oscillation replay in one kernel where they can
+        from .level_osc import fuse_level_osc
+        passes, unpack = fuse_level_osc(passes)
+    else:
+        unpack = list
+    return unpack(run_passes(RunSource(run), passes, executor, first, workers=workers))
 
 
 def cached_replay_index(run, schedule: str, warmup_steps: int, decay: float, executor: Executor | None = None):

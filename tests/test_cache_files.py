@@ -1,0 +1,123 @@
+"""Per-weight results written straight into their cache files during the scan (lts_core.analysis.cache.ArrayFiles,
+the level statistics' collector with `files`): the files hold exactly the results, aligned parts go to the disk
+with O_DIRECT and the rest through the page cache, and a build that fails or cannot write leaves no file behind
+and still gives its results."""
+import os
+
+import numpy as np
+import pytest
+
+from lts_core import open_run
+from lts_core.analysis import build_cache, cache
+from lts_core.analysis.cache import ArrayFiles, ArrayFilesError
+from lts_core.npy_direct import ALIGN, aligned_empty
+from test_stream import check_stats, reference, trajectories, write_run
+
+
+def tmp_files(folder):
+    return sorted(p.name for p in (folder / "r" / "cache").glob("*.tmp-*"))
+
+
+def counting_pwrite(monkeypatch):
+    """os.pwrite, counting the bytes that went through an O_DIRECT descriptor and through the others."""
+    import fcntl
+    seen = {"direct": 0, "buffered": 0}
+    real = os.pwrite
+
+    def pwrite(fd, data, offset):
+        direct = fcntl.fcntl(fd, fcntl.F_GETFL) & getattr(os, "O_DIRECT", 0)
+        n = real(fd, data, offset)
+        seen["direct" if direct else "buffered"] += n
+        return n
+    monkeypatch.setattr(os, "pwrite", pwrite)
+    return seen
+
+
+def test_array_files_hold_what_was_written_aligned_parts_directly(tmp_path, monkeypatch):
+    lv, dist, _ = trajectories(R=4)
+    write_run(tmp_path, lv, dist)
+    run = open_run(tmp_path / "r")
+    n = 3 * ALIGN + 100
+    f = ArrayFiles(run, "levels", {}, cache.run_stamp(run), {"a": (np.int16, n), "b": (np.uint8, n)})
+    seen = counting_pwrite(monkeypatch)
+    want_a = np.arange(n, dtype=np.int16) * 3
+    want_b = (np.arange(n) % 251).astype(np.uint8)
+    part = aligned_empty(2 * ALIGN, np.int16)
+    part[:] = want_a[:2 * ALIGN]
+    f.write("a", 0, part)                          # aligned memory and offset: O_DIRECT
+    f.write("a", 2 * ALIGN, want_a[2 * ALIGN:])     # the rest (offset aligned, memory not): buffered
+    f.write("b", 0, want_b[:7])                     # unaligned start
+    f.write("b", 7, want_b[7:])
+    assert seen["direct"] == 4 * ALIGN and seen["buffered"] > 0
+    got = f.arrays()
+    np.testing.assert_array_equal(got["a"], want_a)
+    np.testing.assert_array_equal(got["b"], want_b)
+    assert all(p.name.endswith(f".tmp-{os.getpid()}") for p in f.paths.values())
+    f.abort()
+    assert tmp_files(tmp_path) == []
+
+
+def test_a_refused_direct_write_goes_through_the_page_cache(tmp_path, monkeypatch):
+    import errno
+    lv, dist, _ = trajectories(R=4)
+    write_run(tmp_path, lv, dist)
+    run = open_run(tmp_path / "r")
+    f = ArrayFiles(run, "levels", {}, cache.run_stamp(run), {"a": (np.uint8, 2 * ALIGN)})
+    real = os.pwrite
+
+    def pwrite(fd, data, offset):
+        if fd in f.direct.values():
+            raise OSError(errno.EINVAL, "refused")
+        return real(fd, data, offset)
+    monkeypatch.setattr(os, "pwrite", pwrite)
+    part = aligned_empty(2 * ALIGN, np.uint8)
+    part[:] = 9
+    f.write("a", 0, part)
+    np.testing.assert_array_equal(f.arrays()["a"], part)
+    f.abort()
+
+
+def test_the_cache_build_writes_the_level_statistics_during_the_scan(tmp_path, monkeypatch):
+    """Wide tasks (on 4096-column bounds): most of the 800 KB of results go to the disk directly; the cached
+    statistics equal the in-memory ones, are memory-mapped, and no temporary file is left."""
+    sizes = [150_000, 150_003]
+    lv, dist, _ = trajectories(R=6, N=sum(sizes), p_move=0.3, seed=2)
+    write_run(tmp_path, lv, dist, sizes=sizes)
+    seen = counting_pwrite(monkeypatch)
+    stats = build_cache(open_run(tmp_path / "r"), workers=2)["levels"]
+    check_stats(stats, reference(lv, dist, sizes))
+    assert isinstance(stats.flips, np.memmap)
+    assert seen["direct"] > 0.9 * sum(sizes) * 8    # 8 bytes of results per weight
+    assert tmp_files(tmp_path) == []
+    again = build_cache(open_run(tmp_path / "r"))["levels"]     # read back from the cache
+    check_stats(again, reference(lv, dist, sizes))
+
+
+def test_a_build_that_cannot_write_its_files_computes_in_memory(tmp_path, monkeypatch):
+    """A write that fails during the scan (disk full): the files are removed, the statistics computed again
+    in memory (correct), and the cache save fails quietly as for a read-only folder."""
+    lv, dist, _ = trajectories(seed=3)
+    write_run(tmp_path, lv, dist)
+    calls = []
+
+    def full(self, name, start, part):
+        calls.append(name)
+        raise ArrayFilesError(28, "No space left on device")
+    monkeypatch.setattr(ArrayFiles, "write", full)
+    stats = build_cache(open_run(tmp_path / "r"))["levels"]
+    assert calls
+    check_stats(stats, reference(lv, dist))
+    assert not isinstance(stats.flips, np.memmap)
+    assert tmp_files(tmp_path) == []
+
+
+def test_a_build_that_fails_leaves_no_file(tmp_path):
+    """A damaged run (a level out of its layer's range) fails the build with the store's error; the files it
+    had begun are removed."""
+    from lts_core.store import RunError
+    lv, dist, _ = trajectories(seed=4)
+    lv[7, 3] = 200
+    write_run(tmp_path, lv, dist)
+    with pytest.raises(RunError, match="level"):
+        build_cache(open_run(tmp_path / "r"))
+    assert tmp_files(tmp_path) == []
