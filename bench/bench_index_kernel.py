@@ -1,5 +1,6 @@
 """The streamed analyses' kernels alone: CPU per weight-record of a cache item's pass (`--item index`: the
-replay index of the run's own settings, the default; `levels`; `osc`) over the first columns of a stored run,
+replay index of the run's own settings, the default; `levels`; `osc`; `levels-osc`: the two in the cache build's
+one kernel, `LevelOscPass`, where this CPU has it) over the first columns of a stored run,
 in memory (no reading), one thread; the code of this checkout or of another one (`--code DIR`, e.g. a worktree
 of an older commit), so that two versions compare on the same data.
 
@@ -23,7 +24,7 @@ def main() -> None:
     ap.add_argument("--columns", type=int, default=1_000_000)
     ap.add_argument("--rounds", type=int, default=4)
     ap.add_argument("--code", default=str(Path(__file__).resolve().parents[1]))
-    ap.add_argument("--item", choices=("index", "levels", "osc"), default="index")
+    ap.add_argument("--item", choices=("index", "levels", "osc", "levels-osc"), default="index")
     args = ap.parse_args()
     sys.path.insert(0, args.code)
     import numpy as np
@@ -35,7 +36,8 @@ def main() -> None:
     C = min(args.columns, run.n_weights)
     arrays = {name: np.concatenate([run.read_columns(c, name, 0, C) for c in range(len(run.chunk_sizes))])
               for name in ("level", "dist")}
-    item = {"index": lambda: IndexItem(**run_settings(run)), "levels": LevelsItem, "osc": OscItem}[args.item]()
+    item = {"index": lambda: IndexItem(**run_settings(run)), "levels": LevelsItem, "osc": OscItem,
+            "levels-osc": lambda: _LevelsOsc(LevelsItem(), OscItem())}[args.item]()
     src = ArraySource(arrays, [C], 1)
     wr = arrays["level"].size
     for i in range(args.rounds):
@@ -48,6 +50,20 @@ def main() -> None:
             crc = zlib.crc32(np.ascontiguousarray(a).tobytes(), crc)
         print(f"round {i + 1}: {t:.3f} s CPU, {t / wr * 1e9:.2f} ns per weight-record ({wr:.3g} weight-records), "
               f"crc {crc:08x}")
+
+
+class _LevelsOsc:
+    """The level statistics and the oscillation item as the cache build runs them (`fuse_level_osc`)."""
+
+    def __init__(self, *items):
+        self.items = items
+
+    def make_pass(self, run, resume):
+        from lts_core.analysis.level_osc import fuse_level_osc
+        passes, _ = fuse_level_osc([it.make_pass(run, None) for it in self.items])
+        if len(passes) != 1:
+            raise SystemExit("this CPU runs the level statistics and the oscillation replay apart (no AVX-512)")
+        return passes[0]
 
 
 def _arrays(result):

@@ -57,6 +57,35 @@ def test_array_files_hold_what_was_written_aligned_parts_directly(tmp_path, monk
     assert tmp_files(tmp_path) == []
 
 
+def test_writes_later_are_waited_for_and_their_errors_raised(tmp_path, monkeypatch):
+    """`write_later` writes on a thread of its own and calls back when done; `arrays()` waits for every write,
+    and an error of one is raised there (as `ArrayFilesError`); `abort` waits before closing the files."""
+    import errno
+    lv, dist, _ = trajectories(R=4)
+    write_run(tmp_path, lv, dist)
+    run = open_run(tmp_path / "r")
+    n = 4 * ALIGN
+    f = ArrayFiles(run, "levels", {}, cache.run_stamp(run), {"a": (np.int16, n)})
+    done = []
+    want = np.arange(n, dtype=np.int16)
+    for start in range(0, n, ALIGN):
+        part = aligned_empty(ALIGN, np.int16)
+        part[:] = want[start:start + ALIGN]
+        f.write_later(start, {"a": part}, lambda s=start: done.append(s))
+    np.testing.assert_array_equal(f.arrays()["a"], want)
+    assert sorted(done) == list(range(0, n, ALIGN))
+    f.abort()
+    g = ArrayFiles(run, "levels", {}, cache.run_stamp(run), {"a": (np.int16, n)})
+    real = os.pwrite
+    monkeypatch.setattr(os, "pwrite", lambda fd, data, off: (_ for _ in ()).throw(OSError(errno.ENOSPC, "full"))
+                        if off >= ALIGN else real(fd, data, off))
+    g.write_later(0, {"a": want})
+    with pytest.raises(ArrayFilesError, match="full"):
+        g.arrays()
+    g.abort()
+    assert tmp_files(tmp_path) == []
+
+
 def test_a_refused_direct_write_goes_through_the_page_cache(tmp_path, monkeypatch):
     import errno
     lv, dist, _ = trajectories(R=4)

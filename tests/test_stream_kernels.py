@@ -300,7 +300,6 @@ def test_index_step_sixteen_at_a_time_equals_the_loops():
         for L, dtype in ((4, np.uint8), (16, np.int16)):
             g, sc = 0.37, 1 / (L - 1)
             q = f(Bu / (g * sc))
-            thr = (sc * ((np.arange(Jb + 1) / Bu) * g)).astype(np.float32)
             m, k, reset = f(0.9), f(1 - f(0.9)), f(sc)
             inv128, scale = (f(1), f(1)) if raw else (f(1 / 128), f(sc))
             row = rng.integers(0, L, n).astype(dtype)

@@ -132,10 +132,11 @@ class _LevelWorker:
             self.src.level_error(r0, data["level"], self.task, sub)
 
     def result(self):
+        from .stream_kernels import add_counts
         R = self.src.n_records     # per layer, the histogram of the settle records (the task's part of it)
         hist = {layer: np.zeros(R, np.int64) for layer in self.task.layers()}
         for sub in self.task.subs:
-            hist[sub.layer] += np.bincount(self.last_change[sub.offset:sub.offset + sub.size], minlength=R)[:R]
+            add_counts(self.last_change[sub.offset:sub.offset + sub.size], hist[sub.layer])
         return (self.prev, self.last_change, self.flips, self.reversals, self.last_dir, self.occ, hist)
 
 
@@ -177,12 +178,14 @@ class _LevelCollector:
 
     def add(self, task: Task, res) -> None:
         if self.files is not None:
-            for name, part in zip(RESULT_NAMES, res[:5]):
-                self.files.write(name, task.start, part)
-            with _spare_lock:      # the task's buffers, free for a later task
+            with _spare_lock:
                 bufs = self.lent.pop(task.start, None)
+
+            def free():            # the task's buffers, free for a later task once written
                 if bufs is not None:
-                    self.spare.append(bufs)
+                    with _spare_lock:
+                        self.spare.append(bufs)
+            self.files.write_later(task.start, dict(zip(RESULT_NAMES, res[:5])), free)
         else:
             sl = slice(task.start, task.stop)
             for out, part in zip(self._arrays(), res[:5]):

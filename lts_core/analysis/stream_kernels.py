@@ -1035,5 +1035,24 @@ def level_osc_kernel(lv, c0, n, rec0, prev, last_change, flips, reversals, last_
             new_by_record[rec] += nh
     return mx
 
+
+
+@kernel
+def add_counts(values, out):
+    """out[v] += the number of times v occurs in `values` (integers in 0 … out.size−1; a task's settle records,
+    most of them equal: four partial counts, so that equal values in a row do not wait on each other)."""
+    n_bins = out.size
+    part = np.zeros((4, n_bins), np.int64)
+    n4 = values.size - values.size % 4
+    for j in range(0, n4, 4):
+        part[0, values[j]] += 1
+        part[1, values[j + 1]] += 1
+        part[2, values[j + 2]] += 1
+        part[3, values[j + 3]] += 1
+    for j in range(n4, values.size):
+        part[0, values[j]] += 1
+    for b in range(n_bins):
+        out[b] += part[0, b] + part[1, b] + part[2, b] + part[3, b]
+
 __all__ = ["BLOCK", "BEFORE", "START", "START_RESET", "UPDATE", "ema_modes", "index_kernel", "freeze_kernel", "osc_kernel",
-           "level_kernel", "level_osc_kernel", "HAS_COMPRESS", "KEY_LIMIT", "drop_keys", "list_changed"]
+           "level_kernel", "level_osc_kernel", "add_counts", "HAS_COMPRESS", "KEY_LIMIT", "drop_keys", "list_changed"]

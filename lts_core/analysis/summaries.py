@@ -47,7 +47,6 @@ class Item:
     def files(self, run, stamp: dict):
         """A `cache.ArrayFiles` for its per-weight arrays when its pass can write them as it goes (`make_pass(…,
         files=…)`), else None (the default). Raises `cache.ArrayFilesError` when they cannot be created."""
-        return None
 
     def finish(self, result):
         """The item's value from its pass's result (default: the result itself)."""
@@ -219,12 +218,17 @@ def build_cache(run, items: list[Item] | None = None, executor: Executor | None 
                 raise
             files = [None] * len(todo)   # (disk full…) the per-weight arrays in memory, as for a read-only run
             results = _scan(run, todo, first, files, executor, workers)
-        for (it, _), result, f in zip(todo, results, files):
-            result = it.finish(result)
-            if save:
-                arrays, tables, extra = it.store(result)
-                cache.save(run, it.name, it.settings(), arrays, tables, extra, stamp, files=f)
-            out[it.name] = result
+        try:
+            for (it, _), result, f in zip(todo, results, files):
+                result = it.finish(result)
+                if save:
+                    arrays, tables, extra = it.store(result)
+                    cache.save(run, it.name, it.settings(), arrays, tables, extra, stamp, files=f)
+                out[it.name] = result
+        finally:     # (files renamed into place stay; any other is removed)
+            for f in files:
+                if f is not None:
+                    f.abort()
     return out
 
 
