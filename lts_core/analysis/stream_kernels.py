@@ -552,6 +552,14 @@ def _prefetch_state(a, b1, n):
 
 
 @kernel
+def _prefetch_level_state(last_change, flips, reversals, b1, n):
+    """`_prefetch_state` of the level statistics' counters that only changed weights update."""
+    _prefetch_state(last_change, b1, n)
+    _prefetch_state(flips, b1, n)
+    _prefetch_state(reversals, b1, n)
+
+
+@kernel
 def drop_keys_vector(jb, mm, row, fin, n, out):
     """The weights j < n whose bin jb[j] drops below their running minimum mm[j]: out[:nc] = their histogram
     keys (2·jb+ok) | (2·mm+ok) << 16, ok = row[j] == fin[j], in ascending j; mm = min(mm, jb). Returns nc.
@@ -932,8 +940,7 @@ def level_kernel(lv, c0, n, rec0, first, prev, last_change, flips, reversals, la
         b1 = min(b0 + BLOCK, n)
         nb = b1 - b0
         pr, lc, fl, rv, ld = prev[b0:b1], last_change[b0:b1], flips[b0:b1], reversals[b0:b1], last_dir[b0:b1]
-        for a in (last_change, flips, reversals):
-            _prefetch_state(a, b1, n)
+        _prefetch_level_state(last_change, flips, reversals, b1, n)
         for i in range(lv.shape[0]):
             rec = rec0 + i
             row = lv[i, c0 + b0:c0 + b1]
@@ -983,8 +990,7 @@ def level_osc_kernel(lv, c0, n, rec0, prev, last_change, flips, reversals, last_
         nb = b1 - b0
         pr, lc, fl, rv, ld = prev[b0:b1], last_change[b0:b1], flips[b0:b1], reversals[b0:b1], last_dir[b0:b1]
         fq, le, fss, flv, fre = freq[b0:b1], level_ema[b0:b1], fs[b0:b1], flevel[b0:b1], free[b0:b1]
-        for a in (last_change, flips, reversals):
-            _prefetch_state(a, b1, n)
+        _prefetch_level_state(last_change, flips, reversals, b1, n)
         for i in range(lv.shape[0]):
             rec = rec0 + i
             row = lv[i, c0 + b0:c0 + b1]
