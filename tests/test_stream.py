@@ -127,6 +127,9 @@ def test_a_process_pool_executor_gives_the_same_result(tmp_path):
     assert pickle.loads(pickle.dumps(src)).chunk_sizes == src.chunk_sizes
     (stats,) = run_passes(src, [LevelStatsPass()], _process_map, task_cols=200)
     check_stats(stats, reference(lv, dist))
+    # the cache build too: its level statistics' files stay in this process (the pass pickles without them)
+    check_stats(build_cache(open_run(tmp_path / "r"), executor=_process_map)["levels"], reference(lv, dist))
+    assert not list((tmp_path / "r" / "cache").glob("*.tmp-*"))
 
 
 def test_in_process_workers_fill_the_collectors_arrays_in_place():

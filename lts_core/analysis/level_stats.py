@@ -66,6 +66,9 @@ class LevelStatsPass(Pass):
     def __init__(self, resume: LevelStats | None = None, files=None):
         self.resume, self.files = resume, files
 
+    def __getstate__(self):
+        return {**self.__dict__, "files": None}   # (its collector writes them, in this process)
+
     def worker(self, src, task: Task, first_record: int, out: dict | None = None):
         return _LevelWorker(self, src, task, first_record, out)
 
