@@ -20,7 +20,7 @@ arrays with ``O_DIRECT``), the ``step`` file last, so a record exists once its s
 names the open chunk; readers take its records from the size of its ``step`` file (every other file of the
 chunk is at least that long). A full open chunk is *sealed*: final headers, exact sizes, fsync, then listed
 in ``chunks``. Other files (manifest, metrics, summaries, whole chunks from `append_chunk`) are written to
-``<name>.tmp-<pid>``, fsynced and renamed over their final name (``os.replace``). So a crash at any point
+``<name>.tmp-<pid>-<n>``, fsynced and renamed over their final name (``os.replace``). So a crash at any point
 leaves a run that reads every record whose step reached the file; temp files are ignored. A write that
 fails (disk full…) raises `StoreWriteError` naming the file and leaves what was written readable.
 
@@ -31,6 +31,7 @@ demand, copying only the requested columns (one layer of a big run reads only th
 from __future__ import annotations
 
 import errno
+import itertools
 import json
 import math
 import os
@@ -218,8 +219,13 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
+_tmp_serial = itertools.count()
+
+
 def _tmp_name(path: Path) -> Path:
-    return path.with_name(f"{path.name}.tmp-{os.getpid()}")
+    """A temporary name beside `path`, of this process and unique in it: two threads writing the same file
+    (two app sessions building one run's cache) never share a temporary file."""
+    return path.with_name(f"{path.name}.tmp-{os.getpid()}-{next(_tmp_serial)}")
 
 
 def _atomic_write(path: Path, write_fn) -> None:

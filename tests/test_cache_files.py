@@ -52,7 +52,7 @@ def test_array_files_hold_what_was_written_aligned_parts_directly(tmp_path, monk
     got = f.arrays()
     np.testing.assert_array_equal(got["a"], want_a)
     np.testing.assert_array_equal(got["b"], want_b)
-    assert all(p.name.endswith(f".tmp-{os.getpid()}") for p in f.paths.values())
+    assert all(f".tmp-{os.getpid()}-" in p.name for p in f.paths.values())
     f.abort()
     assert tmp_files(tmp_path) == []
 
@@ -149,4 +149,42 @@ def test_a_build_that_fails_leaves_no_file(tmp_path):
     write_run(tmp_path, lv, dist)
     with pytest.raises(RunError, match="level"):
         build_cache(open_run(tmp_path / "r"))
+    assert tmp_files(tmp_path) == []
+
+
+def test_two_threads_building_one_runs_cache_do_not_share_files(tmp_path):
+    """Two app sessions in one server may build the same run's cache at once: each writes files of its own
+    (temporary names unique in the process), both get the right statistics, and the cache is whole."""
+    import threading
+    lv, dist, _ = trajectories(R=4)
+    write_run(tmp_path / "small", lv, dist)
+    small = open_run(tmp_path / "small" / "r")
+    specs = {"a": (np.uint8, 5000)}
+    f1, f2 = (ArrayFiles(small, "levels", {}, cache.run_stamp(small), specs) for _ in range(2))
+    assert set(f1.paths.values()).isdisjoint(f2.paths.values())
+    f1.write("a", 0, np.full(5000, 1, np.uint8))
+    f2.write("a", 0, np.full(5000, 2, np.uint8))
+    assert (f1.arrays()["a"] == 1).all() and (f2.arrays()["a"] == 2).all()
+    f1.abort()
+    f2.abort()
+    sizes = [150_000, 150_003]
+    lv, dist, _ = trajectories(R=6, N=sum(sizes), p_move=0.3, seed=5)
+    write_run(tmp_path, lv, dist, sizes=sizes)
+    want = reference(lv, dist, sizes)
+    got, errors = [], []
+
+    def build():
+        try:
+            got.append(build_cache(open_run(tmp_path / "r"))["levels"])
+        except BaseException as e:   # pragma: no cover - reported below
+            errors.append(e)
+    threads = [threading.Thread(target=build) for _ in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors and len(got) == 2
+    for stats in got:
+        check_stats(stats, want)
+    check_stats(build_cache(open_run(tmp_path / "r"))["levels"], want)    # the cache as saved
     assert tmp_files(tmp_path) == []

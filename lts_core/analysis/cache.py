@@ -104,7 +104,7 @@ class ArrayFiles:
     """An item's per-weight arrays written straight into their cache files while a pass computes them, task by
     task (`write`), instead of filling arrays in memory that `save` writes afterwards: no fresh memory to
     fault in and zero for them (at 100M weights the level statistics' 800 MB took 0.7 s of a 4.3 s scan,
-    BENCHMARKS.md "Session 12"), and the writing overlaps the scan. Each file is `<name>.tmp-<pid>` (a
+    BENCHMARKS.md "Session 12"), and the writing overlaps the scan. Each file is `<name>.tmp-<pid>-<n>` (a
     4096-byte ``.npy`` header, then the array) until `save(…, files=self)` renames it into place; `arrays()`
     gives them memory-mapped. Raises `ArrayFilesError` (an OSError) when a file cannot be created or written:
     the caller then computes in memory."""
