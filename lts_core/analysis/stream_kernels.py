@@ -825,6 +825,18 @@ def freeze_kernel(lv, dist, c0, n, rec0, inv128, scale, reset, mode, m32, k32, a
 
 
 @kernel
+def _osc_first(row, pr, fq, le, fre, t):
+    """`osc_kernel`'s first record for a block: le = pr = the level; returns whether a free weight has
+    fq > t."""
+    hit = False
+    for j in range(row.size):
+        le[j] = np.float32(row[j])
+        pr[j] = row[j]
+        hit |= fre[j] & (fq[j] > t)
+    return hit
+
+
+@kernel
 def _osc_update(row, pr, ld, fq, le, fre, j0, j1, m, k, tt):
     """`osc_kernel`'s update of one record (after the first) for weights j0 … j1−1: the direction of the level
     change, an oscillation where it is opposite to the last change, ld, fq = fq·k + (m where it oscillated),
@@ -874,11 +886,7 @@ def osc_kernel(lv, c0, n, rec0, m, k, active, thr, steps, freq, level_ema, prev,
             t = thr[rec]
             st = steps[rec]
             if rec == 0:
-                hit = False
-                for j in range(nb):
-                    le[j] = np.float32(row[j])
-                    pr[j] = row[j]
-                    hit |= fre[j] & (fq[j] > t)
+                hit = _osc_first(row, pr, fq, le, fre, t)
             elif HAS_COMPRESS:
                 tt = t if active[rec] else np.float32(np.inf)     # (never crossed where freezing is off)
                 nc = 0
@@ -999,13 +1007,9 @@ def level_osc_kernel(lv, c0, n, rec0, prev, last_change, flips, reversals, last_
             t = thr[rec]
             st = steps[rec]
             if rec == 0:
-                o = occ[0]
-                hit = False
                 for j in range(nb):
-                    o[row[j]] += 1
-                    le[j] = np.float32(row[j])
-                    pr[j] = row[j]
-                    hit |= fre[j] & (fq[j] > t)
+                    occ[0, row[j]] += 1
+                hit = _osc_first(row, pr, fq, le, fre, t)     # (whether or not freezing is on)
                 if active[rec] and hit:
                     new_by_record[rec] += _osc_freeze(fq, le, fre, fss, flv, t, st)
                 continue
