@@ -230,6 +230,32 @@ def test_a_task_reads_groups_ahead_into_rotating_buffers(monkeypatch):
         check_stats(stats, reference(lv, dist))
 
 
+def test_group_bytes_sets_the_records_per_group_and_the_cache_build_reads_bigger_groups(tmp_path, monkeypatch):
+    """`run_passes(…, group_bytes=)` groups as many records per kernel call as fit (same results); the cache
+    build asks for `CACHE_GROUP_BYTES`."""
+    from lts_core.analysis import level_stats, stream, summaries
+    lv, dist, _ = trajectories(R=24, seed=9)
+    src = ArraySource({"level": lv}, SIZES, 1)
+    rows = []
+    feed = level_stats._LevelWorker.feed
+
+    def spy(self, r0, data, sub):
+        rows.append(len(data["level"]))
+        return feed(self, r0, data, sub)
+    monkeypatch.setattr(level_stats._LevelWorker, "feed", spy)
+    for group_bytes, most in ((3 * 200, 3), (None, 24)):
+        rows.clear()
+        (stats,) = run_passes(src, [LevelStatsPass()], serial, task_cols=200, group_bytes=group_bytes)
+        check_stats(stats, reference(lv, dist))
+        assert max(rows) == most
+    seen = {}
+    real = summaries.run_passes
+    monkeypatch.setattr(summaries, "run_passes", lambda *a, **k: seen.update(k) or real(*a, **k))
+    write_run(tmp_path, lv, dist)
+    build_cache(open_run(tmp_path / "r"))
+    assert seen["group_bytes"] == summaries.CACHE_GROUP_BYTES == 2 * stream.GROUP_BYTES
+
+
 def test_the_next_task_is_read_while_this_one_ends(monkeypatch):
     """One reading pipeline per thread across tasks (`scan_chain`): while a task computes on its last group,
     the next task's first groups are being read (the worker below waits for that read, and would time out

@@ -432,23 +432,23 @@ def _make_workers(src, passes: Sequence[Pass], task: Task, first_record: int, si
 
 
 def scan_task(src, passes: Sequence[Pass], first_chunk: int, task: Task, buffers: BufferPool | None = None,
-              sinks: Sequence | None = None) -> list:
+              sinks: Sequence | None = None, group_bytes: int | None = None) -> list:
     """The map step: stream the task's columns of every chunk from `first_chunk` on, in record order, a group
     of chunks at a time (`chunk_groups`), through one worker per pass; returns the workers' results.
     `READ_THREADS` reader threads read the next `READ_AHEAD` groups' chunks (disk, page cache, decoding of
     levels stored as changes), several requests in flight, while this thread computes on the current one.
     The buffers come from `buffers` (reused where `src.column_buffer` finds them fit) and go back to it.
     `sinks` (the passes' collectors, when they live in this process): a worker whose collector has
-    `views(task)` fills those views in place."""
+    `views(task)` fills those views in place. `group_bytes`: `chunk_groups`' (default `GROUP_BYTES`)."""
     out = []
     scan_chain(src, passes, first_chunk, iter([task]).__next__, lambda t, results: out.append(results), buffers,
-               sinks)
+               sinks, group_bytes)
     return out[0]
 
 
 def scan_chain(src, passes: Sequence[Pass], first_chunk: int, next_task: Callable[[], Task],
                deliver: Callable[[Task, list], None], buffers: BufferPool | None = None,
-               sinks: Sequence | None = None) -> None:
+               sinks: Sequence | None = None, group_bytes: int | None = None) -> None:
     """`scan_task` over tasks taken one after another from `next_task()` (StopIteration: none left), with
     one reading pipeline: the next task is taken, and its first groups read, while the last groups of the
     current one are computed on, so that no task starts by waiting for its reads. `deliver(task, results)`
@@ -471,7 +471,7 @@ def scan_chain(src, passes: Sequence[Pass], first_chunk: int, next_task: Callabl
             t = next_task()
         except StopIteration:
             return False
-        groups = chunk_groups(src.chunk_sizes, first_chunk, t.size)
+        groups = chunk_groups(src.chunk_sizes, first_chunk, t.size, group_bytes)
         rows = max((sum(int(src.chunk_sizes[c]) for c in g) for g in groups), default=0)
         plan.append([t, groups, rows, 0])
         return True
@@ -555,9 +555,12 @@ def full_gc_paused():
 
 
 def run_passes(src, passes: Sequence[Pass], executor: Executor | None = None, first_chunk: int = 0,
-               task_cols: int | None = None, sub_cols: int | None = None, workers: int | None = None) -> list:
+               task_cols: int | None = None, sub_cols: int | None = None, workers: int | None = None,
+               group_bytes: int | None = None) -> list:
     """Run `passes` in one streamed scan of `src` (records of chunks `first_chunk` … end); returns each
-    pass's collected result. No full GC collections meanwhile (`full_gc_paused`)."""
+    pass's collected result. No full GC collections meanwhile (`full_gc_paused`). `group_bytes`: how much of
+    each array a task reads per group of chunks (default `GROUP_BYTES`; more records per group, so that the
+    kernels visit each weight's state less often, for more memory)."""
     n_workers = default_workers() if workers is None else int(workers)
     executor = thread_executor(n_workers) if executor is None else executor
     tasks = plan_tasks(src.layer_sizes, n_workers, task_cols, sub_cols)
@@ -580,7 +583,7 @@ def run_passes(src, passes: Sequence[Pass], executor: Executor | None = None, fi
                     for col, res in zip(collectors, results):
                         col.add(task, res)
             scan = partial(scan_chain, src, list(passes), first_chunk, next_task, deliver, buffers=BufferPool(),
-                           sinks=collectors)
+                           sinks=collectors, group_bytes=group_bytes)
 
             def chain(_) -> None:
                 try:
@@ -591,7 +594,7 @@ def run_passes(src, passes: Sequence[Pass], executor: Executor | None = None, fi
             for _ in executor(chain, range(min(getattr(executor, "workers", 1), len(tasks)))):
                 pass
         else:
-            scan = partial(scan_task, src, list(passes), first_chunk, buffers=BufferPool())
+            scan = partial(scan_task, src, list(passes), first_chunk, buffers=BufferPool(), group_bytes=group_bytes)
             for task, results in zip(tasks, executor(scan, tasks)):
                 for col, res in zip(collectors, results):
                     col.add(task, res)

@@ -22,7 +22,7 @@ import json
 from . import cache
 from .level_stats import LevelStats, LevelStatsPass, result_specs
 from .settle import SettleSummary
-from .stream import Executor, RunSource, run_passes
+from .stream import GROUP_BYTES, Executor, RunSource, run_passes
 
 LEVELS = "levels"
 _LEVEL_ARRAYS = ("final_level", "settle_record", "flips", "reversals", "last_dir")
@@ -173,6 +173,9 @@ def run_settings(run) -> dict:
     return {"schedule": "linear", "warmup_steps": int(warm), "decay": 0.99}
 
 
+CACHE_GROUP_BYTES = 2 * GROUP_BYTES   # the cache build's groups: its three analyses' state visited half as often
+                                     # (1.04-1.08x faster at 100M weights, for 60-150 MB more; BENCHMARKS.md
+                                     # "Session 12")
 AUTO_INDEX_BYTES = 256 << 20   # default_items skips the replay index when its table would be larger
 
 
@@ -250,7 +253,8 @@ def _scan(run, todo: list, first: int, files: list, executor, workers) -> list:
         passes, unpack = fuse_level_osc(passes)
     else:
         unpack = list
-    return unpack(run_passes(RunSource(run), passes, executor, first, workers=workers))
+    return unpack(run_passes(RunSource(run), passes, executor, first, workers=workers,
+                             group_bytes=CACHE_GROUP_BYTES))
 
 
 def cached_replay_index(run, schedule: str, warmup_steps: int, decay: float, executor: Executor | None = None):
