@@ -174,8 +174,8 @@ def run_settings(run) -> dict:
 
 
 CACHE_GROUP_BYTES = 2 * GROUP_BYTES   # the cache build's groups: its three analyses' state visited half as often
-                                     # (1.04-1.08x faster at 100M weights, for 60-150 MB more; BENCHMARKS.md
-                                     # "Session 12")
+                                     # (1.01-1.08x faster at 100M weights in 9 alternated rounds, for 60-170 MB
+                                     # more; BENCHMARKS.md "Session 12")
 AUTO_INDEX_BYTES = 256 << 20   # default_items skips the replay index when its table would be larger
 
 
