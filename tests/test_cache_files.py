@@ -11,6 +11,7 @@ from lts_core import open_run
 from lts_core.analysis import build_cache, cache
 from lts_core.analysis.cache import ArrayFiles, ArrayFilesError
 from lts_core.npy_direct import ALIGN, aligned_empty
+from test_direct_read import direct_io_works
 from test_stream import check_stats, reference, trajectories, write_run
 
 
@@ -48,7 +49,8 @@ def test_array_files_hold_what_was_written_aligned_parts_directly(tmp_path, monk
     f.write("a", 2 * ALIGN, want_a[2 * ALIGN:])     # the rest (offset aligned, memory not): buffered
     f.write("b", 0, want_b[:7])                     # unaligned start
     f.write("b", 7, want_b[7:])
-    assert seen["direct"] == 4 * ALIGN and seen["buffered"] > 0
+    assert seen["buffered"] > 0                     # (tmpfs and others refuse O_DIRECT: all buffered, same data)
+    assert seen["direct"] == (4 * ALIGN if direct_io_works(tmp_path) else 0)
     got = f.arrays()
     np.testing.assert_array_equal(got["a"], want_a)
     np.testing.assert_array_equal(got["b"], want_b)
@@ -116,7 +118,8 @@ def test_the_cache_build_writes_the_level_statistics_during_the_scan(tmp_path, m
     stats = build_cache(open_run(tmp_path / "r"), workers=2)["levels"]
     check_stats(stats, reference(lv, dist, sizes))
     assert isinstance(stats.flips, np.memmap)
-    assert seen["direct"] > 0.9 * sum(sizes) * 8    # 8 bytes of results per weight
+    if direct_io_works(tmp_path):                   # (elsewhere all through the page cache, same results)
+        assert seen["direct"] > 0.9 * sum(sizes) * 8    # 8 bytes of results per weight
     assert tmp_files(tmp_path) == []
     again = build_cache(open_run(tmp_path / "r"))["levels"]     # read back from the cache
     check_stats(again, reference(lv, dist, sizes))
