@@ -13,8 +13,6 @@ from __future__ import annotations
 
 from typing import Callable, Sequence
 
-import numpy as np
-
 from .level_stats import LevelStatsPass
 from .replay_stream import OscPass
 from .stream import Pass, Task, level_limits
@@ -53,13 +51,12 @@ class _LevelOscWorker:
 
     def feed(self, r0: int, data: dict, sub) -> None:
         from .stream_kernels import level_osc_kernel
-        lw, ow, osc = self.lw, self.ow, self.p.osc
+        lw, ow = self.lw, self.ow
         s = slice(sub.offset, sub.offset + sub.size)
-        watched = osc.watch_layers is None or osc.watch_layers[sub.layer]
         top = level_osc_kernel(data["level"], sub.offset, sub.size, r0, lw.prev[s], lw.last_change[s], lw.flips[s],
-                               lw.reversals[s], lw.last_dir[s], lw.occ[sub.layer], np.float32(osc.m), np.float32(1 - osc.m),
-                               osc.active if watched else osc.never, osc.thr32, osc.steps, ow.freq[s],
-                               ow.level_ema[s], ow.fs[s], ow.flevel[s], ow.free[s], ow.new_by_record[sub.layer])
+                               lw.reversals[s], lw.last_dir[s], lw.occ[sub.layer], *self.p.osc.kernel_args(sub.layer),
+                               ow.freq[s], ow.level_ema[s], ow.fs[s], ow.flevel[s], ow.free[s],
+                               ow.new_by_record[sub.layer])
         if top >= self.limits[sub.layer]:
             self.src.level_error(r0, data["level"], self.task, sub)
 

@@ -292,6 +292,13 @@ class OscPass(Pass):
         self.thr32 = np.array([np.float32(thr) for thr in self.thr], np.float32)   # torch's float32 comparison
         self.watch_layers = None if watch_layers is None else [bool(w) for w in watch_layers]
 
+    def kernel_args(self, layer: int) -> tuple:
+        """(m, 1−m as float32, the records where freezing is on for `layer`, thresholds, steps): what the
+        oscillation kernels (`osc_kernel`, `level_osc_kernel`) take for a layer's sub-block."""
+        watched = self.watch_layers is None or self.watch_layers[layer]
+        return (np.float32(self.m), np.float32(1 - self.m), self.active if watched else self.never, self.thr32,
+                self.steps)
+
     def worker(self, src, task: Task, first_record: int, out: dict | None = None):
         return _OscWorker(self, src, task, out)
 
@@ -322,12 +329,9 @@ class _OscWorker:
 
     def feed(self, r0: int, data: dict, sub) -> None:
         from .stream_kernels import osc_kernel
-        p = self.p
         s = slice(sub.offset, sub.offset + sub.size)
-        watched = p.watch_layers is None or p.watch_layers[sub.layer]
-        top = osc_kernel(data["level"], sub.offset, sub.size, r0, np.float32(p.m), np.float32(1 - p.m),
-                         p.active if watched else p.never, p.thr32, p.steps, self.freq[s], self.level_ema[s],
-                         self.prev[s], self.last_dir[s], self.fs[s], self.flevel[s], self.free[s],
+        top = osc_kernel(data["level"], sub.offset, sub.size, r0, *self.p.kernel_args(sub.layer), self.freq[s],
+                         self.level_ema[s], self.prev[s], self.last_dir[s], self.fs[s], self.flevel[s], self.free[s],
                          self.new_by_record[sub.layer])
         if top >= self.limits[sub.layer]:
             self.src.level_error(r0, data["level"], self.task, sub)
